@@ -1,0 +1,4 @@
+// C++ CPU kernels for the metrics op family (placeholder registration until the kernels land).
+#include "common.h"
+
+void register_metrics_cpu(pybind11::module_& m) { (void)m; }

@@ -1,0 +1,5 @@
+import sys
+
+from fastcbm.cli import main
+
+sys.exit(main())

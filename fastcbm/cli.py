@@ -1,0 +1,56 @@
+"""The ``fastcbm`` command line. ``main(argv)`` is the testable entry point.
+
+Each sub-command lives in its own module exposing ``register(subparsers)``, which adds its parser and sets
+``func(args) -> int``. Modules are imported when the parser is built; keep their top-level imports light (import
+torch-heavy code inside ``func``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from fastcbm import __version__
+
+# command modules, in the order `fastcbm --help` lists them
+COMMAND_MODULES = (
+    "fastcbm.commands.info",
+    "fastcbm.commands.metrics",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastcbm",
+        description="Concept bottleneck models and concept explanations for vision models, fast.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastcbm {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as exc:
+        # user errors: one clear line, no traceback (use -vv for one)
+        if args.verbose >= 2:
+            raise
+        print(f"fastcbm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``fastcbm`` CLI (see fastcbm/cli.py)."""
