@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-def test_devices() -> list[str]:
+def devices_under_test() -> list[str]:
     """Devices to run op tests on: always CPU, plus CUDA when present."""
     return ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
 
