@@ -18,6 +18,7 @@ from fastcbm import __version__
 COMMAND_MODULES = (
     "fastcbm.commands.info",
     "fastcbm.commands.metrics",
+    "fastcbm.commands.precompute",
 )
 
 

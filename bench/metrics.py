@@ -1,0 +1,189 @@
+"""Benchmark: NRA (official + paper) and EPG backends vs the authors' per-pixel loop and a per-threshold loop.
+
+    python bench/metrics.py                # CPU: 200 maps at 224x224; naive loops on 20 maps, extrapolated per map
+    python bench/metrics.py --device cuda  # GPU: 10,000 maps
+    python bench/metrics.py --quick
+
+Prints a table (median and p10/p90 seconds per call over N maps, maps/s, speed-up vs the baselines measured in the
+same run) and appends rows to bench/results/metrics.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import fastcbm
+from fastcbm.backends import backend_problem
+from fastcbm.metrics import epg, nra
+
+RESULTS = Path(__file__).resolve().parent / "results" / "metrics.csv"
+
+
+# ---- baselines (authors' style; deliberately NOT in the package) -------------------------------------------------
+def naive_official_nra(x: np.ndarray, mask: np.ndarray) -> float:
+    """The CE-FAM authors' per-pixel Python loop over np.argsort(x.ravel(), kind='stable')[::-1]."""
+    flat, gt = x.ravel(), mask.ravel()
+    order = np.argsort(flat, kind="stable")[::-1]
+    n, m = flat.size, int(gt.sum())
+    if m == 0:
+        return 0.0
+    step = n // 100
+    tp = 0
+    vea = upper = 0.0
+    for idx, p in enumerate(order):
+        tp += int(gt[p])
+        fp = idx + 1 - tp
+        if idx < step or idx % step == 0:
+            unit = n if idx < step else 100
+            vea += tp / (fp + m) / unit
+            upper += (idx / m if idx < m else m / idx) / unit
+    lower = m / n / 2
+    return 0.0 if upper - lower <= 0 else max(vea - lower, 0.0) / (upper - lower)
+
+
+def loop_paper_nra(x: np.ndarray, mask: np.ndarray) -> float:
+    """Paper-style evaluation: one numpy pass per top-p% threshold, p = 1..100."""
+    flat, gt = x.ravel(), mask.ravel()
+    n, m = flat.size, int(gt.sum())
+    if m == 0:
+        return 0.0
+    desc = np.sort(flat)[::-1]
+    ious, ideal = [0.0], [0.0]
+    for p in range(1, 101):
+        k = math.ceil(p * n / 100)
+        region = flat >= desc[k - 1]
+        inter = int((region & gt).sum())
+        ious.append(inter / int((region | gt).sum()))
+        ideal.append(min(k, m) / max(k, m))
+    auc = float(np.trapezoid(ious, dx=0.01))
+    auc_ideal = float(np.trapezoid(ideal, dx=0.01))
+    rand = m / n / 2
+    return 0.0 if auc_ideal - rand <= 0 else max(auc - rand, 0.0) / (auc_ideal - rand)
+
+
+# ---- timing ------------------------------------------------------------------------------------------------------
+def timed(fn, repeats: int, device: torch.device) -> list[float]:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    fn()  # warm-up (Triton compilation, caches, thread pool)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def quantiles(times: list[float]) -> tuple[float, float, float]:
+    if len(times) == 1:
+        return times[0], times[0], times[0]
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times), q[0], q[-1]
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def make_data(n: int, size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth saliency-like maps (14x14 upsampled, no resize inside the timed call) and blob masks."""
+    gen = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 1, 14, 14, generator=gen)
+    maps = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    maps = maps + 1e-3 * torch.rand(n, size, size, generator=gen)
+    blob = F.interpolate(torch.rand(n, 1, 7, 7, generator=gen), size=(size, size), mode="bilinear")[:, 0]
+    masks = blob > 0.7
+    return maps.to(device), masks.to(device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--n", type=int, default=None, help="maps per call (default 200 on CPU, 10000 on GPU)")
+    ap.add_argument("--size", type=int, default=224, help="mask side length (default 224)")
+    ap.add_argument("--naive-n", type=int, default=20, help="maps for the Python-loop baselines (extrapolated)")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="small run: 40 maps, 5 naive maps, 3 repeats")
+    ap.add_argument("--no-csv", action="store_true")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    n = args.n or (10_000 if device.type == "cuda" else 200)
+    naive_n, repeats = args.naive_n, args.repeats
+    if args.quick:
+        n, naive_n, repeats = min(n, 40), min(naive_n, 5), 3
+    maps, masks = make_data(n, args.size, device)
+    # the Triton interpreter on CPU is a correctness tool, far too slow to time at 224x224
+    backends = [b for b in ("reference", "cpu", "triton", "cuda")
+                if backend_problem(b, device) is None and not (b == "triton" and device.type == "cpu")]
+
+    rows = []
+    x_np, m_np = maps[:naive_n].float().cpu().numpy(), masks[:naive_n].cpu().numpy()
+    for metric, variant, base_name, base_fn in (
+        ("nra_official", "official", "naive per-pixel loop", naive_official_nra),
+        ("nra_paper", "paper", "per-threshold loop", loop_paper_nra),
+    ):
+        t = timed(lambda: [base_fn(x_np[i], m_np[i]) for i in range(naive_n)], 1, device)
+        base_per_map = t[0] / naive_n
+        rows.append((metric, f"{base_name} (extrapolated from {naive_n} maps)", base_per_map * n,
+                     base_per_map * n, base_per_map * n, 1.0))
+        for b in backends:
+            med, p10, p90 = quantiles(timed(lambda: nra(maps, masks, variant=variant, backend=b), repeats, device))
+            rows.append((metric, b, med, p10, p90, base_per_map * n / med))
+    ref_epg = None
+    for b in backends:
+        med, p10, p90 = quantiles(timed(lambda: epg(maps, masks, backend=b), repeats, device))
+        ref_epg = ref_epg or med
+        rows.append(("epg", b, med, p10, p90, ref_epg / med))
+
+    hw = hardware(device)
+    print(f"fastcbm {fastcbm.__version__}, torch {torch.__version__}, {hw}; {n} maps of {args.size}x{args.size}, "
+          f"{repeats} timed repeats after a warm-up")
+    print(f"baselines run on {naive_n} maps and are extrapolated linearly to {n} maps; "
+          "speed-up: NRA vs its loop baseline, EPG vs the reference backend")
+    print(f"{'metric':<13} {'implementation':<48} {'median s':>10} {'p10 s':>10} {'p90 s':>10} {'maps/s':>11} "
+          f"{'speed-up':>9}")
+    for metric, impl, med, p10, p90, ratio in rows:
+        print(f"{metric:<13} {impl:<48} {med:>10.4f} {p10:>10.4f} {p90:>10.4f} {n / med:>11.1f} {ratio:>8.1f}x")
+
+    if not args.no_csv:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        new = not RESULTS.exists()
+        with open(RESULTS, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["date", "hardware", "torch", "fastcbm", "device", "metric", "implementation", "n_maps",
+                            "size", "median_s", "p10_s", "p90_s", "maps_per_s", "speedup", "quick"])
+            date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            for metric, impl, med, p10, p90, ratio in rows:
+                w.writerow([date, hw, torch.__version__, fastcbm.__version__, device.type, metric, impl, n,
+                            args.size, f"{med:.6g}", f"{p10:.6g}", f"{p90:.6g}", f"{n / med:.6g}", f"{ratio:.4g}",
+                            args.quick])
+        print(f"appended {len(rows)} rows to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

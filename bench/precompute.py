@@ -1,0 +1,222 @@
+"""Benchmark: the precompute job (decode → ring prompts → CLIP image tower → cache) against a naive pipeline.
+
+fastcbm: ``fastcbm.precompute.precompute`` (PIL decode once per image, one ``render_rings`` kernel call for all 1+G
+copies of a batch, batched encoder, sharded fp16 cache writes).
+naive: what unofficial SALF-CBM ports do: per prompt, copy the decoded PIL image, draw the ring with
+``ImageDraw.ellipse``, run the torchvision transform (ToTensor + Normalize), then encode the 1+G copies of one image
+as one batch and keep the results in memory, saving one .npy at the end.
+
+Both run in the same process, on the same images, on the same device. Reported: end-to-end prompted images/s
+(median and p10/p90 over ``--repeats`` runs), the speedup, and the breakdown of wall time into decode / render /
+encode / write (+ setup: listing, model probe, manifest). The CPU target: everything except the encoder ≤ 5 % of
+the wall time.
+
+    python bench/precompute.py            # tiny CLIP (64 px) on 24 images ×3, ViT-B/16 (random init) on 3 images
+    python bench/precompute.py --quick    # 8 tiny images ×2, ViT-B/16 on 1 image
+Rows are appended to bench/results/precompute.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "precompute.csv"
+
+
+def make_images(root: Path, n: int) -> list[str]:
+    """``n`` ImageNet-like JPEGs (500×375 and 375×500, smooth noise so they compress like photos)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n):
+        h, w = (375, 500) if i % 2 == 0 else (500, 375)
+        small = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+        path = root / f"img{i:04d}.jpg"
+        img.save(path, quality=90)
+        files.append(str(path))
+    return files
+
+
+def load_model(kind: str):
+    """(model, name): the tiny testbed CLIP (or an equivalent tiny random config), or ViT-B-16 random init."""
+    from fastcbm.compat import import_open_clip
+
+    oc = import_open_clip()
+    torch.manual_seed(0)
+    if kind == "vit-b-16":
+        return oc.create_model("ViT-B-16", pretrained=None).eval(), "ViT-B-16 (random init)"
+    try:
+        from fastcbm.models import load_clip
+
+        model, _, _ = load_clip("testbed", None)
+        return model.eval(), "testbed"
+    except (ImportError, AttributeError, ValueError, FileNotFoundError):
+        # DESIGN.md §4's tiny config: 4 layers, width 192, 64 px input
+        model = oc.model.CLIP(embed_dim=128, vision_cfg=dict(image_size=64, patch_size=8, width=192, layers=4,
+                                                             head_width=64),
+                              text_cfg=dict(context_length=16, vocab_size=1000, width=64, heads=2, layers=1))
+        return model.eval(), "tiny random (4L w192 64px)"
+
+
+def naive(files: list[str], model, size: int, mean, std, grid: int, radius: float, width: float, out: Path) -> dict:
+    """Per-prompt PIL drawing + per-image transforms + one encoder batch per image."""
+    from PIL import Image, ImageDraw
+
+    from fastcbm.compat import import_torchvision
+    from fastcbm.prompts import ring_centers
+
+    tv = import_torchvision()
+    T = tv.transforms
+    crop = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)])
+    to_tensor = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    centers = ring_centers(size, grid, radius, "inset").tolist()
+    t = {"decode": 0.0, "render": 0.0, "encode": 0.0, "write": 0.0}
+    rows = []
+    t_all = time.perf_counter()
+    for f in files:
+        t0 = time.perf_counter()
+        img = crop(Image.open(f).convert("RGB"))
+        t1 = time.perf_counter()
+        copies = [to_tensor(img)]
+        for cy, cx in centers:
+            p = img.copy()
+            ImageDraw.Draw(p).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), outline=(255, 0, 0),
+                                      width=int(width))
+            copies.append(to_tensor(p))
+        x = torch.stack(copies)
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            e = model.encode_image(x)
+            e = (e / e.norm(dim=-1, keepdim=True)).half().numpy()
+        t3 = time.perf_counter()
+        rows.append(e)
+        t["decode"] += t1 - t0
+        t["render"] += t2 - t1
+        t["encode"] += t3 - t2
+    t0 = time.perf_counter()
+    np.save(out / "naive.npy", np.stack(rows))
+    t["write"] += time.perf_counter() - t0
+    t["wall"] = time.perf_counter() - t_all
+    return t
+
+
+def fast(files: list[str], model, name: str, grid: int, out: Path, batch_size: int) -> dict:
+    from fastcbm.precompute import precompute
+
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    r = precompute(files, model, out, model_name=name, grid=grid, batch_size=batch_size, shard_size=1024,
+                   num_workers=0, device="cpu", progress=False)
+    wall = time.perf_counter() - t0
+    s = dict(r.stats)
+    s["setup"] = wall - s["wall"]
+    s["wall"] = wall
+    return s
+
+
+def quantiles(xs: list[float]) -> tuple[float, float, float]:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=10, method="inclusive")
+    return statistics.median(xs), q[0], q[-1]
+
+
+def run_case(kind: str, n_images: int, repeats: int, grid: int, batch_size: int, work: Path) -> list[dict]:
+    from fastcbm.precompute import encoder_input_config
+    from fastcbm.prompts import default_ring_geometry
+
+    model, name = load_model(kind)
+    size, mean, std = encoder_input_config(model)
+    radius, width = default_ring_geometry(size)
+    files = make_images(work / "images", n_images)
+    prompted = n_images * (1 + grid * grid)
+    # warm-up (first-call allocations, lazy imports) on one image, both pipelines
+    fast(files[:1], model, name, grid, work / "warm", batch_size)
+    naive(files[:1], model, size, mean, std, grid, radius, width, work)
+    runs: dict[str, list[dict]] = {"fastcbm": [], "naive": []}
+    for _ in range(repeats):  # interleaved, so machine noise hits both alike
+        runs["fastcbm"].append(fast(files, model, name, grid, work / "cache", batch_size))
+        runs["naive"].append(naive(files, model, size, mean, std, grid, radius, width, work))
+    rows = []
+    base = statistics.median(prompted / r["wall"] for r in runs["naive"])
+    for pipe, rs in runs.items():
+        med, p10, p90 = quantiles([prompted / r["wall"] for r in rs])
+        mid = sorted(rs, key=lambda r: r["wall"])[len(rs) // 2]
+        non_enc = (mid["wall"] - mid["encode"]) / mid["wall"]
+        rows.append({"model": name, "image_size": size, "grid": grid, "images": n_images, "prompted": prompted,
+                     "repeats": repeats, "pipeline": pipe, "prompted_per_s": med, "p10": p10, "p90": p90,
+                     "images_per_s": med / (1 + grid * grid), "speedup_vs_naive": med / base,
+                     "wall_s": mid["wall"], "decode_s": mid["decode"], "render_s": mid["render"],
+                     "encode_s": mid["encode"], "write_s": mid["write"], "setup_s": mid.get("setup", 0.0),
+                     "non_encoder_frac": non_enc})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import fastcbm
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer images and repeats")
+    ap.add_argument("--grid", type=int, default=7)
+    ap.add_argument("--tiny-images", type=int, default=None)
+    ap.add_argument("--vit-images", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--skip-vit", action="store_true", help="only the tiny model")
+    args = ap.parse_args(argv)
+    tiny_n = args.tiny_images or (8 if args.quick else 24)
+    vit_n = args.vit_images or (1 if args.quick else 3)
+    reps = args.repeats or (2 if args.quick else 3)
+    cases = [("tiny", tiny_n, reps)] + ([] if args.skip_vit else [("vit-b-16", vit_n, 1 if args.quick else 2)])
+    hw = platform.processor() or platform.machine()
+    try:
+        hw = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": hw, "gpu": gpu,
+            "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "fastcbm": fastcbm.__version__}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, n, r in cases:
+            rows += run_case(kind, n, r, args.grid, args.batch_size, Path(tmp) / kind)
+    print(f"precompute on {hw} ({torch.get_num_threads()} threads), torch {torch.__version__}, grid {args.grid}")
+    head = (f"{'model':<28} {'pipeline':<8} {'imgs':>4} {'prompted/s':>10} {'p10':>8} {'p90':>8} {'speedup':>7} "
+            f"{'wall':>7} {'decode':>7} {'render':>7} {'encode':>7} {'write':>6} {'setup':>6} {'non-enc':>7}")
+    print(head)
+    for row in rows:
+        print(f"{row['model']:<28} {row['pipeline']:<8} {row['images']:>4} {row['prompted_per_s']:>10.1f} "
+              f"{row['p10']:>8.1f} {row['p90']:>8.1f} {row['speedup_vs_naive']:>6.2f}x {row['wall_s']:>7.2f} "
+              f"{row['decode_s']:>7.3f} {row['render_s']:>7.3f} {row['encode_s']:>7.2f} {row['write_s']:>6.3f} "
+              f"{row['setup_s']:>6.3f} {100 * row['non_encoder_frac']:>6.1f}%")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    new = not RESULTS.exists()
+    with open(RESULTS, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(meta) + list(rows[0]))
+        if new:
+            w.writeheader()
+        for row in rows:
+            w.writerow({**meta, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}})
+    print(f"appended {len(rows)} rows to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

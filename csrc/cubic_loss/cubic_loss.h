@@ -1,0 +1,19 @@
+// Cubic-cosine loss (label-free CBM "cos cubed"): per-column elementwise steps shared by the C++ and CUDA kernels.
+//
+// The fused op never holds [B, K] outputs/targets: the Python driver computes q and p for one batch tile with a GEMM
+// and these kernels do the elementwise work on that tile. Column k of a tile is one (cell, concept) pair; rows are
+// samples. With a = q - mu_q, b = p - mu_p (mu = batch means, known up front because means are linear):
+//   forward accumulates, per column, in fp64: S_ab = sum a^3 b^3, S_aa = sum a^6, S_bb = sum b^6,
+//                                          S_a2b3 = sum a^2 b^3, S_a5 = sum a^5 (the last two give the batch mean of
+//                                          the gradient, needed for the centring Jacobian in backward);
+//   backward writes g_q = a^2 (alpha b^3 - beta a^3) - gbar (alpha, beta, gbar per column, from the sums).
+#pragma once
+
+namespace fastcbm {
+namespace cubic_loss {
+
+constexpr int kNumSums = 5;  // rows of the sums array: S_ab, S_aa, S_bb, S_a2b3, S_a5
+constexpr int kNumCoefs = 3;  // rows of the coefficient array: alpha, beta, gbar
+
+}  // namespace cubic_loss
+}  // namespace fastcbm

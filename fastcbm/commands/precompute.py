@@ -1,0 +1,139 @@
+"""``fastcbm precompute`` (images → prompt-embedding cache) and ``fastcbm similarities`` (cache → P files)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("fastcbm.commands.precompute")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "precompute", help="encode images with red-ring prompts into a sharded prompt-embedding cache",
+        description="Stream images, render G ring prompts per image, encode them with CLIP's image tower and store "
+                    "unit prompt embeddings E[N,G,D] and global embeddings E0[N,D] (fp16, with norms) in a "
+                    "resumable sharded cache. Rerun the same command to resume an interrupted run.")
+    p.add_argument("--data", required=True, help="image folder (recursive, ImageFolder layout allowed) or a text "
+                   "file listing image paths")
+    p.add_argument("--model", required=True, help="CLIP model name for fastcbm.models.load_clip (e.g. ViT-B-16)")
+    p.add_argument("--pretrained", default=None, help="pretrained tag (open_clip) or checkpoint")
+    p.add_argument("--out", required=True, help="cache directory (created, or resumed if it exists)")
+    p.add_argument("--grid", type=int, default=7, help="rings per axis (G = grid²), default 7")
+    p.add_argument("--radius", type=float, default=None, help="ring radius in px (default 32·S/224)")
+    p.add_argument("--width", type=float, default=2.0, help="ring line width in px (default 2)")
+    p.add_argument("--centers", choices=("inset", "paper"), default="inset")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 64 GPU, 4 CPU)")
+    p.add_argument("--max-encode-batch", type=int, default=None,
+                   help="prompted images per encoder forward (default 1024 GPU, 256 CPU)")
+    p.add_argument("--shard-size", type=int, default=4096, help="input images per cache shard (default 4096)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="encoder precision (auto: bf16 autocast on GPU, fp32 on CPU)")
+    p.add_argument("--loader", default="auto", choices=("auto", "torch", "dali"))
+    p.add_argument("--num-workers", type=int, default=4, help="decoding worker processes (torch loader)")
+    p.add_argument("--features", default=None, metavar="BACKBONE",
+                   help="also store the last feature map of this timm backbone, resized to the grid")
+    p.add_argument("--features-random-init", action="store_true",
+                   help="use a randomly initialised --features backbone (testing; no weight download)")
+    p.add_argument("--verify", choices=("checksum", "size"), default="checksum",
+                   help="how finished shards are checked when resuming")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_precompute)
+
+    s = subparsers.add_parser(
+        "similarities", help="write P = E·Tᵀ (prompt × concept similarities) from a cache, in chunks",
+        description="Compute cosine similarities between the cached prompt embeddings and the text embeddings of a "
+                    "concept list, and write them as chunked .npy files P-00000.npy [rows, G, M] (+ index.json).")
+    s.add_argument("--cache", required=True, help="cache directory written by fastcbm precompute")
+    s.add_argument("--concepts", required=True, help="text file, one concept per line")
+    s.add_argument("--model", required=True, help="the CLIP model the cache was made with")
+    s.add_argument("--pretrained", default=None)
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--chunk", type=int, default=4096, help="images per output file (default 4096)")
+    s.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    s.add_argument("--device", default=None)
+    s.add_argument("--template", default="{}", help="text template for each concept, e.g. 'a photo of {}'")
+    s.set_defaults(func=run_similarities)
+
+
+def run_precompute(args: argparse.Namespace) -> int:
+    from fastcbm.cache.store import CacheDiskFullError
+    from fastcbm.precompute import precompute, timm_feature_fn, _resolve_device
+
+    features = args.features
+    if features is not None and args.features_random_init:
+        features = timm_feature_fn(features, pretrained=False, device=_resolve_device(args.device))
+        features.name = args.features  # type: ignore[attr-defined]
+    try:
+        reader = precompute(args.data, args.model, args.out, pretrained=args.pretrained, grid=args.grid,
+                            radius=args.radius, width=args.width, centers=args.centers, batch_size=args.batch_size,
+                            shard_size=args.shard_size, device=args.device, dtype=args.dtype,
+                            num_workers=args.num_workers, loader=args.loader, max_encode_batch=args.max_encode_batch,
+                            features=features, verify=args.verify, progress=not args.no_progress)
+    except CacheDiskFullError as exc:
+        print(f"fastcbm precompute: error: {exc}")
+        return 1
+    m = reader.manifest
+    print(f"cache {args.out}: {m['num_images']} images x {reader.num_prompts} prompts x {reader.dim} dims "
+          f"({m['num_skipped']} skipped) in {len(m['shards'])} shards")
+    return 0
+
+
+def read_concepts(path: str) -> list[str]:
+    """Concepts from a text file: ``fastcbm.concepts.load_concepts`` when available, else one per line (blank lines
+    and ``#`` comments skipped, duplicates dropped keeping the first)."""
+    try:
+        from fastcbm.concepts import load_concepts  # type: ignore[attr-defined]
+    except ImportError:
+        load_concepts = None
+    if load_concepts is not None:
+        return list(load_concepts(path))
+    seen, out = set(), []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            c = line.strip()
+            if c and not c.startswith("#") and c not in seen:
+                seen.add(c)
+                out.append(c)
+    if not out:
+        raise ValueError(f"--concepts: {path} lists no concepts")
+    return out
+
+
+def encode_texts(model, tokenizer, texts: list[str], device, batch: int = 256):
+    """[M, D] unit text embeddings."""
+    import torch
+
+    outs = []
+    with torch.inference_mode():
+        for lo in range(0, len(texts), batch):
+            tok = tokenizer(texts[lo:lo + batch]).to(device)
+            outs.append(torch.nn.functional.normalize(model.encode_text(tok).float(), dim=-1))
+    return torch.cat(outs)
+
+
+def run_similarities(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastcbm.cache import CacheReader, write_similarities
+    from fastcbm.models import load_clip
+
+    reader = CacheReader(args.cache)
+    cached = reader.settings["model"]
+    if (cached.get("name"), cached.get("pretrained")) != (args.model, args.pretrained):
+        raise ValueError(f"--model/--pretrained: the cache was made with model {cached.get('name')!r} pretrained "
+                         f"{cached.get('pretrained')!r}, not {args.model!r} {args.pretrained!r}: its embeddings "
+                         "live in another space")
+    if "{}" not in args.template:
+        raise ValueError(f"--template must contain '{{}}', got {args.template!r}")
+    concepts = read_concepts(args.concepts)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, _, tokenizer = load_clip(args.model, args.pretrained)
+    model = model.eval().to(device)
+    text = encode_texts(model, tokenizer, [args.template.format(c) for c in concepts], device)
+    index = write_similarities(reader, text, args.out, concepts=concepts, chunk=args.chunk, dtype=args.dtype,
+                               device=device)
+    print(f"wrote P [{index['num_images']}, {index['num_prompts']}, {index['num_concepts']}] {args.dtype} in "
+          f"{len(index['chunks'])} chunk(s) to {args.out}")
+    return 0

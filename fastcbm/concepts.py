@@ -1,0 +1,390 @@
+"""Concept lists: loading, label-free-CBM filtering, text encoding, and a hook for LLM-written lists.
+
+Method-agnostic: SALF-CBM, CE-FAM and DEAL all start from a :class:`ConceptSet` and unit text embeddings ``[M, D]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------- loading
+@dataclass
+class ConceptSet:
+    """An ordered, de-duplicated concept list.
+
+    ``names``: the concepts, in first-seen order. ``class_to_concepts``: for JSON sources and generators, each class's
+    own concepts (spelled as in ``names``), else None. ``source``: where it came from (a path or a generator name).
+    """
+
+    names: list[str]
+    class_to_concepts: dict[str, list[str]] | None = None
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def subset(self, keep: Iterable[str]) -> "ConceptSet":
+        """The concepts in ``keep`` (order of this set), with the class mapping restricted to them."""
+        keep_set = set(keep)
+        mapping = None
+        if self.class_to_concepts is not None:
+            mapping = {c: [x for x in v if x in keep_set] for c, v in self.class_to_concepts.items()}
+        return ConceptSet([x for x in self.names if x in keep_set], mapping, self.source)
+
+    def save(self, path: str | Path) -> None:
+        """Write as JSON ``{class: [concepts]}`` when there is a class mapping and the path ends in .json, else as
+        text, one concept per line (both readable by :func:`load_concepts`)."""
+        path = Path(path)
+        if path.suffix.lower() == ".json" and self.class_to_concepts is not None:
+            path.write_text(json.dumps(self.class_to_concepts, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        else:
+            path.write_text("".join(n + "\n" for n in self.names), encoding="utf-8")
+
+
+def _dedup(items: Iterable[str], canon: dict[str, str]) -> tuple[list[str], int]:
+    """Keep the first spelling of each case-insensitive name; ``canon`` (lower → first spelling) is shared."""
+    out, dropped = [], 0
+    for item in items:
+        key = item.casefold()
+        if key in canon:
+            dropped += 1
+            continue
+        canon[key] = item
+        out.append(item)
+    return out, dropped
+
+
+def _concepts_from_mapping(data: dict, where: str) -> ConceptSet:
+    canon: dict[str, str] = {}
+    names: list[str] = []
+    mapping: dict[str, list[str]] = {}
+    dropped = 0
+    for cls, concepts in data.items():
+        if isinstance(concepts, str) or not isinstance(concepts, list):
+            raise ValueError(f"{where}: class {cls!r} must map to a list of strings, got {type(concepts).__name__}")
+        own: list[str] = []
+        seen: set[str] = set()
+        for i, c in enumerate(concepts):
+            if not isinstance(c, str):
+                raise ValueError(f"{where}: class {cls!r}, entry {i} is {type(c).__name__} ({c!r}), not a string")
+            c = c.strip()
+            if c and c.casefold() in seen:
+                dropped += 1  # repeated within this class
+            elif c:
+                seen.add(c.casefold())
+                own.append(c)
+        new, d = _dedup(own, canon)
+        dropped += d
+        names += new
+        mapping[str(cls)] = [canon[c.casefold()] for c in own]
+    if dropped:
+        log.info("%s: dropped %d duplicate concept(s) (case-insensitive)", where, dropped)
+    return ConceptSet(names, mapping, where)
+
+
+def concepts_from_mapping(data: dict[str, list[str]], source: str = "<mapping>") -> ConceptSet:
+    """A :class:`ConceptSet` from ``{class: [concepts]}``: the union in first-seen order, case-insensitively unique."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping {{class: [concepts]}}, got {type(data).__name__}")
+    out = _concepts_from_mapping(data, source)
+    if not out.names:
+        raise ValueError(f"{source}: no concepts (every list is empty after stripping blanks)")
+    return out
+
+
+def load_concepts(path: str | Path) -> ConceptSet:
+    """Load a concept list.
+
+    ``*.json``: ``{class: [concepts]}`` (the union over classes, first-seen order; a plain JSON list of strings is
+    also accepted). Anything else: UTF-8 text, one concept per line; lines are stripped, blank lines and lines
+    starting with ``#`` skipped. Duplicates (case-insensitive) are dropped, keeping the first spelling, and counted in
+    the log. Raises ``ValueError`` naming the file for: a missing file, bad JSON (with line and column), non-string
+    entries, or a list that is empty after cleaning.
+    """
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise ValueError(f"concept list {where} does not exist or is not a file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        if isinstance(data, list):
+            data = {"": data}
+            out = _concepts_from_mapping(data, where)
+            out.class_to_concepts = None
+        elif isinstance(data, dict):
+            out = _concepts_from_mapping(data, where)
+        else:
+            raise ValueError(f"{where}: expected a JSON object {{class: [concepts]}} or a list, got "
+                             f"{type(data).__name__}")
+    else:
+        lines = [ln.strip() for ln in text.splitlines()]
+        names, dropped = _dedup([ln for ln in lines if ln and not ln.startswith("#")], {})
+        if dropped:
+            log.info("%s: dropped %d duplicate concept(s) (case-insensitive)", where, dropped)
+        out = ConceptSet(names, None, where)
+    if not out.names:
+        raise ValueError(f"{where}: the concept list is empty (after removing blank lines, comments and duplicates)")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- filtering
+@dataclass
+class FilterReport:
+    """Why each dropped concept was dropped. ``dropped`` maps concept → (stage, reason); stages in order are
+    ``"length"``, ``"class_similarity"``, ``"concept_similarity"``, ``"presence"``."""
+
+    kept: list[str]
+    dropped: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def count(self, stage: str) -> int:
+        return sum(1 for s, _ in self.dropped.values() if s == stage)
+
+    def summary(self) -> str:
+        stages = ("length", "class_similarity", "concept_similarity", "presence")
+        parts = ", ".join(f"{s}: {self.count(s)}" for s in stages)
+        return f"kept {len(self.kept)} of {len(self.kept) + len(self.dropped)} concepts; dropped by {parts}"
+
+
+def _encode(text_encoder: Callable[[list[str]], torch.Tensor], texts: list[str], what: str) -> torch.Tensor:
+    emb = text_encoder(list(texts))
+    if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[0] != len(texts):
+        got = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+        raise ValueError(f"text_encoder must return a [{len(texts)}, D] tensor for the {what}, got {got}")
+    # Renormalise: cosine similarity is what the cut-offs mean, whatever the encoder's scaling.
+    return torch.nn.functional.normalize(emb.detach().float(), dim=1)
+
+
+def _presence(image_embeddings: torch.Tensor, text_emb: torch.Tensor, top_k: int, chunk: int = 16384) -> torch.Tensor:
+    """Mean of the top-k image similarities per concept ``[n]``, streaming over image chunks (no [N, n] matrix)."""
+    text_emb = text_emb.to(image_embeddings.device)
+    best = None
+    for s in range(0, image_embeddings.shape[0], chunk):
+        sims = image_embeddings[s:s + chunk].float() @ text_emb.T  # [chunk, n]
+        cand = sims if best is None else torch.cat([best, sims], 0)
+        best = cand.topk(min(top_k, cand.shape[0]), dim=0).values
+    return best.mean(0).cpu()
+
+
+def filter_concepts(
+    concepts: Sequence[str] | ConceptSet,
+    class_names: Sequence[str],
+    text_encoder: Callable[[list[str]], torch.Tensor],
+    *,
+    max_length: int = 30,
+    class_sim_cutoff: float = 0.85,
+    concept_sim_cutoff: float = 0.9,
+    image_embeddings: torch.Tensor | None = None,
+    presence_cutoff: float | None = None,
+    top_k: int = 5,
+) -> tuple[list[str], FilterReport]:
+    """Filter a concept list as label-free CBMs do, in their order; returns ``(kept, report)``.
+
+    1. length: drop concepts longer than ``max_length`` characters;
+    2. class similarity: drop a concept whose cosine similarity to any class name exceeds ``class_sim_cutoff``;
+    3. concept similarity: of a pair above ``concept_sim_cutoff``, drop the later one (greedy in list order, compared
+       with the concepts kept so far);
+    4. presence (only with ``presence_cutoff``): drop a concept whose mean top-``top_k`` similarity to
+       ``image_embeddings`` ``[N, D]`` (unit rows, same space as the text) is below the cut-off.
+
+    Exact repeats in ``concepts`` are removed first (keeping the first; the report is keyed by name).
+    ``text_encoder(list[str]) -> [n, D]`` embeds texts (e.g. a CLIP text tower; see :func:`encode_texts`); its
+    outputs are renormalised. A cut-off of ``None`` (or ``max_length=None``) switches that stage off.
+    """
+    names = list(concepts.names if isinstance(concepts, ConceptSet) else concepts)
+    bad = [i for i, c in enumerate(names) if not isinstance(c, str)]
+    if bad:
+        raise ValueError(f"concepts must be strings; entry {bad[0]} is {type(names[bad[0]]).__name__}")
+    unique = list(dict.fromkeys(names))  # the report is keyed by name: exact repeats go first (the first stays)
+    if len(unique) < len(names):
+        log.info("filter_concepts: removed %d exact repeat(s) before filtering", len(names) - len(unique))
+        names = unique
+    class_names = list(class_names)
+    if any(not isinstance(c, str) for c in class_names):
+        raise ValueError("class_names must be strings")
+    if presence_cutoff is not None:
+        if image_embeddings is None:
+            raise ValueError("presence_cutoff needs image_embeddings [N, D]")
+        if (not isinstance(image_embeddings, torch.Tensor) or image_embeddings.dim() != 2
+                or image_embeddings.shape[0] == 0):
+            got = (tuple(image_embeddings.shape) if isinstance(image_embeddings, torch.Tensor)
+                   else type(image_embeddings).__name__)
+            raise ValueError(f"image_embeddings must have shape [N, D] with N >= 1, got {got}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+    report = FilterReport(kept=[])
+
+    def drop(name: str, stage: str, why: str) -> None:
+        report.dropped.setdefault(name, (stage, why))
+
+    # 1. length
+    alive = []
+    for c in names:
+        if max_length is not None and len(c) > max_length:
+            drop(c, "length", f"{len(c)} characters > {max_length}")
+        else:
+            alive.append(c)
+    emb = _encode(text_encoder, alive, "concepts") if alive else None
+    # 2. similarity to a class name
+    if alive and class_names and class_sim_cutoff is not None:
+        cls_emb = _encode(text_encoder, class_names, "class names").to(emb.device)
+        sims = emb @ cls_emb.T  # [n, K]
+        best, arg = sims.max(1)
+        keep = []
+        for i, c in enumerate(alive):
+            if float(best[i]) > class_sim_cutoff:
+                drop(c, "class_similarity", f"similarity {float(best[i]):.3f} > {class_sim_cutoff} to class "
+                                            f"{class_names[int(arg[i])]!r}")
+            else:
+                keep.append(i)
+        alive, emb = [alive[i] for i in keep], emb[keep]
+    # 3. near-duplicate concepts: greedy in list order, so the earlier of a pair survives
+    if alive and concept_sim_cutoff is not None:
+        sims = (emb @ emb.T).cpu()
+        keep: list[int] = []
+        for i, c in enumerate(alive):
+            if keep:
+                s, j = sims[i, keep].max(0)
+                if float(s) > concept_sim_cutoff:
+                    drop(c, "concept_similarity", f"similarity {float(s):.3f} > {concept_sim_cutoff} to "
+                                                  f"{alive[keep[int(j)]]!r}")
+                    continue
+            keep.append(i)
+        alive, emb = [alive[i] for i in keep], emb[keep]
+    # 4. presence in the training images
+    if alive and presence_cutoff is not None:
+        if image_embeddings.shape[1] != emb.shape[1]:
+            raise ValueError(f"image_embeddings have D={image_embeddings.shape[1]}, text embeddings D={emb.shape[1]}")
+        score = _presence(image_embeddings, emb, top_k)
+        keep = []
+        for i, c in enumerate(alive):
+            if float(score[i]) < presence_cutoff:
+                drop(c, "presence", f"mean top-{top_k} image similarity {float(score[i]):.3f} < {presence_cutoff}")
+            else:
+                keep.append(i)
+        alive = [alive[i] for i in keep]
+    report.kept = alive
+    log.info("filter_concepts: %s", report.summary())
+    if not alive:
+        log.warning("filter_concepts: every concept was dropped; loosen the cut-offs")
+    return alive, report
+
+
+# ---------------------------------------------------------------------------------------------------------- encoding
+@torch.no_grad()
+def encode_texts(
+    model,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    texts: Sequence[str],
+    templates: Sequence[str] = ("{}",),
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Unit text embeddings ``[n, D]`` (float32, on ``device``) from an open_clip-style model.
+
+    Each template (a format string with one ``{}``) is filled with each text, tokenized (``tokenizer(list[str])``),
+    embedded with ``model.encode_text(tokens)`` in batches, and L2-normalised; the template embeddings are averaged
+    and renormalised (CLIP's prompt ensembling). ``device`` defaults to the model's.
+    """
+    texts = list(texts)
+    templates = list(templates)
+    if not texts:
+        raise ValueError("texts is empty")
+    if any(not isinstance(t, str) for t in texts):
+        raise ValueError("texts must be strings")
+    if not templates or any(not isinstance(t, str) or t.count("{}") != 1 for t in templates):
+        raise ValueError(f"templates must be format strings with exactly one '{{}}', got {templates!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not hasattr(model, "encode_text"):
+        raise ValueError(f"model must have an encode_text(tokens) method, got {type(model).__name__}")
+    if device is None:
+        param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    total = None
+    steps = [(t, s) for t in templates for s in range(0, len(texts), batch_size)]
+    chunks: dict[str, list[torch.Tensor]] = {t: [] for t in templates}
+    for tmpl, s in tqdm(steps, desc="encoding texts", disable=not progress, leave=False):
+        tokens = tokenizer([tmpl.format(x) for x in texts[s:s + batch_size]]).to(device)
+        chunks[tmpl].append(torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1))
+    for tmpl in templates:
+        emb = torch.cat(chunks.pop(tmpl))
+        total = emb if total is None else total + emb
+    return torch.nn.functional.normalize(total, dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------------- generators
+@runtime_checkable
+class ConceptGenerator(Protocol):
+    """Writes concepts for classes, e.g. by prompting an LLM: ``generate(class_names) -> {class: [concepts]}``."""
+
+    def generate(self, class_names: list[str]) -> dict[str, list[str]]: ...
+
+
+class ConceptGeneratorUnavailable(RuntimeError):
+    """The requested concept generator cannot run (the offline default has none)."""
+
+
+class _CallableGenerator:
+    def __init__(self, fn: Callable[[list[str]], dict[str, list[str]]]):
+        self.fn = fn
+
+    def generate(self, class_names: list[str]) -> dict[str, list[str]]:
+        return self.fn(class_names)
+
+
+_GENERATORS: dict[str, ConceptGenerator | Callable] = {}
+
+
+def register_generator(name: str, fn: ConceptGenerator | Callable[[list[str]], dict[str, list[str]]]) -> None:
+    """Register a generator under ``name``: an object with ``generate(class_names)`` or a plain function of the same
+    signature. Re-registering a name replaces it; ``"none"`` is reserved."""
+    if not isinstance(name, str) or not name or name == "none":
+        raise ValueError(f"generator name must be a non-empty string other than 'none', got {name!r}")
+    if not isinstance(fn, ConceptGenerator) and not callable(fn):
+        raise ValueError(f"generator {name!r} must have generate(class_names) or be callable, got {type(fn).__name__}")
+    _GENERATORS[name] = fn
+
+
+def available_generators() -> list[str]:
+    return sorted(_GENERATORS)
+
+
+def get_generator(name: str = "none") -> ConceptGenerator:
+    """The registered generator ``name``; ``"none"`` (the offline default) raises
+    :class:`ConceptGeneratorUnavailable`."""
+    if name == "none":
+        raise ConceptGeneratorUnavailable(
+            "no concept generator is configured: fastcbm works offline and ships no LLM. Pass a concept list file "
+            "(load_concepts), or plug one in with fastcbm.concepts.register_generator('my-llm', fn) where "
+            "fn(class_names) -> {class: [concepts]} (or an object with .generate(class_names)), then use "
+            "get_generator('my-llm')")
+    if name not in _GENERATORS:
+        raise ValueError(f"unknown concept generator {name!r}; registered: {available_generators() or 'none'}")
+    gen = _GENERATORS[name]
+    return gen if isinstance(gen, ConceptGenerator) else _CallableGenerator(gen)
+
+
+def generate_concepts(class_names: Sequence[str], generator: str = "none") -> ConceptSet:
+    """Run a registered generator and check its output into a :class:`ConceptSet` (source ``generator:<name>``)."""
+    out = get_generator(generator).generate(list(class_names))
+    return concepts_from_mapping(out, f"generator:{generator}")

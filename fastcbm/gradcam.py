@@ -1,0 +1,43 @@
+"""Grad-CAM (Selvaraju et al.): the baseline SALF-CBM's heatmaps are compared with, and the per-concept regions of
+CE-FAM build on it. Reference implementation: one backward pass per batch of targets."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcbm.features import FeatureHooks, as_feature_map
+
+
+def grad_cam(
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: str,
+    target: torch.Tensor | None = None,
+    kind: str = "cnn",
+    num_prefix_tokens: int = 1,
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Grad-CAM maps ``[N, h, w]`` (or ``[N, *size]`` upsampled bilinearly) for ``target`` classes (default: the
+    predicted ones): ReLU(Σ_k α_k A_k) with α_k the spatial mean of ∂logit/∂A_k at layer ``layer``."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), FeatureHooks(model, [layer]) as hooks:
+            logits = model(images)
+            act = hooks.outputs[layer]
+            act = act[0] if isinstance(act, (tuple, list)) else act
+            if target is None:
+                target = logits.argmax(dim=1)
+            score = logits.gather(1, torch.as_tensor(target, device=logits.device).view(-1, 1)).sum()
+            (grad,) = torch.autograd.grad(score, act)
+        fmap = as_feature_map(act.detach(), kind, num_prefix_tokens)
+        gmap = as_feature_map(grad, kind, num_prefix_tokens)
+        weights = gmap.mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * fmap).sum(dim=1))
+    finally:
+        model.train(was_training)
+    if size is not None:
+        cam = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return cam

@@ -1,0 +1,367 @@
+"""The precompute job: images → red-ring prompts → CLIP image tower → unit prompt embeddings in a sharded cache.
+
+Per batch of B decoded uint8 images, one kernel call renders all 1+G copies (plain image + G ringed ones) already
+normalised, and the image tower encodes them in chunks of ``max_encode_batch``. Rows are stored unit-normalised in
+fp16 together with their fp32 norms. Work is organised by cache shard (a fixed range of the input list) and batches
+never straddle shards, so every shard's bytes depend only on its inputs: a resumed run, or one split over torchrun
+ranks, writes exactly the bytes of an uninterrupted single-process run on the same device.
+
+Under torchrun (``torch.distributed`` initialised from the environment) rank 0 checks the cache and lists the shards
+still to do, rank r computes every world-th of them (a strided slice of the input list at shard granularity), and
+rank 0 merges the shard records into the manifest at the end.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastcbm.cache.reader import FEATURES, GLOBAL, GLOBAL_NORM, INPUT_INDEX, PROMPT, PROMPT_NORM, CacheReader
+from fastcbm.cache.store import ArraySpec, ShardedCache
+
+log = logging.getLogger("fastcbm.precompute")
+
+_DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's (also fastcbm.prompts.CLIP_MEAN)
+_DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# -- model and its input space --------------------------------------------------------------------------------------
+def encoder_input_config(model: torch.nn.Module, preprocess: Any = None) -> tuple[int, tuple, tuple]:
+    """``(size, mean, std)`` of the encoder's input: ``model.visual.preprocess_cfg`` if present, else read from the
+    ``preprocess`` transform (Resize/CenterCrop size, Normalize mean/std), else ``model.visual.image_size`` and CLIP
+    defaults."""
+    visual = getattr(model, "visual", model)
+    size = mean = std = None
+    cfg = getattr(visual, "preprocess_cfg", None)
+    if isinstance(cfg, dict) and cfg:
+        size, mean, std = cfg.get("size"), cfg.get("mean"), cfg.get("std")
+    if preprocess is not None and hasattr(preprocess, "transforms"):
+        for t in preprocess.transforms:
+            name = type(t).__name__
+            if name == "Normalize" and mean is None:
+                mean, std = tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
+            elif name in ("CenterCrop", "Resize", "RandomResizedCrop") and size is None and name != "Resize":
+                size = t.size
+    if size is None:
+        size = getattr(visual, "image_size", None)
+    if size is None:
+        raise ValueError("model: cannot tell the encoder's input size (no visual.preprocess_cfg, no preprocess "
+                         "transform with a crop, no visual.image_size)")
+    if isinstance(size, (tuple, list)):
+        if len(set(int(s) for s in size)) != 1:
+            raise ValueError(f"model: non-square encoder input {tuple(size)} is not supported")
+        size = size[0]
+    mean = tuple(float(v) for v in (mean or _DEFAULT_MEAN))
+    std = tuple(float(v) for v in (std or _DEFAULT_STD))
+    return int(size), mean, std
+
+
+def timm_feature_fn(name: str, *, pretrained: bool = True, device: torch.device | str = "cpu"
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A backbone for ``precompute(features=...)``: the last feature map of timm model ``name`` on uint8 images
+    ``[B, 3, S, S]`` (normalised with the model's own mean/std) → ``[B, C, h, w]``."""
+    import timm
+
+    from fastcbm.compat import import_torchvision
+
+    try:
+        import_torchvision()
+    except ImportError:
+        pass
+    net = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=(-1,)).eval().to(device)
+    cfg = getattr(net, "pretrained_cfg", {}) or {}
+    mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), device=device).view(1, 3, 1, 1)
+
+    def fn(images: torch.Tensor) -> torch.Tensor:
+        return net(((images.float() / 255.0) - mean) / std)[-1]
+
+    fn.name = name  # type: ignore[attr-defined]
+    return fn
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in table:
+        raise ValueError(f"dtype must be 'auto', 'bf16', 'fp16' or 'fp32', got {dtype!r}")
+    return table[dtype]
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int, bool]:
+    """(rank, world, we_initialised): initialise torch.distributed from torchrun's environment if needed."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # a rank that finishes early waits at the final barrier: allow for long, unbalanced resumes
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+class _Encoder:
+    """Renders prompts and encodes them; keeps the time spent in each stage."""
+
+    def __init__(self, model, *, grid, radius, width, centers, mean, std, device, dtype, max_encode_batch,
+                 features: Callable | None, grid_hw: tuple[int, int]) -> None:
+        from fastcbm.prompts import render_rings
+
+        self.render_rings = render_rings
+        self.model, self.device, self.dtype, self.max_encode_batch = model, device, dtype, max_encode_batch
+        self.ring_kw = dict(grid=grid, radius=radius, width=width, centers=centers, mean=mean, std=std)
+        self.features, self.grid_hw = features, grid_hw
+        self.times = {"render": 0.0, "encode": 0.0, "features": 0.0}
+
+    def probe(self, size: int) -> dict[str, ArraySpec]:
+        """Array layout of the outputs, from one plain image through the encoder (and backbone); renders one ring
+        batch to validate the prompt settings."""
+        img = torch.zeros((1, 3, size, size), dtype=torch.uint8, device=self.device)
+        g = self.render_rings(img, out_dtype=torch.float32, include_plain=False, **self.ring_kw).shape[1]
+        with torch.inference_mode():
+            d = self.model.encode_image(torch.zeros((1, 3, size, size), device=self.device)).shape[-1]
+        out = {PROMPT: ArraySpec("float16", (g, d)), PROMPT_NORM: ArraySpec("float32", (g,)),
+               GLOBAL: ArraySpec("float16", (d,)), GLOBAL_NORM: ArraySpec("float32", ())}
+        if self.features is not None:
+            with torch.inference_mode():
+                c = self.features(img).shape[1]
+            out[FEATURES] = ArraySpec("float16", (c, *self.grid_hw))
+        return out
+
+    def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """uint8 [b, 3, S, S] → {prompt [b,G,D] f16, prompt_norm [b,G] f32, global [b,D] f16, global_norm [b] f32,
+        (features [b,C,gy,gx] f16)}."""
+        b = images.shape[0]
+        t0 = time.perf_counter()
+        images = images.to(self.device, non_blocking=True)
+        x = self.render_rings(images, out_dtype=self.dtype, include_plain=True, **self.ring_kw)  # [b, 1+G, 3, S, S]
+        g1 = x.shape[1]
+        x = x.reshape(b * g1, *x.shape[2:])
+        t1 = time.perf_counter()
+        autocast = self.device.type == "cuda" and self.dtype != torch.float32
+        outs = []
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
+            for lo in range(0, x.shape[0], self.max_encode_batch):
+                outs.append(self.model.encode_image(x[lo:lo + self.max_encode_batch]).float())
+        emb = torch.cat(outs)  # [b·(1+G), D] fp32
+        norms = emb.norm(dim=-1)
+        unit = (emb / norms.clamp_min(1e-12).unsqueeze(-1)).to(torch.float16).reshape(b, g1, -1).cpu().numpy()
+        norms = norms.reshape(b, g1).cpu().numpy()
+        t2 = time.perf_counter()
+        self.times["render"] += t1 - t0
+        self.times["encode"] += t2 - t1
+        out = {PROMPT: unit[:, 1:], PROMPT_NORM: norms[:, 1:], GLOBAL: unit[:, 0], GLOBAL_NORM: norms[:, 0]}
+        if self.features is not None:
+            from fastcbm.features import resize_to_grid
+
+            with torch.inference_mode():
+                f = resize_to_grid(self.features(images).float(), self.grid_hw)
+            out[FEATURES] = f.to(torch.float16).cpu().numpy()
+            self.times["features"] += time.perf_counter() - t2
+        return out
+
+
+def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Module, out: str | os.PathLike, *,
+               pretrained: str | None = None, model_name: str | None = None, preprocess: Any = None,
+               grid: int | tuple[int, int] = 7, radius: float | None = None, width: float = 2.0,
+               centers: str = "inset", batch_size: int | None = None, shard_size: int = 4096,
+               device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", num_workers: int = 4,
+               loader: str = "auto", max_encode_batch: int | None = None,
+               features: str | Callable[[torch.Tensor], torch.Tensor] | None = None, features_name: str | None = None,
+               verify: str = "checksum", draft: bool = False, progress: bool = True) -> CacheReader:
+    """Encode every image of ``data`` with ring prompts into the cache at ``out`` and return a reader for it.
+
+    ``data``: a directory (recursive; ImageFolder layout fine), a text file listing image paths, or a list of paths.
+    ``model``: an open_clip-style model (``encode_image(x [B, 3, S, S]) -> [B, D]``; pass ``model_name`` and
+    ``pretrained`` to identify it in the manifest) or a name for ``fastcbm.models.load_clip(name, pretrained)``.
+    Prompts: ``grid`` (G = gy·gx rings), ``radius`` (default: ``default_ring_geometry(S)``), ``width`` (px),
+    ``centers`` ("inset" | "paper"). ``dtype``: encoder precision ("auto": bf16 autocast on GPU, fp32 on CPU).
+    ``features``: optional backbone (timm model name or callable uint8 [B,3,S,S] → [B,C,h,w]) stored as
+    [N, C, gy, gx] fp16. ``verify``: how finished shards are checked on resume ("checksum" or "size").
+
+    Unreadable images are skipped, counted and listed in the manifest. Reopening ``out`` with other settings raises
+    :class:`~fastcbm.cache.CacheMismatchError`; a full disk raises :class:`~fastcbm.cache.CacheDiskFullError`.
+    """
+    from fastcbm.data.folder import list_images
+
+    if verify not in ("checksum", "size"):
+        raise ValueError(f"verify must be 'checksum' or 'size', got {verify!r}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    dev = _resolve_device(device)
+    cdtype = _resolve_dtype(dtype, dev)
+    batch_size = batch_size or (64 if dev.type == "cuda" else 4)
+    max_encode_batch = max_encode_batch or (1024 if dev.type == "cuda" else 256)
+    if batch_size < 1 or max_encode_batch < 1:
+        raise ValueError(f"batch_size and max_encode_batch must be >= 1, got {batch_size}, {max_encode_batch}")
+    rank, world, owns_pg = _init_distributed(dev)
+
+    if isinstance(model, str):
+        from fastcbm.models import load_clip
+
+        model_name = model_name or model
+        model, preprocess, _ = load_clip(model, pretrained)
+    model_name = model_name or type(model).__name__
+    model = model.eval().to(dev)
+    size, mean, std = encoder_input_config(model, preprocess)
+    from fastcbm.prompts import default_ring_geometry
+    from fastcbm.prompts.reference import normalize_grid
+
+    gy, gx = normalize_grid(grid)
+    if radius is None:
+        radius = default_ring_geometry(size)[0]
+    feature_fn = timm_feature_fn(features, device=dev) if isinstance(features, str) else features
+    if feature_fn is not None and features_name is None:
+        features_name = features if isinstance(features, str) else getattr(feature_fn, "name", type(feature_fn).__name__)
+
+    encoder = _Encoder(model, grid=(gy, gx), radius=float(radius), width=float(width), centers=centers, mean=mean,
+                       std=std, device=dev, dtype=cdtype, max_encode_batch=max_encode_batch, features=feature_fn,
+                       grid_hw=(gy, gx))
+    arrays = encoder.probe(size)  # validates the prompt settings and finds D before any work
+    arrays[INPUT_INDEX] = ArraySpec("int64", ())
+
+    files = [os.path.abspath(f) for f in list_images(data)]
+    settings = {
+        "model": {"name": model_name, "pretrained": pretrained},
+        "prompts": {"grid": [gy, gx], "radius": float(radius), "width": float(width), "centers": centers,
+                    "image_size": size, "mean": list(mean), "std": list(std), "ring_rgb": [255, 0, 0]},
+        "encoder_dtype": str(cdtype).replace("torch.", ""),
+        "features": features_name,
+        "decode": {"resize": "shorter side, bicubic", "crop": "center", "jpeg_draft": bool(draft)},
+    }
+    extra = {"embedding": "unit rows fp16; norms fp32 (before normalisation)", "num_prompts": gy * gx,
+             "embed_dim": arrays[PROMPT].row_shape[1]}
+    import torch.distributed as dist
+
+    def barrier() -> None:
+        if world > 1:
+            dist.barrier()
+
+    try:
+        if rank == 0:
+            cache = ShardedCache(out, settings=settings, inputs=files, arrays=arrays, shard_size=shard_size,
+                                 extra=extra)
+            cache.cleanup_tmp()
+            pending = cache.pending_shards(checksums=verify == "checksum")
+        barrier()
+        if rank != 0:
+            cache = ShardedCache(out, settings=settings, inputs=files, arrays=arrays, shard_size=shard_size,
+                                 extra=extra, create=False)
+        if world > 1:
+            box = [pending if rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            pending = box[0]
+        mine = pending[rank::world]
+        _run_shards(cache, files, mine, encoder, size=size, batch_size=batch_size, loader=loader, device=dev,
+                    num_workers=num_workers, draft=draft, progress=progress and rank == 0, rank=rank)
+        barrier()
+        if rank == 0:
+            m = cache.finalize()
+            if m["num_skipped"]:
+                log.warning("%d of %d inputs were skipped (unreadable, corrupt or too small); see 'skipped' in %s",
+                            m["num_skipped"], len(files), Path(out) / "manifest.json")
+        barrier()
+    finally:
+        if owns_pg and dist.is_initialized():
+            dist.destroy_process_group()
+    reader = CacheReader(out)
+    reader.stats = encoder.stats  # type: ignore[attr-defined]
+    return reader
+
+
+def _run_shards(cache: ShardedCache, files: list[str], shards: list[int], encoder: _Encoder, *, size: int,
+                batch_size: int, loader: str, device: torch.device, num_workers: int, draft: bool, progress: bool,
+                rank: int) -> None:
+    from fastcbm.data.loaders import make_loader
+
+    plan: list[list[int]] = []
+    per_shard: dict[int, int] = {}
+    for k in shards:
+        lo, hi = cache.shard_range(k)
+        chunks = [list(range(a, min(a + batch_size, hi))) for a in range(lo, hi, batch_size)] or [[]]
+        plan += [c for c in chunks if c]
+        per_shard[k] = len([c for c in chunks if c])
+    n_images = sum(len(b) for b in plan)
+    stats = {"images": 0, "prompted": 0, "skipped": 0, "decode": 0.0, "write": 0.0, "wall": 0.0, "shards": 0}
+    encoder.stats = stats  # type: ignore[attr-defined]
+    if not plan:
+        return
+    if loader == "torch" or (loader == "auto" and device.type != "cuda"):
+        from fastcbm.data.loaders import torch_loader
+
+        batches = torch_loader(files, size, plan, num_workers=num_workers, draft=draft)
+    else:
+        batches = make_loader(files, size, plan, loader=loader, device=device, num_workers=num_workers)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_images, unit="img", desc=f"precompute {cache.root.name}", smoothing=0.05)
+    g1 = 1 + cache.arrays[PROMPT].row_shape[0]
+    acc: dict[str, list[np.ndarray]] = {}
+    skipped: list[dict] = []
+    done_in_shard = 0
+    t_start = time.perf_counter()
+    t_wait = t_start
+    try:
+        for batch in batches:
+            stats["decode"] += time.perf_counter() - t_wait
+            k = batch.indices[0] // cache.shard_size
+            if batch.ok:
+                res = encoder(batch.images)
+                res[INPUT_INDEX] = np.asarray(batch.ok, dtype=np.int64)
+                for name, a in res.items():
+                    acc.setdefault(name, []).append(a)
+            for i, reason in batch.skipped:
+                log.info("skipping %s: %s", files[i], reason)
+                skipped.append({"index": i, "path": files[i], "reason": reason})
+            stats["images"] += len(batch.ok)
+            stats["prompted"] += len(batch.ok) * g1
+            stats["skipped"] += len(batch.skipped)
+            done_in_shard += 1
+            if done_in_shard == per_shard[k]:
+                t0 = time.perf_counter()
+                arrays = {name: (np.concatenate(acc[name]) if acc.get(name) else
+                                 np.zeros((0, *spec.row_shape), dtype=spec.dtype))
+                          for name, spec in cache.arrays.items()}
+                cache.write_shard(k, arrays, skipped)
+                stats["write"] += time.perf_counter() - t0
+                stats["shards"] += 1
+                acc, skipped, done_in_shard = {}, [], 0
+            if bar is not None:
+                el = max(time.perf_counter() - t_start, 1e-9)
+                bar.update(len(batch.indices))
+                bar.set_postfix_str(f"{stats['images'] / el:.1f} img/s, {stats['prompted'] / el:.0f} prompted/s, "
+                                    f"{stats['skipped']} skipped", refresh=False)
+            t_wait = time.perf_counter()
+    finally:
+        if bar is not None:
+            bar.close()
+        stats["wall"] = time.perf_counter() - t_start
+        stats.update(encoder.times)
+        if stats["skipped"]:
+            log.warning("rank %d: skipped %d unreadable image(s) so far", rank, stats["skipped"])

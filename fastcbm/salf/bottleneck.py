@@ -1,0 +1,177 @@
+"""SALF-CBM's spatially-aware concept bottleneck: a 1×1 convolution (no bias) on grid-resized backbone maps, trained
+to match CLIP's local image–concept similarities with the cubic-cosine loss (label-free CBM semantics).
+
+Shapes: features ``F [N, C, L]`` (backbone maps resized to the Gy×Gx prompt grid, L = Gy·Gx cells), prompt embeddings
+``E [N, L, D]`` (unit CLIP embeddings of the L ring-prompted copies), text embeddings ``T [M, D]`` (unit). The targets
+``P = E·Tᵀ`` are never materialised for the whole set: the fused loss computes them tile by tile.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+log = logging.getLogger("fastcbm.salf")
+
+
+class ConceptBottleneck(nn.Module):
+    """``[N, C, Gy, Gx]`` feature maps → ``[N, M, Gy, Gx]`` concept maps (a 1×1 conv without bias)."""
+
+    def __init__(self, in_channels: int, num_concepts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_concepts, in_channels))
+        # nn.Conv2d's default init (kaiming-uniform with a=√5) for a 1×1 kernel
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    @property
+    def num_concepts(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, feature_maps: torch.Tensor) -> torch.Tensor:
+        if feature_maps.dim() != 4 or feature_maps.shape[1] != self.weight.shape[1]:
+            raise ValueError(
+                f"feature_maps must be [N, {self.weight.shape[1]}, Gy, Gx], got shape {tuple(feature_maps.shape)}"
+            )
+        return torch.einsum("mc,nchw->nmhw", self.weight.to(feature_maps.dtype), feature_maps)
+
+
+@dataclass
+class BottleneckConfig:
+    """Training settings; defaults follow label-free CBM (Adam, lr 1e-3, batches up to 50,000 samples)."""
+
+    lr: float = 1e-3
+    batch_size: int = 50_000
+    max_steps: int = 1000
+    eval_every: int = 10
+    patience: int = 5  # evaluations without validation improvement before stopping
+    interpretability_cutoff: float = 0.45  # concepts whose validation similarity is below are dropped
+    seed: int = 0
+    backend: str = "auto"
+
+
+@dataclass
+class BottleneckResult:
+    weight: torch.Tensor  # [M_kept, C]
+    kept: torch.Tensor  # long [M_kept] indices into the input concept list
+    val_similarity: torch.Tensor  # [M] mean over cells of the cubic-cosine similarity on validation data
+    best_step: int
+    history: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+
+def _check_inputs(features: torch.Tensor, prompt_emb: torch.Tensor, text_emb: torch.Tensor, what: str) -> None:
+    if features.dim() != 3:
+        raise ValueError(f"{what} features must be [N, C, L], got shape {tuple(features.shape)}")
+    if prompt_emb.dim() != 3 or prompt_emb.shape[:2] != (features.shape[0], features.shape[2]):
+        raise ValueError(
+            f"{what} prompt embeddings must be [N={features.shape[0]}, L={features.shape[2]}, D], "
+            f"got shape {tuple(prompt_emb.shape)}"
+        )
+    if text_emb.dim() != 2 or text_emb.shape[1] != prompt_emb.shape[2]:
+        raise ValueError(f"text_emb must be [M, D={prompt_emb.shape[2]}], got shape {tuple(text_emb.shape)}")
+    if features.shape[0] < 2:
+        raise ValueError(f"{what}: need at least 2 samples (the loss centres over the batch), got {features.shape[0]}")
+
+
+@torch.no_grad()
+def concept_similarity(
+    weight: torch.Tensor,
+    features: torch.Tensor,
+    prompt_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    concept_chunk: int = 64,
+) -> torch.Tensor:
+    """Per-concept cubic-cosine similarity ``[M]`` (mean over the L cells) between bottleneck outputs and CLIP
+    targets, computed in chunks of concepts so that only ``[N, chunk·L]`` is ever materialised."""
+    from fastcbm.losses.reference import cubic_cosine_similarity
+
+    n, _, cells = features.shape
+    sims = []
+    feats = features.float()
+    emb = prompt_emb.float()
+    for start in range(0, weight.shape[0], concept_chunk):
+        w = weight[start : start + concept_chunk].float()
+        t = text_emb[start : start + concept_chunk].float()
+        q = torch.einsum("mc,ncl->nml", w, feats).reshape(n, -1)
+        p = torch.einsum("nld,md->nml", emb, t).reshape(n, -1)
+        sims.append(cubic_cosine_similarity(q, p).reshape(-1, cells).mean(dim=1))
+    return torch.cat(sims)
+
+
+def train_bottleneck(
+    features: torch.Tensor,
+    prompt_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    val_features: torch.Tensor,
+    val_prompt_emb: torch.Tensor,
+    config: BottleneckConfig | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> BottleneckResult:
+    """Train the concept bottleneck ``W [M, C]`` with Adam on the fused cubic-cosine loss.
+
+    Stops early when the validation loss has not improved for ``config.patience`` evaluations and keeps the best
+    weights; then drops concepts whose validation similarity is below ``config.interpretability_cutoff``.
+    Inputs may live on CPU (fp16 allowed); batches are moved to ``device`` (default: the features' device).
+    """
+    from tqdm.auto import tqdm
+
+    from fastcbm.losses import cubic_cosine_loss
+
+    config = config or BottleneckConfig()
+    _check_inputs(features, prompt_emb, text_emb, "training")
+    _check_inputs(val_features, val_prompt_emb, text_emb, "validation")
+    if val_features.shape[1] != features.shape[1]:
+        raise ValueError(f"validation features have {val_features.shape[1]} channels, training {features.shape[1]}")
+    device = torch.device(device) if device is not None else features.device
+    n = features.shape[0]
+    batch = min(config.batch_size, n)
+    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    weight = ConceptBottleneck(features.shape[1], text_emb.shape[0]).weight.detach().to(device).requires_grad_(True)
+    text = text_emb.to(device, torch.float32)
+    val_f = val_features.to(device, torch.float32)
+    val_e = val_prompt_emb.to(device, torch.float32)
+    opt = torch.optim.Adam([weight], lr=config.lr)
+
+    def val_loss() -> float:
+        with torch.no_grad():
+            return float(cubic_cosine_loss(weight, val_f, val_e, text, backend=config.backend))
+
+    best = (val_loss(), 0, weight.detach().clone())
+    history: list[dict] = [{"step": 0, "val_loss": best[0]}]
+    stale = 0
+    bar = tqdm(range(1, config.max_steps + 1), desc="concept bottleneck", disable=not progress, leave=False)
+    for step in bar:
+        idx = torch.randperm(n, generator=gen)[:batch] if batch < n else slice(None)
+        f = features[idx].to(device, torch.float32, non_blocking=True)
+        e = prompt_emb[idx].to(device, torch.float32, non_blocking=True)
+        loss = cubic_cosine_loss(weight, f, e, text, backend=config.backend)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % config.eval_every == 0 or step == config.max_steps:
+            v = val_loss()
+            history.append({"step": step, "train_loss": float(loss), "val_loss": v})
+            bar.set_postfix(train=f"{float(loss):.4f}", val=f"{v:.4f}")
+            if v < best[0] - 1e-6:
+                best, stale = (v, step, weight.detach().clone()), 0
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    log.info("early stop at step %d (best val loss %.5f at step %d)", step, best[0], best[1])
+                    break
+    bar.close()
+    best_weight = best[2]
+    sims = concept_similarity(best_weight, val_f, val_e, text)
+    kept = torch.nonzero(sims >= config.interpretability_cutoff).flatten()
+    log.info("bottleneck: kept %d/%d concepts with validation similarity >= %.2f",
+             kept.numel(), sims.numel(), config.interpretability_cutoff)
+    return BottleneckResult(
+        weight=best_weight[kept].cpu(), kept=kept.cpu(), val_similarity=sims.cpu(), best_step=best[1],
+        history=history, config=asdict(config),
+    )

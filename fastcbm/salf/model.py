@@ -1,0 +1,163 @@
+"""The trained SALF-CBM classifier: frozen backbone → grid-resized feature maps → concept maps (1×1 conv) → pooled
+concepts → standardised → sparse linear head. Saved as safetensors (tensors) + JSON (everything else)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcbm.features import FeatureHooks, as_feature_map, resize_to_grid
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SALFConfig:
+    """Everything needed to rebuild a SALF-CBM besides its tensors."""
+
+    backbone: str = "testbed"
+    backbone_pretrained: bool | str | None = None
+    feature_layer: str | None = None  # default: the backbone's last feature layer
+    clip: str = "testbed"
+    clip_pretrained: str | None = None
+    grid: tuple[int, int] = (7, 7)
+    radius: float | None = None  # None: the default geometry for the CLIP input size
+    width: float = 2.0
+    centers: str = "inset"
+    pooling: str = "mean"  # "mean" | "softmax"
+    softmax_temperature: float = 1.0
+    concepts: list[str] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["grid"] = list(self.grid)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> SALFConfig:
+        d = dict(d)
+        d["grid"] = tuple(d["grid"])
+        return cls(**d)
+
+
+def pool_maps(maps: torch.Tensor, mode: str = "mean", temperature: float = 1.0) -> torch.Tensor:
+    """``[N, M, Gy, Gx]`` concept maps → ``[N, M]``. ``softmax``: Σ softmax(x/τ)·x over cells (authors' option)."""
+    flat = maps.flatten(2)
+    if mode == "mean":
+        return flat.mean(dim=2)
+    if mode == "softmax":
+        return (torch.softmax(flat / temperature, dim=2) * flat).sum(dim=2)
+    raise ValueError(f"pooling must be 'mean' or 'softmax', got {mode!r}")
+
+
+class SALFCBM(nn.Module):
+    """A spatially-aware label-free concept bottleneck model.
+
+    ``images [N, 3, S, S]`` are normalised for the backbone. ``concept_maps`` → ``[N, M, Gy, Gx]``,
+    ``concepts`` → standardised pooled activations ``[N, M]``, ``forward`` → logits ``[N, K]``.
+    """
+
+    def __init__(self, backbone: nn.Module, kind: str, config: SALFConfig, weight: torch.Tensor,
+                 head_weight: torch.Tensor, head_bias: torch.Tensor, concept_mean: torch.Tensor,
+                 concept_std: torch.Tensor, num_prefix_tokens: int = 1):
+        super().__init__()
+        m = weight.shape[0]
+        if len(config.concepts) != m:
+            raise ValueError(f"{len(config.concepts)} concept names for a bottleneck with {m} concepts")
+        if head_weight.shape[1] != m or concept_mean.shape != (m,) or concept_std.shape != (m,):
+            raise ValueError("head/standardiser shapes do not match the bottleneck")
+        if config.class_names and len(config.class_names) != head_weight.shape[0]:
+            raise ValueError(f"{len(config.class_names)} class names for a head with {head_weight.shape[0]} classes")
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.kind = kind
+        self.config = config
+        self.num_prefix_tokens = num_prefix_tokens
+        self.register_buffer("weight", weight.float().clone())
+        self.register_buffer("head_weight", head_weight.float().clone())
+        self.register_buffer("head_bias", head_bias.float().clone())
+        self.register_buffer("concept_mean", concept_mean.float().clone())
+        self.register_buffer("concept_std", concept_std.float().clone())
+
+    # -- forward pieces -------------------------------------------------------------------------------------------
+    @property
+    def layer(self) -> str:
+        assert self.config.feature_layer is not None
+        return self.config.feature_layer
+
+    def feature_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, C, Gy, Gx]`` backbone maps resized to the prompt grid."""
+        with FeatureHooks(self.backbone, [self.layer]) as hooks:
+            self.backbone(images)
+        fmap = as_feature_map(hooks.outputs[self.layer], self.kind, self.num_prefix_tokens)
+        return resize_to_grid(fmap.float(), self.config.grid)
+
+    def maps_from_features(self, feature_maps: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("mc,nchw->nmhw", self.weight, feature_maps.float())
+
+    def concept_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Concept maps ``[N, M, Gy, Gx]`` (raw bottleneck outputs, before pooling/standardisation)."""
+        return self.maps_from_features(self.feature_maps(images))
+
+    def standardize(self, pooled: torch.Tensor) -> torch.Tensor:
+        return (pooled - self.concept_mean) / self.concept_std
+
+    def concepts_from_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """Standardised pooled concept activations ``c* [N, M]``."""
+        return self.standardize(pool_maps(maps, self.config.pooling, self.config.softmax_temperature))
+
+    def classify(self, concepts: torch.Tensor) -> torch.Tensor:
+        return F.linear(concepts, self.head_weight, self.head_bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.concepts_from_maps(self.concept_maps(images)))
+
+    # -- persistence ----------------------------------------------------------------------------------------------
+    def save(self, path: str | Path, include_backbone: bool = False) -> None:
+        """Write ``path/model.safetensors`` and ``path/config.json`` (backbone weights only if asked: by default it
+        is rebuilt from its name, which keeps files small)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                   if include_backbone or not k.startswith("backbone.")}
+        save_file(tensors, str(path / "model.safetensors"))
+        meta = {"format": "fastcbm.salf", "version": FORMAT_VERSION, "kind": self.kind,
+                "num_prefix_tokens": self.num_prefix_tokens, "include_backbone": include_backbone,
+                "config": self.config.to_json()}
+        (path / "config.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path, backbone: nn.Module | None = None, map_location: str = "cpu") -> SALFCBM:
+        """Load a model saved with :meth:`save`. The backbone is rebuilt by name unless given."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_file, tensor_file = path / "config.json", path / "model.safetensors"
+        for f in (cfg_file, tensor_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} not found: not a saved SALF-CBM directory")
+        try:
+            meta = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{cfg_file}: invalid JSON ({exc})") from exc
+        if meta.get("format") != "fastcbm.salf":
+            raise ValueError(f"{cfg_file}: not a SALF-CBM config (format={meta.get('format')!r})")
+        if meta.get("version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{cfg_file}: format version {meta['version']} is newer than this fastcbm supports")
+        config = SALFConfig.from_json(meta["config"])
+        tensors = load_file(str(tensor_file), device=map_location)
+        if backbone is None:
+            from fastcbm.models import load_backbone
+
+            backbone = load_backbone(config.backbone, pretrained=config.backbone_pretrained).model
+        if meta.get("include_backbone"):
+            backbone.load_state_dict({k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")})
+        return cls(backbone, meta["kind"], config, tensors["weight"], tensors["head_weight"], tensors["head_bias"],
+                   tensors["concept_mean"], tensors["concept_std"], meta.get("num_prefix_tokens", 1))

@@ -1,0 +1,223 @@
+"""Fused cubic-cosine loss: every runnable backend against the float64 reference (loss, dW, dF), awkward shapes,
+non-contiguous inputs, zero-variance columns, errors. Triton runs in its interpreter here, so its cases are tiny."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastcbm.backends import BackendUnavailableError
+from fastcbm.losses import (
+    IMPLEMENTED,
+    cubic_cosine_loss,
+    cubic_cosine_loss_reference,
+    cubic_cosine_similarity,
+)
+from tests.conftest import assert_close, devices_under_test, runnable_backends
+
+FAST = [b for b in runnable_backends(IMPLEMENTED) if b != "reference"]
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def make_inputs(B, C, L, D, M, dtype=torch.float32, device="cpu", seed=0, layout="contiguous"):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(M, C, generator=g, dtype=torch.float64) / C**0.5
+    F = torch.randn(B, C, L, generator=g, dtype=torch.float64).relu() + 0.1 * torch.randn(B, C, L, generator=g)
+    E = torch.nn.functional.normalize(torch.randn(B, L, D, generator=g, dtype=torch.float64), dim=-1)
+    T = torch.nn.functional.normalize(torch.randn(M, D, generator=g, dtype=torch.float64), dim=-1)
+    W, F, E, T = (t.to(device=device, dtype=dtype) for t in (W, F, E, T))
+    if layout == "noncontiguous":  # same values, strided storage
+        W = W.t().contiguous().t()
+        F = F.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+        E = torch.cat([E, E], dim=2)[:, :, :D]
+        T = T.t().contiguous().t()
+        assert not E.is_contiguous()
+    return W, F, E, T
+
+
+def loss_and_grads(backend, W, F, E, T, **kw):
+    W = W.detach().clone().requires_grad_(True)
+    F = F.detach().clone().requires_grad_(True)
+    loss = cubic_cosine_loss(W, F, E, T, backend=backend, **kw)
+    loss.backward()
+    return loss.detach(), W.grad, F.grad
+
+
+def expected(W, F, E, T):
+    """The reference evaluated in float64 (the fp32 fused backends accumulate in fp64 and beat the fp32 reference)."""
+    return loss_and_grads("reference", *(t.double() for t in (W, F, E, T)))
+
+
+def check(got, want, dtype, what):
+    tol = TOL[dtype]
+    for name, g, w in zip(("loss", "dW", "dF"), got, want):
+        # The loss is a mean of cosines of both signs; scale atol by the typical magnitude, not by the mean.
+        scale = float(w.abs().max()) if name != "loss" else float(w.abs()) + 1e-3
+        assert_close(g, w, rtol=tol, atol=tol * scale, what=f"{what} {name}")
+
+
+SHAPES_CPU = [  # B, C, L, D, M (B=2 is degenerate for gradients: see test_batch_of_two)
+    (3, 3, 1, 4, 1),
+    (5, 17, 9, 16, 7),
+    (37, 3, 4, 5, 2),
+    (64, 32, 49, 16, 3),
+    (129, 11, 2, 7, 13),
+]
+SHAPES_TRITON = [(3, 3, 1, 4, 1), (5, 17, 3, 16, 7), (19, 5, 2, 4, 2)]
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="C++ extension not built")
+@pytest.mark.parametrize("shape", SHAPES_CPU)
+@pytest.mark.parametrize("batch_tile", [None, 1, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+def test_cpu_matches_reference_fp32(shape, batch_tile, layout):
+    W, F, E, T = make_inputs(*shape, layout=layout)
+    got = loss_and_grads("cpu", W, F, E, T, batch_tile=batch_tile)
+    check(got, expected(W, F, E, T), torch.float32, f"cpu {shape} tile={batch_tile} {layout}")
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="C++ extension not built")
+@pytest.mark.parametrize("shape", [(3, 3, 1, 4, 1), (33, 9, 5, 6, 4)])
+def test_cpu_matches_reference_fp64(shape):
+    W, F, E, T = make_inputs(*shape, dtype=torch.float64)
+    check(loss_and_grads("cpu", W, F, E, T, batch_tile=7), expected(W, F, E, T), torch.float64, f"cpu fp64 {shape}")
+
+
+@pytest.mark.skipif("triton" not in FAST, reason="triton cannot run here")
+@pytest.mark.parametrize("shape", SHAPES_TRITON)
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+def test_triton_matches_reference(shape, layout):
+    W, F, E, T = make_inputs(*shape, layout=layout)
+    got = loss_and_grads("triton", W, F, E, T, batch_tile=4)  # several tiles, including a partial one
+    check(got, expected(W, F, E, T), torch.float32, f"triton {shape} {layout}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(300, 64, 49, 32, 50), (4, 7, 3, 5, 2)])
+def test_triton_cuda_matches_reference(shape):
+    W, F, E, T = make_inputs(*shape, device="cuda")
+    check(loss_and_grads("triton", W, F, E, T), expected(W, F, E, T), torch.float32, f"triton cuda {shape}")
+
+
+@pytest.mark.parametrize("backend", runnable_backends(IMPLEMENTED))
+def test_zero_variance_columns_finite_and_match(backend):
+    # Exactly zero columns: every backend sees a = 0 (resp. b = 0) exactly, so cos = 0 there by the eps semantics.
+    W, F, E, T = make_inputs(6, 5, 3, 4, 2)
+    F[:, :, 0] = 0.0  # q[:, :, l=0] == 0
+    E[:, 1, :] = 0.0  # p[:, :, l=1] == 0
+    got = loss_and_grads(backend, W, F, E, T)
+    assert all(torch.isfinite(t).all() for t in got)
+    check(got, expected(W, F, E, T), torch.float32, f"{backend} zero columns")
+    # Constant, non-zero columns (rounding noise only): finite loss and gradients.
+    F[:, :, 1] = 0.5
+    E[:, 2, :] = E[0, 2, :]
+    got = loss_and_grads(backend, W, F, E, T)
+    assert all(torch.isfinite(t).all() for t in got), f"{backend}: non-finite result on constant columns"
+
+
+@pytest.mark.parametrize("backend", runnable_backends(IMPLEMENTED))
+def test_batch_of_two(backend):
+    # Two centred samples are ±a: every column's cosine is exactly ±1, so the loss is -mean(sign) and the true
+    # gradient is 0; what any backend returns is cancellation noise, which must stay tiny next to a real gradient.
+    W, F, E, T = make_inputs(2, 5, 3, 4, 2)
+    loss, dw, df = loss_and_grads(backend, W, F, E, T)
+    want = expected(W, F, E, T)
+    assert_close(loss, want[0], rtol=1e-6, atol=1e-6, what=f"{backend} B=2 loss")
+    assert abs(float(loss) * 6 - round(float(loss) * 6)) < 1e-5  # -mean of 6 signs
+    typical = expected(*make_inputs(3, 5, 3, 4, 2))
+    assert float(dw.abs().max()) < 1e-3 * float(typical[1].abs().max()), f"{backend}: dW not ~0 at B=2"
+    assert float(df.abs().max()) < 1e-3 * float(typical[2].abs().max()), f"{backend}: dF not ~0 at B=2"
+
+
+def test_reference_gradcheck():
+    W, F, E, T = make_inputs(3, 2, 2, 3, 2, dtype=torch.float64)
+    W.requires_grad_(True)
+    F.requires_grad_(True)
+    E.requires_grad_(True)
+    T.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *a: cubic_cosine_loss_reference(*a), (W, F, E, T))
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="C++ extension not built")
+def test_cpu_gradcheck():
+    W, F, E, T = make_inputs(4, 3, 2, 3, 2, dtype=torch.float64)
+    W.requires_grad_(True)
+    F.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda w, f: cubic_cosine_loss(w, f, E, T, backend="cpu", batch_tile=3), (W, F))
+
+
+def test_weight_only_and_features_only_gradients():
+    W, F, E, T = make_inputs(7, 4, 3, 5, 3)
+    for backend in runnable_backends(IMPLEMENTED):
+        Wg = W.clone().requires_grad_(True)
+        (dw,) = torch.autograd.grad(cubic_cosine_loss(Wg, F, E, T, backend=backend), Wg)
+        Fg = F.clone().requires_grad_(True)
+        (df,) = torch.autograd.grad(cubic_cosine_loss(W, Fg, E, T, backend=backend), Fg)
+        want = expected(W, F, E, T)
+        assert_close(dw, want[1], rtol=1e-5, atol=1e-5 * float(want[1].abs().max()), what=f"{backend} dW only")
+        assert_close(df, want[2], rtol=1e-5, atol=1e-5 * float(want[2].abs().max()), what=f"{backend} dF only")
+
+
+def test_cubic_cosine_similarity_definition():
+    g = torch.Generator().manual_seed(1)
+    q, p = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+    a, b = (q - q.mean(0)) ** 3, (p - p.mean(0)) ** 3
+    want = (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0))
+    assert_close(cubic_cosine_similarity(q, p), want, rtol=1e-12, atol=1e-12, what="cos3")
+    assert_close(cubic_cosine_similarity(q, q), torch.ones(5), rtol=1e-12, atol=1e-12, what="self")
+    with pytest.raises(ValueError, match="p must have the shape"):
+        cubic_cosine_similarity(q, p[:, :4])
+    with pytest.raises(ValueError, match="at least 2"):
+        cubic_cosine_similarity(q[:1], p[:1])
+    with pytest.raises(ValueError, match=r"\[B, K\]"):
+        cubic_cosine_similarity(q[0], p[0])
+
+
+@pytest.mark.parametrize("device", devices_under_test())
+def test_auto_backend_matches(device):
+    W, F, E, T = (t.to(device) for t in make_inputs(8, 6, 3, 5, 4))
+    got = cubic_cosine_loss(W, F, E, T)
+    want = cubic_cosine_loss_reference(*(t.double() for t in (W, F, E, T)))
+    assert_close(got, want, rtol=1e-5, atol=1e-5 * (float(want.abs()) + 1e-3), what=f"auto on {device}")
+
+
+def _bad(name):
+    W, F, E, T = make_inputs(4, 3, 2, 5, 2)
+    return {
+        "B=1": ((W, F[:1], E[:1], T), "at least 2"),
+        "weight dims": ((W[0], F, E, T), "weight must be"),
+        "features C": ((W, F[:, :2], E, T), "features must be"),
+        "prompt_emb B": ((W, F, E[:3], T), "prompt_emb must be"),
+        "prompt_emb L": ((W, F, E[:, :1], T), "prompt_emb must be"),
+        "text_emb D": ((W, F, E, T[:, :4]), "text_emb must be"),
+        "text_emb M": ((W, F, E, T[:1]), "text_emb must be"),
+        "dtype": ((W, F.double(), E, T), "features has dtype"),
+        "int": ((W, F, E, T.to(torch.int32)), "text_emb must be a floating"),
+    }[name]
+
+
+@pytest.mark.parametrize(
+    "case", ["B=1", "weight dims", "features C", "prompt_emb B", "prompt_emb L", "text_emb D", "text_emb M", "dtype",
+             "int"]
+)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_bad_inputs_raise_value_error(case, backend):
+    args, match = _bad(case)
+    with pytest.raises(ValueError, match=match):
+        cubic_cosine_loss(*args, backend=backend)
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="C++ extension not built")
+def test_fused_errors():
+    W, F, E, T = make_inputs(4, 3, 2, 5, 2)
+    with pytest.raises(ValueError, match="prompt_emb requires grad"):
+        cubic_cosine_loss(W, F, E.requires_grad_(True), T, backend="cpu")
+    E = E.detach()
+    with pytest.raises(ValueError, match="float32 or float64"):
+        cubic_cosine_loss(*(t.half() for t in (W, F, E, T)), backend="cpu")
+    with pytest.raises(ValueError, match="batch_tile"):
+        cubic_cosine_loss(W, F, E, T, backend="cpu", batch_tile=0)
+    with pytest.raises(ValueError, match="backend="):
+        cubic_cosine_loss(W, F, E, T, backend="fast")
+    with pytest.raises(BackendUnavailableError, match="no 'cuda' implementation"):
+        cubic_cosine_loss(W, F, E, T, backend="cuda")
