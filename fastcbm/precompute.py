@@ -219,6 +219,8 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
     if batch_size < 1 or max_encode_batch < 1:
         raise ValueError(f"batch_size and max_encode_batch must be >= 1, got {batch_size}, {max_encode_batch}")
     rank, world, owns_pg = _init_distributed(dev)
+    if dev.type == "cuda" and dev.index is None:  # one process per GPU under torchrun
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
     if isinstance(model, str):
         from fastcbm.models import load_clip

@@ -165,12 +165,12 @@ def _dfeatures_kernel(G, W, DF, TB, C, L, M, s_wm, s_wc, s_db, s_dc, s_dl,
 
 
 def _config(dtype: torch.dtype) -> tuple[tl.dtype, str]:
-    """Accumulator dtype and dot precision for an input dtype."""
+    """Accumulator dtype and dot precision for an input dtype (the driver admits float32 and float64 only)."""
     if dtype == torch.float64:
         return tl.float64, "ieee"
     if dtype == torch.float32:
         return tl.float32, "ieee"
-    return tl.float32, "tf32"  # fp16/bf16 inputs: the precision flag only applies to fp32 operands
+    raise ValueError(f"cubic-loss triton kernels take float32 or float64 tensors, got {dtype}")
 
 
 def _blocks(interpreted: bool) -> dict[str, int]:

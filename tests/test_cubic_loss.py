@@ -215,6 +215,9 @@ def test_fused_errors():
     E = E.detach()
     with pytest.raises(ValueError, match="float32 or float64"):
         cubic_cosine_loss(*(t.half() for t in (W, F, E, T)), backend="cpu")
+    if "triton" in FAST:
+        with pytest.raises(ValueError, match="float32 or float64"):
+            cubic_cosine_loss(*(t.bfloat16() for t in (W, F, E, T)), backend="triton")
     with pytest.raises(ValueError, match="batch_tile"):
         cubic_cosine_loss(W, F, E, T, backend="cpu", batch_tile=0)
     with pytest.raises(ValueError, match="backend="):

@@ -248,3 +248,26 @@ def test_gpu_backends_match_reference(backend, variant):
     assert_close(got, want, atol=1e-9, rtol=0, what=f"{backend} {variant}")
     assert_close(epg(maps.cuda(), masks.cuda(), backend=backend), epg(maps, masks, backend="reference"),
                  atol=1e-9, rtol=1e-9, what=f"{backend} epg")
+
+
+@pytest.mark.parametrize("variant", ["official", "paper"])
+@pytest.mark.parametrize("map_kind", ["random", "quantised", "zeros", "blocky", "outlier"])
+def test_cpu_bucketed_selection_large_maps(variant, map_kind):
+    """Maps above 4096 pixels take the C++ bucketed selection path (smaller ones go straight to nth_element)."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("C++ extension not built")
+    gen = torch.Generator().manual_seed(11)
+    size = (96, 97)
+    if map_kind == "outlier":  # one huge value squeezes everything else into one bucket at the first level
+        maps = torch.rand(2, *size, generator=gen)
+        maps[:, 0, 0] = 1e30
+        maps[1, 5, 5] = -1e30
+    else:
+        maps = make_maps(map_kind, 2, size, gen)
+    maps[:, 3, :7] = -0.0  # -0.0 ties with +0.0
+    maps[:, 4, :7] = 0.0
+    masks = make_masks("random", 2, size, gen)
+    fn = naive_official_nra if variant == "official" else loop_paper_nra
+    got = nra(maps, masks, variant=variant, backend="cpu")
+    assert_close(got, oracle(fn, maps, masks), atol=1e-9, rtol=0, what=f"cpu {variant} {map_kind}")
+    assert_close(got, nra(maps, masks, variant=variant, backend="reference"), atol=1e-12, rtol=0, what="vs reference")

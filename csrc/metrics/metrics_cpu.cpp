@@ -45,7 +45,8 @@ int64_t build_keys(const float* x, const bool* mask, uint32_t n, std::vector<uin
 }
 
 // Multi-rank selection: afterwards, for every p in [b_lo, b_hi), keys[0:p] holds exactly the p smallest keys
-// (element p is in its sorted place, everything before it is smaller). Recursing on the middle rank keeps the total
+// (here element p is also in its sorted place, but callers rely only on the prefix property that bucket_select
+// shares). Recursing on the middle rank keeps the total
 // work O(n log #ranks) instead of O(n * #ranks) for successive nth_element calls.
 void multi_select(uint64_t* keys, int64_t lo, int64_t hi, const int64_t* b_lo, const int64_t* b_hi) {
   while (b_lo < b_hi && *b_lo <= lo) ++b_lo;      // a prefix ending at lo is already fixed
@@ -58,8 +59,54 @@ void multi_select(uint64_t* keys, int64_t lo, int64_t hi, const int64_t* b_lo, c
   multi_select(keys, p + 1, hi, mid + 1, b_hi);
 }
 
+// Bucketed multi-rank selection with the prefix post-condition of multi_select (keys[0:p] = the p smallest). One counting-sort pass by the top
+// 12 significant bits of (key - min) puts the keys in bucket order (buckets are ranges of keys, so bucket order is
+// key order); only buckets that contain a needed rank are refined, recursively, ending in multi_select. On spread
+// data each bucket holds ~n/4096 keys, so this costs ~3 linear passes instead of log2(#ranks) nth_element passes.
+// Skewed data (a few distinct values) is split further at the next level (the index bits spread ties); the depth
+// limit bounds adversarial cases at multi_select's cost.
+void bucket_select(uint64_t* keys, uint64_t* scratch, int64_t lo, int64_t hi, const int64_t* b_lo,
+                   const int64_t* b_hi, int depth = 0) {
+  constexpr int kBits = 12;
+  while (b_lo < b_hi && *b_lo <= lo) ++b_lo;
+  while (b_lo < b_hi && *(b_hi - 1) >= hi) --b_hi;
+  if (b_lo >= b_hi) return;
+  if (hi - lo <= 4096 || b_hi - b_lo <= 2 || depth >= 4) {
+    multi_select(keys, lo, hi, b_lo, b_hi);
+    return;
+  }
+  uint64_t kmin = keys[lo], kmax = keys[lo];
+  for (int64_t i = lo + 1; i < hi; ++i) {
+    kmin = std::min(kmin, keys[i]);
+    kmax = std::max(kmax, keys[i]);
+  }
+  const uint64_t range = kmax - kmin;  // > 0: keys are unique
+  int bitlen = 0;
+  while (bitlen < 64 && (range >> bitlen) != 0) ++bitlen;
+  const int shift = bitlen > kBits ? bitlen - kBits : 0;
+  const int64_t nb = int64_t(range >> shift) + 1;
+  std::vector<int64_t> start(nb + 1, 0);
+  for (int64_t i = lo; i < hi; ++i) ++start[((keys[i] - kmin) >> shift) + 1];
+  for (int64_t b = 0; b < nb; ++b) start[b + 1] += start[b];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t i = lo; i < hi; ++i) scratch[lo + fill[(keys[i] - kmin) >> shift]++] = keys[i];
+  }
+  std::copy(scratch + lo, scratch + hi, keys + lo);
+  // refine every bucket holding a rank strictly inside it (a rank at a bucket edge is already exact)
+  const int64_t* b = b_lo;
+  while (b < b_hi) {
+    const int64_t bucket = int64_t(std::upper_bound(start.begin(), start.end(), *b - lo) - start.begin()) - 1;
+    const int64_t s0 = lo + start[bucket], s1 = lo + start[bucket + 1];
+    const int64_t* e = b;
+    while (e < b_hi && *e < s1) ++e;
+    bucket_select(keys, scratch, s0, s1, b, e, depth + 1);
+    b = e;
+  }
+}
+
 double nra_official_one(const float* x, const bool* mask, uint32_t n, std::vector<uint64_t>& keys,
-                        std::vector<int64_t>& ranks) {
+                        std::vector<uint64_t>& scratch, std::vector<int64_t>& ranks) {
   const int64_t m = build_keys(x, mask, n, keys);
   if (m == 0) return 0.0;
   const int64_t step = n / 100;
@@ -67,7 +114,8 @@ double nra_official_one(const float* x, const bool* mask, uint32_t n, std::vecto
   ranks.clear();
   ranks.push_back(step);
   for (int64_t p = step + 1; p < n; p += step) ranks.push_back(p);
-  multi_select(keys.data(), 0, n, ranks.data(), ranks.data() + ranks.size());
+  scratch.resize(n);
+  bucket_select(keys.data(), scratch.data(), 0, n, ranks.data(), ranks.data() + ranks.size());
   std::sort(keys.begin(), keys.begin() + step);
 
   const double md = static_cast<double>(m);
@@ -89,16 +137,20 @@ double nra_official_one(const float* x, const bool* mask, uint32_t n, std::vecto
 }
 
 double nra_paper_one(const float* x, const bool* mask, uint32_t n, std::vector<uint64_t>& keys,
-                     std::vector<int64_t>& ranks) {
+                     std::vector<uint64_t>& scratch, std::vector<int64_t>& ranks) {
   const int64_t m = build_keys(x, mask, n, keys);
   if (m == 0) return 0.0;
   int64_t kp[100];
   ranks.clear();
   for (int p = 0; p < 100; ++p) {
     kp[p] = ((p + 1) * int64_t(n) + 99) / 100;  // 1-based rank ceil(p% * n)
-    if (ranks.empty() || ranks.back() != kp[p] - 1) ranks.push_back(kp[p] - 1);
+    // prefixes k_p - 1 and k_p both exact <=> the key at position k_p - 1 is in its sorted place
+    for (int64_t r = kp[p] - 1; r <= kp[p]; ++r) {
+      if (ranks.empty() || ranks.back() < r) ranks.push_back(r);
+    }
   }
-  multi_select(keys.data(), 0, n, ranks.data(), ranks.data() + ranks.size());
+  scratch.resize(n);
+  bucket_select(keys.data(), scratch.data(), 0, n, ranks.data(), ranks.data() + ranks.size());
   uint32_t hi_thr[100];  // key_high at rank k_p: non-decreasing in p (value non-increasing)
   for (int p = 0; p < 100; ++p) hi_thr[p] = key_high(keys[kp[p] - 1]);
   // pixel q belongs to R_p iff its value >= T_p, i.e. key_high(q) <= hi_thr[p]: a suffix of p starting at p0(q).
@@ -139,11 +191,11 @@ py::array_t<double> per_map(const carray<float>& x, const carray<bool>& mask, Fn
     py::gil_scoped_release release;
 #pragma omp parallel
     {
-      std::vector<uint64_t> keys;  // per-thread scratch, reused across maps
+      std::vector<uint64_t> keys, scratch;  // per-thread buffers, reused across maps
       std::vector<int64_t> ranks;
 #pragma omp for schedule(dynamic, 1)
       for (py::ssize_t b = 0; b < in.n_maps; ++b) {
-        o[b] = fn(in.x + b * in.n, in.mask + b * in.n, uint32_t(in.n), keys, ranks);
+        o[b] = fn(in.x + b * in.n, in.mask + b * in.n, uint32_t(in.n), keys, scratch, ranks);
       }
     }
   }
@@ -161,7 +213,7 @@ py::array_t<double> nra_paper_cpu(const carray<float>& x, const carray<bool>& ma
 
 py::array_t<double> epg_cpu(const carray<float>& x, const carray<bool>& mask) {
   return per_map(x, mask, [](const float* xp, const bool* mp, uint32_t n, std::vector<uint64_t>&,
-                             std::vector<int64_t>&) {
+                             std::vector<uint64_t>&, std::vector<int64_t>&) {
     float mn = xp[0];
     for (uint32_t i = 1; i < n; ++i) mn = std::min(mn, xp[i]);
     const double dmn = mn;

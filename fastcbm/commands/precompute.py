@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 log = logging.getLogger("fastcbm.commands.precompute")
 
@@ -72,7 +73,7 @@ def run_precompute(args: argparse.Namespace) -> int:
                             num_workers=args.num_workers, loader=args.loader, max_encode_batch=args.max_encode_batch,
                             features=features, verify=args.verify, progress=not args.no_progress)
     except CacheDiskFullError as exc:
-        print(f"fastcbm precompute: error: {exc}")
+        print(f"fastcbm precompute: error: {exc}", file=sys.stderr)
         return 1
     m = reader.manifest
     print(f"cache {args.out}: {m['num_images']} images x {reader.num_prompts} prompts x {reader.dim} dims "

@@ -156,8 +156,8 @@ def train_bottleneck(
         opt.step()
         if step % config.eval_every == 0 or step == config.max_steps:
             v = val_loss()
-            history.append({"step": step, "train_loss": float(loss), "val_loss": v})
-            bar.set_postfix(train=f"{float(loss):.4f}", val=f"{v:.4f}")
+            history.append({"step": step, "train_loss": float(loss.detach()), "val_loss": v})
+            bar.set_postfix(train=f"{float(loss.detach()):.4f}", val=f"{v:.4f}")
             if v < best[0] - 1e-6:
                 best, stale = (v, step, weight.detach().clone()), 0
             else:

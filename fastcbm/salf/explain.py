@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastcbm.salf.model import SALFCBM, pool_maps
+from fastcbm.salf.model import SALFCBM
 
 
 def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -174,4 +174,4 @@ def decision_rules(model: SALFCBM, top: int | None = None) -> dict[str, list[tup
 
 
 __all__ = ["Explanation", "class_heatmap", "contributions", "decision_rules", "explain", "explain_region",
-           "intervene", "pool_maps", "upsample"]
+           "intervene", "upsample"]

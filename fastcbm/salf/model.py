@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcbm.features import FeatureHooks, as_feature_map, resize_to_grid
+from fastcbm.heads import LinearHead, pool_concept_maps
 
 FORMAT_VERSION = 1
 
@@ -46,16 +47,6 @@ class SALFConfig:
         return cls(**d)
 
 
-def pool_maps(maps: torch.Tensor, mode: str = "mean", temperature: float = 1.0) -> torch.Tensor:
-    """``[N, M, Gy, Gx]`` concept maps → ``[N, M]``. ``softmax``: Σ softmax(x/τ)·x over cells (authors' option)."""
-    flat = maps.flatten(2)
-    if mode == "mean":
-        return flat.mean(dim=2)
-    if mode == "softmax":
-        return (torch.softmax(flat / temperature, dim=2) * flat).sum(dim=2)
-    raise ValueError(f"pooling must be 'mean' or 'softmax', got {mode!r}")
-
-
 class SALFCBM(nn.Module):
     """A spatially-aware label-free concept bottleneck model.
 
@@ -63,26 +54,34 @@ class SALFCBM(nn.Module):
     ``concepts`` → standardised pooled activations ``[N, M]``, ``forward`` → logits ``[N, K]``.
     """
 
-    def __init__(self, backbone: nn.Module, kind: str, config: SALFConfig, weight: torch.Tensor,
-                 head_weight: torch.Tensor, head_bias: torch.Tensor, concept_mean: torch.Tensor,
-                 concept_std: torch.Tensor, num_prefix_tokens: int = 1):
+    def __init__(self, backbone: nn.Module, kind: str, config: SALFConfig, weight: torch.Tensor, head: LinearHead,
+                 num_prefix_tokens: int = 1):
         super().__init__()
         m = weight.shape[0]
         if len(config.concepts) != m:
             raise ValueError(f"{len(config.concepts)} concept names for a bottleneck with {m} concepts")
-        if head_weight.shape[1] != m or concept_mean.shape != (m,) or concept_std.shape != (m,):
-            raise ValueError("head/standardiser shapes do not match the bottleneck")
-        if config.class_names and len(config.class_names) != head_weight.shape[0]:
-            raise ValueError(f"{len(config.class_names)} class names for a head with {head_weight.shape[0]} classes")
+        if head.num_features != m:
+            raise ValueError(f"head takes {head.num_features} concepts, the bottleneck has {m}")
+        if config.class_names and len(config.class_names) != head.num_classes:
+            raise ValueError(f"{len(config.class_names)} class names for a head with {head.num_classes} classes")
         self.backbone = backbone.eval().requires_grad_(False)
         self.kind = kind
         self.config = config
         self.num_prefix_tokens = num_prefix_tokens
-        self.register_buffer("weight", weight.float().clone())
-        self.register_buffer("head_weight", head_weight.float().clone())
-        self.register_buffer("head_bias", head_bias.float().clone())
-        self.register_buffer("concept_mean", concept_mean.float().clone())
-        self.register_buffer("concept_std", concept_std.float().clone())
+        self.register_buffer("weight", weight.detach().float().clone())  # bottleneck W_c [M, C]
+        self.head = head.requires_grad_(False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    @property
+    def concept_mean(self) -> torch.Tensor:
+        return self.head.standardizer.mean
+
+    @property
+    def concept_std(self) -> torch.Tensor:
+        return self.head.standardizer.std
 
     # -- forward pieces -------------------------------------------------------------------------------------------
     @property
@@ -109,10 +108,11 @@ class SALFCBM(nn.Module):
 
     def concepts_from_maps(self, maps: torch.Tensor) -> torch.Tensor:
         """Standardised pooled concept activations ``c* [N, M]``."""
-        return self.standardize(pool_maps(maps, self.config.pooling, self.config.softmax_temperature))
+        return self.standardize(pool_concept_maps(maps, self.config.pooling, self.config.softmax_temperature))
 
     def classify(self, concepts: torch.Tensor) -> torch.Tensor:
-        return F.linear(concepts, self.head_weight, self.head_bias)
+        """Standardised concepts ``[N, M]`` → logits ``[N, K]``."""
+        return F.linear(concepts, self.head.weight, self.head.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classify(self.concepts_from_maps(self.concept_maps(images)))
@@ -159,5 +159,5 @@ class SALFCBM(nn.Module):
             backbone = load_backbone(config.backbone, pretrained=config.backbone_pretrained).model
         if meta.get("include_backbone"):
             backbone.load_state_dict({k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")})
-        return cls(backbone, meta["kind"], config, tensors["weight"], tensors["head_weight"], tensors["head_bias"],
-                   tensors["concept_mean"], tensors["concept_std"], meta.get("num_prefix_tokens", 1))
+        head = LinearHead.from_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
+        return cls(backbone, meta["kind"], config, tensors["weight"], head, meta.get("num_prefix_tokens", 1))
