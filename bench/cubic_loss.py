@@ -205,7 +205,8 @@ def main(argv=None) -> None:
     if args.search_16gb and args.device == "cuda":
         for backend in backends:
             lo, hi = 0, 1024
-            cfg = dict(M=M, L=args.cells, C=args.channels, D=args.dim, backend=backend, features_grad=args.features_grad)
+            cfg = dict(M=M, L=args.cells, C=args.channels, D=args.dim, backend=backend,
+                       features_grad=args.features_grad)
             while run_child(dict(cfg, B=hi), "fits").get("fits"):  # double until it does not fit
                 lo, hi = hi, hi * 2
             while hi - lo > max(64, lo // 50):  # then bisect to ~2 %

@@ -26,7 +26,7 @@ def _qp_tile(W, F, E, T, offs_b, mask_b, l, offs_m, mask_m, C, D,
              s_wm, s_wc, s_fb, s_fc, s_fl, s_eb, s_el, s_ed, s_tm, s_td,
              BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
              ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """q[b, m] = Σ_c F[b, c, l]·W[m, c] and p[b, m] = Σ_d E[b, l, d]·T[m, d] for one (batch tile, cell, concept block)."""
+    """q[b, m] = Σ_c F[b, c, l]·W[m, c], p[b, m] = Σ_d E[b, l, d]·T[m, d] for one (batch tile, cell, concept block)."""
     q = tl.zeros((BLOCK_B, BLOCK_M), dtype=ACC)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)

@@ -271,3 +271,15 @@ def test_cpu_bucketed_selection_large_maps(variant, map_kind):
     got = nra(maps, masks, variant=variant, backend="cpu")
     assert_close(got, oracle(fn, maps, masks), atol=1e-9, rtol=0, what=f"cpu {variant} {map_kind}")
     assert_close(got, nra(maps, masks, variant=variant, backend="reference"), atol=1e-12, rtol=0, what="vs reference")
+
+
+def test_large_finite_values_are_not_rejected():
+    """A float32 sum that overflows must not be mistaken for inf in the input."""
+    maps = torch.full((1, 10, 10), 3e38)
+    maps[0, 0, 0] = 1.0
+    masks = torch.zeros(1, 10, 10, dtype=torch.bool)
+    masks[0, 0, 0] = True
+    for backend in BACKENDS:
+        assert float(epg(maps, masks, backend=backend)) == pytest.approx(0.0, abs=1e-12)
+        assert_close(nra(maps, masks, backend=backend), oracle(naive_official_nra, maps, masks), atol=1e-6, rtol=0,
+                     what=backend)

@@ -215,7 +215,7 @@ def test_disk_full_fails_clearly_and_resumes(reference, images, model, tmp_path,
     assert cache_bytes(tmp_path / "c") == cache_bytes(reference)
 
 
-@pytest.mark.parametrize("kind", ["gray", "cmyk", "rgba", "palette", "wide", "tall", "exact"])
+@pytest.mark.parametrize("kind", ["gray", "gray16", "cmyk", "rgba", "palette", "wide", "tall", "exact"])
 @pytest.mark.parametrize("size", [8, 31])
 def test_decode_converts_modes(tmp_path, kind, size):
     from PIL import Image
@@ -223,7 +223,8 @@ def test_decode_converts_modes(tmp_path, kind, size):
     rng = np.random.default_rng(1)
     shape = {"wide": (20, 53, 3), "tall": (61, 17, 3), "exact": (size, size, 3)}.get(kind, (40, 36, 3))
     px = rng.integers(0, 256, shape, dtype=np.uint8)
-    img = {"gray": lambda: Image.fromarray(px[..., 0]), "cmyk": lambda: Image.fromarray(px).convert("CMYK"),
+    img = {"gray": lambda: Image.fromarray(px[..., 0]),
+           "gray16": lambda: Image.fromarray(px[..., 0].astype(np.uint16) * 257), "cmyk": lambda: Image.fromarray(px).convert("CMYK"),
            "rgba": lambda: Image.fromarray(np.concatenate([px, px[..., :1]], -1), "RGBA"),
            "palette": lambda: Image.fromarray(px).convert("P", palette=Image.ADAPTIVE)}.get(
         kind, lambda: Image.fromarray(px))()
@@ -233,8 +234,9 @@ def test_decode_converts_modes(tmp_path, kind, size):
     assert out.shape == (3, size, size) and out.dtype == torch.uint8
     if kind == "exact":
         assert torch.equal(out, torch.from_numpy(px).permute(2, 0, 1))
-    if kind == "gray":
+    if kind in ("gray", "gray16"):
         assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+        assert int(out.max()) > 200  # 16-bit values were scaled to 8 bits, not clipped
 
 
 @pytest.mark.parametrize("bad,reason", [("tiny", "too small"), ("text", "not an image"), ("truncated", "corrupt"),

@@ -122,10 +122,10 @@ void register_cubic_loss_cpu(pybind11::module_& m) {
   const char* grad_doc =
       "cubic_loss_gradient(q [R, K], p [R, K], mu_q [K] f64, mu_p [K] f64, coefs [3, K] f64, out [R, K]): "
       "out = a^2 (alpha b^3 - beta a^3) - gbar; out may be q";
-  m.def("cubic_loss_accumulate", &accumulate<float>, acc_doc, py::arg("q").noconvert(), py::arg("p").noconvert(), py::arg("mu_q"),
-        py::arg("mu_p"), py::arg("sums").noconvert());
-  m.def("cubic_loss_accumulate", &accumulate<double>, acc_doc, py::arg("q").noconvert(), py::arg("p").noconvert(), py::arg("mu_q"),
-        py::arg("mu_p"), py::arg("sums").noconvert());
+  m.def("cubic_loss_accumulate", &accumulate<float>, acc_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
+        py::arg("mu_q"), py::arg("mu_p"), py::arg("sums").noconvert());
+  m.def("cubic_loss_accumulate", &accumulate<double>, acc_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
+        py::arg("mu_q"), py::arg("mu_p"), py::arg("sums").noconvert());
   m.def("cubic_loss_gradient", &gradient<float>, grad_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
         py::arg("mu_q"), py::arg("mu_p"), py::arg("coefs"), py::arg("out").noconvert());
   m.def("cubic_loss_gradient", &gradient<double>, grad_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),

@@ -124,7 +124,9 @@ def nra(maps: torch.Tensor, masks: torch.Tensor, variant: str = "official", back
         backend: ``"auto"`` (C++ for CPU tensors; CUDA, else Triton, for CUDA tensors), or an explicit name.
 
     Returns:
-        float64 ``[N]``: ``max(AUC - rand, 0) / (AUC_ideal - rand)``. Degenerate cases: an empty mask gives 0.0;
+        float64 ``[N]``: ``max(AUC - rand, 0) / (AUC_ideal - rand)``. The official ideal curve uses ``idx`` where the
+        IoU uses ``idx + 1`` (as in the authors' code), so a perfect map scores slightly above 1 (e.g. 1.0006 for a
+        36-pixel mask in 20x20); this is reproduced, not clamped. Degenerate cases: an empty mask gives 0.0;
         a non-positive denominator (e.g. a full mask) gives 0.0; an all-zero or constant map is NOT special-cased (it
         is ranked by the tie rule, i.e. from the last pixel backwards).
 
