@@ -119,7 +119,10 @@ def load_concepts(path: str | Path) -> ConceptSet:
     where = str(path)
     if not path.is_file():
         raise ValueError(f"concept list {where} does not exist or is not a file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark from Windows editors
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)

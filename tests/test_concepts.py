@@ -92,9 +92,14 @@ def test_load_errors(tmp_path, name, content, match):
     assert str(p) in str(info.value)
 
 
-def test_load_missing(tmp_path):
+def test_load_missing_binary_and_bom(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_concepts(tmp_path / "nope.txt")
+    (tmp_path / "bin.txt").write_bytes(b"fur\n\xff\xfe\x00oops\n")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_concepts(tmp_path / "bin.txt")
+    (tmp_path / "bom.txt").write_bytes("\ufefffur\nwhiskers\n".encode("utf-8"))
+    assert load_concepts(tmp_path / "bom.txt").names == ["fur", "whiskers"]
 
 
 # ---------------------------------------------------------------------------------------------------------- filtering

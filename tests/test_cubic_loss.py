@@ -77,6 +77,13 @@ def test_cpu_matches_reference_fp32(shape, batch_tile, layout):
 
 
 @pytest.mark.skipif("cpu" not in FAST, reason="C++ extension not built")
+def test_cpu_large_batch_fp32():
+    # B=4096 in fp32: fp64 centring and accumulation keep 1e-5 relative agreement with the exact (fp64) value.
+    W, F, E, T = make_inputs(4096, 16, 3, 8, 5, seed=3)
+    check(loss_and_grads("cpu", W, F, E, T), expected(W, F, E, T), torch.float32, "cpu B=4096")
+
+
+@pytest.mark.skipif("cpu" not in FAST, reason="C++ extension not built")
 def test_cpu_one_sample_tiles():
     W, F, E, T = make_inputs(11, 6, 5, 4, 3, layout="noncontiguous")
     check(loss_and_grads("cpu", W, F, E, T, batch_tile=1), expected(W, F, E, T), torch.float32, "cpu tile=1")

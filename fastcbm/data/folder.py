@@ -72,7 +72,7 @@ def _to_rgb(img):
         hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         from PIL import Image
 
-        img = Image.fromarray(np.clip(arr * (255.0 / hi), 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(np.clip(np.rint(arr * (255.0 / hi)), 0, 255).astype(np.uint8), mode="L")
     return img.convert("RGB")
 
 

@@ -6,7 +6,8 @@ b = p − mean_b p: cos_k = Σ a³b³ / ((√Σa⁶ + eps)(√Σb⁶ + eps)); lo
 
 How the fused op avoids [B, K] memory (K = M·L):
 
-* Means are linear: mean_b q = W·mean_b(F) and mean_b p = mean_b(E)·Tᵀ, both [L, M], computed first in fp64.
+* Means are linear: mean_b q = W·mean_b(F) and mean_b p = mean_b(E)·Tᵀ, both [L, M], computed first (the batch
+  sums in the input dtype with torch's cascade summation, the products and the centring in fp64).
 * Forward: one streaming pass over batch tiles computes q and p for the tile (GEMMs) and accumulates per column, in
   fp64, S_ab = Σa³b³, S_aa = Σa⁶, S_bb = Σb⁶, plus S_a2b3 = Σa²b³ and S_a5 = Σa⁵ for the backward pass.
 * Backward (flash-attention style, recomputing the tiles): with u = a³, v = b³, n_u = ‖u‖, D_u = n_u + eps (same for v)
@@ -15,13 +16,15 @@ How the fused op avoids [B, K] memory (K = M·L):
   Centring a = q − mean_b q has Jacobian I − 1/B, so ∂L/∂q_i = ∂L/∂a_i − ḡ with ḡ = mean_i ∂L/∂a_i =
   (α S_a2b3 − β S_a5)/B, known from the forward sums. Then dW += g_qᵀ·F and dF = W·g_q per tile.
 
-Extra memory: O(K) sums plus O(tile·K) tile buffers. Gradients flow to ``weight`` and ``features``; ``prompt_emb`` and
+Extra memory: O(K) sums plus O(tile·K) and O(tile·L·(C + D)) tile buffers (``batch_tile``). Gradients flow to ``weight`` and ``features``; ``prompt_emb`` and
 ``text_emb`` are targets (CLIP embeddings) and the fused backends refuse them when they require grad (use
 ``backend="reference"`` to differentiate through the targets).
 
-Backends: ``reference`` (materialises, autograd); ``cpu`` (torch GEMMs per batch tile — oneDNN/MKL — plus one C++/OpenMP
-kernel per tile for the fused elementwise accumulate/gradient step: measured faster than a hand-blocked C++ GEMM on
-every shape tried, see bench/cubic_loss.py); ``triton`` (fused q/p GEMM + accumulation kernels, kernels/cubic_loss.py).
+Backends: ``reference`` (materialises, autograd); ``cpu`` (torch GEMMs per batch tile plus one C++/OpenMP kernel per
+tile for the fused elementwise accumulate/gradient step — the GEMMs are ~80 % of the time and torch's MKL/oneDNN GEMM
+runs at ~170 GFLOP/s on the 2-core dev machine, which a simple blocked C++ GEMM would not approach, so no hand-written
+GEMM was built); ``triton`` (fused q/p GEMM + accumulation kernels, kernels/cubic_loss.py). No CUDA C++ kernel:
+Triton covers GPUs.
 """
 
 from __future__ import annotations
@@ -120,7 +123,7 @@ class _CpuTiles:
         M, D = W.shape[0], E.shape[2]
         self.L, self.M, self.C, self.D = L, M, C, D
         self.fr = torch.empty((tile * L, C), dtype=W.dtype)
-        self.er = torch.empty((tile * L, D), dtype=W.dtype)
+        self.er = None if E.is_contiguous() else torch.empty((tile * L, D), dtype=W.dtype)
         self.q = torch.empty((tile * L, M), dtype=W.dtype)
         self.p = torch.empty((tile * L, M), dtype=W.dtype)
 
@@ -129,8 +132,11 @@ class _CpuTiles:
         rows = tb * L
         fr = self.fr[:rows]
         fr.view(tb, L, self.C).copy_(self.F[b0:b1].transpose(1, 2))  # rows (b, l): one big GEMM instead of B small ones
-        er = self.er[:rows]
-        er.view(tb, L, self.D).copy_(self.E[b0:b1])
+        if self.E.is_contiguous():
+            er = self.E[b0:b1].reshape(rows, self.D)  # a view: already rows (b, l)
+        else:
+            er = self.er[:rows]
+            er.view(tb, L, self.D).copy_(self.E[b0:b1])
         q, p = self.q[:rows], self.p[:rows]
         torch.mm(fr, self.W.t(), out=q)
         torch.mm(er, self.T.t(), out=p)
