@@ -1,10 +1,11 @@
 """Benchmark: fused cubic-cosine loss vs the materialising reference, forward + backward.
 
-Each (size, backend) runs in its own subprocess so that memory is measured cleanly:
+Extra memory = peak memory of one forward+backward step beyond the inputs and the gradients it returns. Each
+(size, backend) runs in its own subprocess so that it is measured cleanly:
 - CPU: peak RSS delta. The child creates the inputs, runs one warm-up step, resets the kernel's RSS high-water mark
   (``/proc/self/clear_refs`` ← 5), reads VmRSS (inputs included), runs one forward+backward and reads VmHWM:
   extra = VmHWM − VmRSS. ``MALLOC_MMAP_THRESHOLD_=65536`` makes glibc return every large buffer to the OS on free, so
-  memory cached from the warm-up cannot hide a step's allocations. The weight gradient ([M, C]) is counted as extra.
+  memory cached from the warm-up cannot hide a step's allocations.
 - GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` minus the memory allocated before.
 Timing: warm-up, then ``--repeats`` timed forward+backward steps (synchronised on GPU); median and p10/p90.
 On GPU ``--search-16gb`` also finds the largest batch whose inputs + step fit in 16 GB, per backend.
@@ -87,7 +88,8 @@ def child(cfg: dict) -> dict:
         times.append(time.perf_counter() - t0)
         if i == 0:
             extra = torch.cuda.max_memory_allocated() - base if cuda else (_rss_kib("VmHWM") - base) * 1024
-    return {"times": times, "extra_bytes": extra}
+    grads = W.numel() * W.element_size() + (F.numel() * F.element_size() if cfg["features_grad"] else 0)
+    return {"times": times, "extra_bytes": extra, "grad_bytes": grads}
 
 
 def fits_16gb(cfg: dict) -> bool:
@@ -178,7 +180,7 @@ def main(argv=None) -> None:
     print(f"# {hw}; torch {torch.__version__}; fastcbm {fastcbm.__version__}; L={args.cells} C={args.channels} "
           f"D={args.dim} M={M}; features_grad={args.features_grad}; forward+backward")
     print(f"{'B':>6} {'backend':>10} {'median s':>9} {'p10 s':>8} {'p90 s':>8} {'samples/s':>10} "
-          f"{'extra MiB':>10} {'speedup':>8} {'mem ratio':>9}")
+          f"{'extra MiB':>10} {'speedup':>8} {'mem ratio':>9}  (extra: peak memory beyond inputs and gradients)")
     for B in batches:
         base = None
         for backend in backends:
@@ -189,7 +191,7 @@ def main(argv=None) -> None:
                 print(f"{B:>6} {backend:>10}  failed: {res['error']}")
                 continue
             med, p10, p90 = quantiles(res["times"])
-            extra = res["extra_bytes"]
+            extra = res["extra_bytes"] - res["grad_bytes"]  # beyond inputs and outputs (the gradients)
             if backend == "reference":
                 base = (med, extra)
             speedup = base[0] / med if base else float("nan")
@@ -200,7 +202,8 @@ def main(argv=None) -> None:
                              device=args.device, backend=backend, B=B, M=M, L=args.cells, C=args.channels,
                              D=args.dim, features_grad=args.features_grad, repeats=repeats, median_s=f"{med:.4f}",
                              p10_s=f"{p10:.4f}", p90_s=f"{p90:.4f}", samples_per_s=f"{B / med:.1f}",
-                             peak_extra_mib=f"{extra / 2**20:.1f}", speedup_vs_reference=f"{speedup:.3f}",
+                             peak_extra_mib=f"{extra / 2**20:.1f}", grads_mib=f"{res['grad_bytes'] / 2**20:.1f}",
+                             speedup_vs_reference=f"{speedup:.3f}",
                              mem_ratio_vs_reference=f"{memratio:.2f}"))
     if args.search_16gb and args.device == "cuda":
         for backend in backends:
@@ -219,11 +222,18 @@ def main(argv=None) -> None:
     if rows and not args.no_csv:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         fields = list(rows[0].keys()) + ["note"]
-        new = not RESULTS.exists()
-        with open(RESULTS, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, restval="")
-            if new:
+        old_rows, old_fields = [], []
+        if RESULTS.exists():
+            with open(RESULTS, newline="") as f:
+                reader = csv.DictReader(f)
+                old_fields, old_rows = list(reader.fieldnames or []), list(reader)
+        union = old_fields + [k for k in fields if k not in old_fields]
+        mode = "a" if old_fields and union == old_fields else "w"  # a new column: rewrite with the union header
+        with open(RESULTS, mode, newline="") as f:
+            w = csv.DictWriter(f, fieldnames=union, restval="")
+            if mode == "w":
                 w.writeheader()
+                w.writerows(old_rows)
             w.writerows(rows)
         print(f"appended {len(rows)} rows to {RESULTS}")
 

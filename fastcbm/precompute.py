@@ -142,8 +142,10 @@ class _Encoder:
         batch to validate the prompt settings."""
         img = torch.zeros((1, 3, size, size), dtype=torch.uint8, device=self.device)
         g = self.render_rings(img, out_dtype=torch.float32, include_plain=False, **self.ring_kw).shape[1]
-        with torch.inference_mode():
-            d = self.model.encode_image(torch.zeros((1, 3, size, size), device=self.device)).shape[-1]
+        d = getattr(getattr(self.model, "visual", None), "output_dim", None)  # open_clip towers say it
+        if not isinstance(d, int):  # anything else: one forward pass (a first call can cost ~1 s on CPU)
+            with torch.inference_mode():
+                d = self.model.encode_image(torch.zeros((1, 3, size, size), device=self.device)).shape[-1]
         out = {PROMPT: ArraySpec("float16", (g, d)), PROMPT_NORM: ArraySpec("float32", (g,)),
                GLOBAL: ArraySpec("float16", (d,)), GLOBAL_NORM: ArraySpec("float32", ())}
         if self.features is not None:
@@ -218,6 +220,9 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
     max_encode_batch = max_encode_batch or (1024 if dev.type == "cuda" else 256)
     if batch_size < 1 or max_encode_batch < 1:
         raise ValueError(f"batch_size and max_encode_batch must be >= 1, got {batch_size}, {max_encode_batch}")
+    from fastcbm.data.loaders import resolve_loader
+
+    loader = resolve_loader(loader, dev)  # fail before any work
     rank, world, owns_pg = _init_distributed(dev)
     if dev.type == "cuda" and dev.index is None:  # one process per GPU under torchrun
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -312,12 +317,7 @@ def _run_shards(cache: ShardedCache, files: list[str], shards: list[int], encode
     encoder.stats = stats  # type: ignore[attr-defined]
     if not plan:
         return
-    if loader == "torch" or (loader == "auto" and device.type != "cuda"):
-        from fastcbm.data.loaders import torch_loader
-
-        batches = torch_loader(files, size, plan, num_workers=num_workers, draft=draft)
-    else:
-        batches = make_loader(files, size, plan, loader=loader, device=device, num_workers=num_workers)
+    batches = make_loader(files, size, plan, loader=loader, device=device, num_workers=num_workers, draft=draft)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -327,6 +327,22 @@ def _run_shards(cache: ShardedCache, files: list[str], shards: list[int], encode
     acc: dict[str, list[np.ndarray]] = {}
     skipped: list[dict] = []
     done_in_shard = 0
+    # shards are hashed and written by one background thread while the next shard computes; waiting for the
+    # previous write before queueing the next bounds memory to one shard and surfaces write errors (ENOSPC) promptly
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastcbm-shard-writer")
+    writing = None
+
+    def wait_write() -> None:
+        nonlocal writing
+        if writing is not None:
+            t0 = time.perf_counter()
+            w, writing = writing, None
+            w.result()
+            stats["write"] += time.perf_counter() - t0
+            stats["shards"] += 1
+
     t_start = time.perf_counter()
     t_wait = t_start
     try:
@@ -350,9 +366,9 @@ def _run_shards(cache: ShardedCache, files: list[str], shards: list[int], encode
                 arrays = {name: (np.concatenate(acc[name]) if acc.get(name) else
                                  np.zeros((0, *spec.row_shape), dtype=spec.dtype))
                           for name, spec in cache.arrays.items()}
-                cache.write_shard(k, arrays, skipped)
                 stats["write"] += time.perf_counter() - t0
-                stats["shards"] += 1
+                wait_write()
+                writing = pool.submit(cache.write_shard, k, arrays, skipped)
                 acc, skipped, done_in_shard = {}, [], 0
             if bar is not None:
                 el = max(time.perf_counter() - t_start, 1e-9)
@@ -360,7 +376,12 @@ def _run_shards(cache: ShardedCache, files: list[str], shards: list[int], encode
                 bar.set_postfix_str(f"{stats['images'] / el:.1f} img/s, {stats['prompted'] / el:.0f} prompted/s, "
                                     f"{stats['skipped']} skipped", refresh=False)
             t_wait = time.perf_counter()
+        wait_write()
     finally:
+        try:
+            wait_write()  # an interrupted run still finishes (or cleans up) the shard being written
+        finally:
+            pool.shutdown(wait=True)
         if bar is not None:
             bar.close()
         stats["wall"] = time.perf_counter() - t_start

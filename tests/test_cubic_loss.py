@@ -142,6 +142,26 @@ def test_batch_of_two(backend):
     assert float(df.abs().max()) < 1e-3 * float(typical[2].abs().max()), f"{backend}: dF not ~0 at B=2"
 
 
+@pytest.mark.parametrize("backend", FAST)
+def test_large_eps_semantics(backend):
+    # eps comparable to the column norms: every backend must add it to ‖x‖ exactly as the reference does.
+    W, F, E, T = make_inputs(9, 4, 2, 5, 3)
+    got = loss_and_grads(backend, W, F, E, T, eps=0.05)
+    want = loss_and_grads("reference", *(t.double() for t in (W, F, E, T)), eps=0.05)
+    check(got, want, torch.float32, f"{backend} eps=0.05")
+
+
+def test_invariant_to_positive_affine_targets():
+    # Why no target standardisation option: a positive per-concept affine map of p leaves the loss unchanged.
+    W, F, E, T = make_inputs(10, 4, 3, 5, 3, dtype=torch.float64)
+    q = torch.einsum("mc,bcl->bml", W, F)
+    p = torch.einsum("bld,md->bml", E, T)
+    scale = torch.rand(1, 3, 1, dtype=torch.float64) + 0.5
+    a = cubic_cosine_similarity(q.reshape(10, -1), p.reshape(10, -1))
+    b = cubic_cosine_similarity(q.reshape(10, -1), (scale * p + 3.0).reshape(10, -1))
+    assert_close(a, b, rtol=1e-9, atol=1e-12, what="affine invariance")
+
+
 def test_reference_gradcheck():
     W, F, E, T = make_inputs(3, 2, 2, 3, 2, dtype=torch.float64)
     W.requires_grad_(True)

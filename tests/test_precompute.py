@@ -303,6 +303,9 @@ def test_bad_arguments(images, model, tmp_path):
         precompute(images, model, tmp_path / "c", **{**RUN, "dtype": "int8"})
     with pytest.raises(ValueError, match="loader"):
         precompute(images, model, tmp_path / "c", **RUN, loader="dali")
+    with pytest.raises(ValueError, match="loader"):
+        precompute(images, model, tmp_path / "c", **RUN, loader="fast")
+    assert not (tmp_path / "c").exists()  # refused before anything was written
     with pytest.raises(ValueError, match="radius"):
         precompute(images, model, tmp_path / "c", **{**RUN, "radius": 20.0})
 

@@ -32,6 +32,9 @@ class ImageBatch:
     images: torch.Tensor
     skipped: list[tuple[int, str]] = field(default_factory=list)
 
+    def pin_memory(self) -> "ImageBatch":  # called by DataLoader(pin_memory=True): faster, async host→GPU copies
+        return ImageBatch(self.indices, self.ok, self.images.pin_memory(), self.skipped)
+
 
 def _collate(size: int):
     def collate(items) -> ImageBatch:
@@ -126,16 +129,23 @@ def dali_loader(files: Sequence[str], size: int, batches: Sequence[Sequence[int]
         yield ImageBatch(list(batch), good, images, sorted(bad.items()))
 
 
-def make_loader(files: Sequence[str], size: int, batches: Sequence[Sequence[int]], *, loader: str = "auto",
-                device: torch.device | str = "cpu", num_workers: int = 4) -> Iterable[ImageBatch]:
-    """Pick the loader: ``"dali"`` (needs nvidia.dali and a CUDA device), ``"torch"``, or ``"auto"`` (DALI when both
-    are there, else torch)."""
+def resolve_loader(loader: str, device: torch.device | str) -> str:
+    """``"dali"`` (needs nvidia.dali and a CUDA device) or ``"torch"``; ``"auto"``: DALI when both are there."""
     if loader not in LOADERS:
         raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
     device = torch.device(device)
     if loader == "dali" and (not dali_available() or device.type != "cuda"):
         raise ValueError("loader='dali' needs nvidia.dali installed (pip install nvidia-dali-cuda130) and a CUDA "
                          f"device; got device={device}, DALI {'installed' if dali_available() else 'not installed'}")
-    if loader == "dali" or (loader == "auto" and device.type == "cuda" and dali_available()):
+    if loader == "auto":
+        return "dali" if device.type == "cuda" and dali_available() else "torch"
+    return loader
+
+
+def make_loader(files: Sequence[str], size: int, batches: Sequence[Sequence[int]], *, loader: str = "auto",
+                device: torch.device | str = "cpu", num_workers: int = 4, draft: bool = False) -> Iterable[ImageBatch]:
+    """The loader chosen by :func:`resolve_loader`, yielding one :class:`ImageBatch` per entry of ``batches``."""
+    device = torch.device(device)
+    if resolve_loader(loader, device) == "dali":
         return dali_loader(files, size, batches, device_id=device.index or 0)
-    return torch_loader(files, size, batches, num_workers=num_workers, pin_memory=device.type == "cuda")
+    return torch_loader(files, size, batches, num_workers=num_workers, pin_memory=device.type == "cuda", draft=draft)

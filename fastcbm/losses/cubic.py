@@ -16,6 +16,10 @@ How the fused op avoids [B, K] memory (K = M·L):
   Centring a = q − mean_b q has Jacobian I − 1/B, so ∂L/∂q_i = ∂L/∂a_i − ḡ with ḡ = mean_i ∂L/∂a_i =
   (α S_a2b3 − β S_a5)/B, known from the forward sums. Then dW += g_qᵀ·F and dF = W·g_q per tile.
 
+Scaled or standardised targets need no support: centring removes any per-column shift and the normalisation any
+positive per-column scale (cubing keeps the sign), so the loss is invariant to per-concept affine maps of p with positive
+scale, per-batch standardisation included.
+
 Extra memory: O(K) sums plus O(tile·K) and O(tile·L·(C + D)) tile buffers (``batch_tile``). Gradients flow to ``weight`` and ``features``; ``prompt_emb`` and
 ``text_emb`` are targets (CLIP embeddings) and the fused backends refuse them when they require grad (use
 ``backend="reference"`` to differentiate through the targets).
