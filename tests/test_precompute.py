@@ -399,3 +399,15 @@ def test_cli_precompute_and_similarities(images, model, reference, tmp_path, mon
     assert "the cache was made with model 'tiny'" in capsys.readouterr().err
     assert main([a if a != "3" else "2" for a in argv]) == 2  # --grid 2 (and --batch-size 2)
     assert "settings.prompts.grid" in capsys.readouterr().err
+
+
+def test_cli_features_backbone(images, model, tmp_path, monkeypatch):
+    from fastcbm.cli import main
+
+    _fake_models(monkeypatch, model)
+    assert main(["precompute", "--data", str(images), "--model", "tiny", "--out", str(tmp_path / "c"), "--grid", "3",
+                 "--radius", "5", "--shard-size", "8", "--num-workers", "0", "--device", "cpu", "--no-progress",
+                 "--features", "resnet18", "--features-random-init"]) == 0
+    r = CacheReader(tmp_path / "c")
+    assert r.features().shape == (12, 512, 3, 3) and r.features().dtype == torch.float16
+    assert r.settings["features"] == "resnet18"
