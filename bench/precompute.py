@@ -115,13 +115,13 @@ def naive(files: list[str], model, size: int, mean, std, grid: int, radius: floa
     return t
 
 
-def fast(files: list[str], model, name: str, grid: int, out: Path, batch_size: int) -> dict:
+def fast(files: list[str], model, name: str, grid: int, out: Path, batch_size: int, max_encode_batch=None) -> dict:
     from fastcbm.precompute import precompute
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     r = precompute(files, model, out, model_name=name, grid=grid, batch_size=batch_size, shard_size=1024,
-                   num_workers=0, device="cpu", progress=False)
+                   num_workers=0, device="cpu", progress=False, max_encode_batch=max_encode_batch)
     wall = time.perf_counter() - t0
     s = dict(r.stats)
     s["setup"] = wall - s["wall"]
@@ -137,7 +137,8 @@ def quantiles(xs: list[float]) -> tuple[float, float, float]:
     return statistics.median(xs), q[0], q[-1]
 
 
-def run_case(kind: str, n_images: int, repeats: int, grid: int, batch_size: int, work: Path) -> list[dict]:
+def run_case(kind: str, n_images: int, repeats: int, grid: int, batch_size: int, work: Path,
+             meb: int | None) -> list[dict]:
     from fastcbm.precompute import encoder_input_config
     from fastcbm.prompts import default_ring_geometry
 
@@ -151,7 +152,7 @@ def run_case(kind: str, n_images: int, repeats: int, grid: int, batch_size: int,
     naive(files[:1], model, size, mean, std, grid, radius, width, work)
     runs: dict[str, list[dict]] = {"fastcbm": [], "naive": []}
     for _ in range(repeats):  # interleaved, so machine noise hits both alike
-        runs["fastcbm"].append(fast(files, model, name, grid, work / "cache", batch_size))
+        runs["fastcbm"].append(fast(files, model, name, grid, work / "cache", batch_size, meb))
         runs["naive"].append(naive(files, model, size, mean, std, grid, radius, width, work))
     rows = []
     base = statistics.median(prompted / r["wall"] for r in runs["naive"])
@@ -159,7 +160,7 @@ def run_case(kind: str, n_images: int, repeats: int, grid: int, batch_size: int,
         med, p10, p90 = quantiles([prompted / r["wall"] for r in rs])
         mid = sorted(rs, key=lambda r: r["wall"])[len(rs) // 2]
         non_enc = (mid["wall"] - mid["encode"]) / mid["wall"]
-        rows.append({"model": name, "image_size": size, "grid": grid, "images": n_images, "prompted": prompted,
+        rows.append({"model": name, "image_size": size, "grid": grid, "max_encode_batch": meb or "auto", "images": n_images, "prompted": prompted,
                      "repeats": repeats, "pipeline": pipe, "prompted_per_s": med, "p10": p10, "p90": p90,
                      "images_per_s": med / (1 + grid * grid), "speedup_vs_naive": med / base,
                      "wall_s": mid["wall"], "decode_s": mid["decode"], "render_s": mid["render"],
@@ -179,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--skip-vit", action="store_true", help="only the tiny model")
+    ap.add_argument("--max-encode-batch", default="same",
+                    help="fastcbm encoder batch: 'same' = 1+G like the naive pipeline (isolates the pipeline "
+                         "overhead; default), 'auto' = precompute's default, or a number")
     args = ap.parse_args(argv)
     tiny_n = args.tiny_images or (8 if args.quick else 24)
     vit_n = args.vit_images or (1 if args.quick else 3)
@@ -194,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
             "fastcbm": fastcbm.__version__}
     rows = []
+    meb = {"same": 1 + args.grid * args.grid, "auto": None}.get(args.max_encode_batch)
+    meb = meb if args.max_encode_batch in ("same", "auto") else int(args.max_encode_batch)
     with tempfile.TemporaryDirectory() as tmp:
         for kind, n, r in cases:
-            rows += run_case(kind, n, r, args.grid, args.batch_size, Path(tmp) / kind)
+            rows += run_case(kind, n, r, args.grid, args.batch_size, Path(tmp) / kind, meb)
     print(f"precompute on {hw} ({torch.get_num_threads()} threads), torch {torch.__version__}, grid {args.grid}")
     head = (f"{'model':<28} {'pipeline':<8} {'imgs':>4} {'prompted/s':>10} {'p10':>8} {'p90':>8} {'speedup':>7} "
             f"{'wall':>7} {'decode':>7} {'render':>7} {'encode':>7} {'write':>6} {'setup':>6} {'non-enc':>7}")

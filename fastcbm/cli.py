@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "fastcbm.commands.info",
     "fastcbm.commands.metrics",
     "fastcbm.commands.precompute",
+    "fastcbm.commands.testbed",
 )
 
 

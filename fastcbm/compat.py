@@ -72,3 +72,15 @@ def import_open_clip() -> ModuleType:
         return importlib.import_module("open_clip")
     except ImportError as exc:
         raise ImportError(f"open_clip is not installed ({exc}); pip install 'fastcbm[clip]'") from exc
+
+
+def import_timm() -> ModuleType:
+    """Import timm (which imports torchvision) through :func:`import_torchvision`."""
+    try:
+        import_torchvision()
+    except ImportError:
+        pass
+    try:
+        return importlib.import_module("timm")
+    except ImportError as exc:
+        raise ImportError(f"timm is not installed ({exc}); pip install 'fastcbm[clip]'") from exc

@@ -1,0 +1,92 @@
+"""String-keyed model factories shared by every method.
+
+- ``load_clip(name, pretrained=None) -> (model, preprocess, tokenizer)`` the way open_clip returns them;
+  ``"testbed"`` is the bundled tiny CLIP trained on the synthetic testbed, any other name goes to open_clip.
+- ``load_backbone(name, pretrained=None) -> Backbone``: ``"testbed"`` (tiny ResNet-like CNN, layer1..layer4) and
+  ``"testbed-vit"`` (tiny timm ViT) are bundled; torchvision names (``resnet18``, ``resnet50``, ...) and timm names
+  work too. ``pretrained=None`` gives random init; a pretrained request that cannot be fetched (offline) raises a
+  ``RuntimeError`` naming the weights.
+
+Register more with :func:`register_clip` / :func:`register_backbone`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Backbone:
+    """A classifier and what the explanation methods need to know about it.
+
+    ``model(x [N, 3, S, S]) -> logits [N, K]`` on inputs normalised with ``mean``/``std`` at ``input_size``;
+    ``feature_layers``: module names whose outputs are feature maps (CNN ``[N, C, h, w]``; ViT tokens
+    ``[N, P + h·w, C]`` with ``num_prefix_tokens`` = P), shallow to deep.
+    """
+
+    model: nn.Module
+    preprocess: Callable | None
+    kind: str  # "cnn" | "vit"
+    feature_layers: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_size: int
+    num_classes: int
+    class_names: list[str] = field(default_factory=list)
+    num_prefix_tokens: int = 1
+    name: str = ""
+
+
+_CLIP_LOADERS: dict[str, Callable] = {}
+_BACKBONE_LOADERS: dict[str, Callable] = {}
+
+
+def register_clip(name: str, loader: Callable) -> None:
+    """Register ``loader(pretrained) -> (model, preprocess, tokenizer)`` under ``name``."""
+    _CLIP_LOADERS[name] = loader
+
+
+def register_backbone(name: str, loader: Callable) -> None:
+    """Register ``loader(pretrained) -> Backbone`` under ``name``."""
+    _BACKBONE_LOADERS[name] = loader
+
+
+def load_clip(name: str = "testbed", pretrained: str | None = None, device: str = "cpu"):
+    """``(model, preprocess, tokenizer)`` for a CLIP model; ``model.encode_image`` / ``encode_text`` as open_clip."""
+    if name in _CLIP_LOADERS:
+        model, preprocess, tokenizer = _CLIP_LOADERS[name](pretrained)
+    else:
+        from fastcbm.models.external import load_open_clip
+
+        model, preprocess, tokenizer = load_open_clip(name, pretrained)
+    return model.to(device).eval(), preprocess, tokenizer
+
+
+def load_backbone(name: str = "testbed", pretrained: bool | str | None = None, device: str = "cpu") -> Backbone:
+    """A :class:`Backbone` by name (bundled testbed models, torchvision or timm names)."""
+    if name in _BACKBONE_LOADERS:
+        backbone = _BACKBONE_LOADERS[name](pretrained)
+    else:
+        from fastcbm.models.external import load_external_backbone
+
+        backbone = load_external_backbone(name, pretrained)
+    backbone.model = backbone.model.to(device).eval()
+    return backbone
+
+
+def available_models() -> dict[str, list[str]]:
+    return {"clip": sorted(_CLIP_LOADERS), "backbone": sorted(_BACKBONE_LOADERS)}
+
+
+from fastcbm.models import testbed as _testbed  # noqa: E402  (registers the bundled models)
+
+_testbed.register()
+
+__all__ = ["Backbone", "IMAGENET_MEAN", "IMAGENET_STD", "available_models", "load_backbone", "load_clip",
+           "register_backbone", "register_clip"]

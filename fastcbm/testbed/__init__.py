@@ -1,0 +1,1 @@
+"""Training and evaluation of the bundled testbed models (``fastcbm testbed ...``)."""
