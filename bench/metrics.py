@@ -26,52 +26,12 @@ import torch.nn.functional as F
 import fastcbm
 from fastcbm.backends import backend_problem
 from fastcbm.metrics import epg, nra
+from fastcbm.metrics.baselines import loop_paper_nra, naive_official_nra
 
 RESULTS = Path(__file__).resolve().parent / "results" / "metrics.csv"
 
 
-# ---- baselines (authors' style; deliberately NOT in the package) -------------------------------------------------
-def naive_official_nra(x: np.ndarray, mask: np.ndarray) -> float:
-    """The CE-FAM authors' per-pixel Python loop over np.argsort(x.ravel(), kind='stable')[::-1]."""
-    flat, gt = x.ravel(), mask.ravel()
-    order = np.argsort(flat, kind="stable")[::-1]
-    n, m = flat.size, int(gt.sum())
-    if m == 0:
-        return 0.0
-    step = n // 100
-    tp = 0
-    vea = upper = 0.0
-    for idx, p in enumerate(order):
-        tp += int(gt[p])
-        fp = idx + 1 - tp
-        if idx < step or idx % step == 0:
-            unit = n if idx < step else 100
-            vea += tp / (fp + m) / unit
-            upper += (idx / m if idx < m else m / idx) / unit
-    lower = m / n / 2
-    return 0.0 if upper - lower <= 0 else max(vea - lower, 0.0) / (upper - lower)
-
-
-def loop_paper_nra(x: np.ndarray, mask: np.ndarray) -> float:
-    """Paper-style evaluation: one numpy pass per top-p% threshold, p = 1..100."""
-    flat, gt = x.ravel(), mask.ravel()
-    n, m = flat.size, int(gt.sum())
-    if m == 0:
-        return 0.0
-    desc = np.sort(flat)[::-1]
-    ious, ideal = [0.0], [0.0]
-    for p in range(1, 101):
-        k = math.ceil(p * n / 100)
-        region = flat >= desc[k - 1]
-        inter = int((region & gt).sum())
-        ious.append(inter / int((region | gt).sum()))
-        ideal.append(min(k, m) / max(k, m))
-    auc = float(np.trapezoid(ious, dx=0.01))
-    auc_ideal = float(np.trapezoid(ideal, dx=0.01))
-    rand = m / n / 2
-    return 0.0 if auc_ideal - rand <= 0 else max(auc - rand, 0.0) / (auc_ideal - rand)
-
-
+# ---- baselines: the authors' per-pixel loop and a per-threshold loop (fastcbm.metrics.baselines) ----------
 # ---- timing ------------------------------------------------------------------------------------------------------
 def timed(fn, repeats: int, device: torch.device) -> list[float]:
     def sync():

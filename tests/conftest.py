@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from fastcbm.backends import backend_problem  # noqa: E402
+from fastcbm.utils import torch_threads  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -25,6 +26,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many small tensor ops: one torch thread (fast on a shared 2-core box, deterministic).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with torch_threads(1):
+        yield
 
 
 def devices_under_test() -> list[str]:

@@ -26,13 +26,7 @@ from fastcbm.heads import (
 from tests.conftest import assert_close, devices_under_test
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The solver runs thousands of tiny GEMMs; on a shared 2-core box OpenMP thread hand-offs dominate them.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=300, m=20, c=4, seed=0, offset=2.0):

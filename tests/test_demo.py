@@ -1,0 +1,55 @@
+"""`fastcbm demo` end to end on a small configuration, then `fastcbm explain` on its saved model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastcbm.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        code = main(["demo", "--out", str(out), "--n-train", "80", "--n-val", "40", "--n-test", "40", "--grid", "3",
+                     "--no-progress"])
+    assert code == 0
+    return out, buf.getvalue()
+
+
+def test_demo_prints_one_json_summary_line(demo_run):
+    out, stdout = demo_run
+    last = stdout.strip().splitlines()[-1]
+    summary = json.loads(last)
+    for key in ("salf_accuracy", "backbone_accuracy", "segmentation_salf", "segmentation_gradcam", "report"):
+        assert key in summary, key
+    assert 0.0 <= summary["salf_accuracy"] <= 1.0
+    assert set(summary["segmentation_salf"]) == {"pixel_accuracy", "miou", "map"}
+    assert (out / "report.html").stat().st_size > 10_000
+    assert json.loads((out / "summary.json").read_text())["salf_accuracy"] == summary["salf_accuracy"]
+
+
+def test_explain_command_on_the_demo_model(demo_run, capsys):
+    out, _ = demo_run
+    image = next((out / "data" / "test" / "images").rglob("*.png"))
+    assert main(["explain", "--model", str(out / "model"), str(image), "--top-k", "3", "--region", "10", "12",
+                 "--html", str(out / "one.html")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["top_concepts"]) == 3 and len(result["region"]) == 3
+    assert (out / "one.html").is_file()
+
+
+def test_demo_rejects_bad_sizes(capsys):
+    assert main(["demo", "--n-train", "3"]) == 2
+    assert "--n-train must be >= 10" in capsys.readouterr().err
+
+
+def test_explain_missing_image(tmp_path, capsys):
+    assert main(["explain", "--model", str(tmp_path), str(tmp_path / "nope.png")]) == 2
+    assert "not found" in capsys.readouterr().err
