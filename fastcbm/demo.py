@@ -87,11 +87,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     text_encoder = lambda texts: encode_texts(clip, tokenizer, texts, device=device)  # noqa: E731
     t0 = time.perf_counter()
     caches = {name: precompute(folders[name], clip, out / "cache" / name, model_name="testbed",
-                               preprocess=clip_preprocess, grid=cfg.grid, device=device, progress=cfg.progress)
+                               preprocess=clip_preprocess, grid=cfg.grid, device=device, num_workers=0,
+                               progress=cfg.progress)
               for name in splits}
     timings["precompute"] = time.perf_counter() - t0
     train_global = caches["train"].global_embeddings()
+    # Testbed classes are conjunctions of two concepts ("blue circle"), so every concept is close to some class name:
+    # the class-name stage of the label-free filter would remove exactly the concepts the rules use. The tiny text
+    # tower also packs its embeddings tightly, hence the higher concept-concept cut-off.
     kept, filter_report = filter_concepts(synthetic.concept_names(), class_names, text_encoder,
+                                          class_sim_cutoff=None, concept_sim_cutoff=0.98,
                                           image_embeddings=train_global)
     concepts = list(kept)
     text_emb = text_encoder(concepts)

@@ -24,8 +24,9 @@ def grad_cam(
     was_training = model.training
     model.eval()
     try:
+        # the input requires grad so the hooked activation has a graph even when the model's parameters are frozen
         with torch.enable_grad(), FeatureHooks(model, [layer]) as hooks:
-            logits = model(images)
+            logits = model(images.detach().requires_grad_(True))
             act = hooks.outputs[layer]
             act = act[0] if isinstance(act, (tuple, list)) else act
             if target is None:

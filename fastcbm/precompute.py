@@ -68,13 +68,9 @@ def timm_feature_fn(name: str, *, pretrained: bool = True, device: torch.device 
                     ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A backbone for ``precompute(features=...)``: the last feature map of timm model ``name`` on uint8 images
     ``[B, 3, S, S]`` (normalised with the model's own mean/std) → ``[B, C, h, w]``."""
-    from fastcbm.compat import import_torchvision
+    from fastcbm.compat import import_timm
 
-    try:
-        import_torchvision()  # before timm, which imports torchvision (CPU-torch shim)
-    except ImportError:
-        pass
-    import timm
+    timm = import_timm()
     net = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=(-1,)).eval().to(device)
     cfg = getattr(net, "pretrained_cfg", {}) or {}
     mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), device=device).view(1, 3, 1, 1)
@@ -190,7 +186,7 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
                pretrained: str | None = None, model_name: str | None = None, preprocess: Any = None,
                grid: int | tuple[int, int] = 7, radius: float | None = None, width: float = 2.0,
                centers: str = "inset", batch_size: int | None = None, shard_size: int = 4096,
-               device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", num_workers: int = 4,
+               device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", num_workers: int | None = None,
                loader: str = "auto", max_encode_batch: int | None = None,
                features: str | Callable[[torch.Tensor], torch.Tensor] | None = None, features_name: str | None = None,
                verify: str = "checksum", draft: bool = False, progress: bool = True) -> CacheReader:
@@ -209,6 +205,8 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
     """
     from fastcbm.data.folder import list_images
 
+    if num_workers is None:  # decoding workers: up to 4, never more than the machine's cores
+        num_workers = min(4, os.cpu_count() or 1)
     if verify not in ("checksum", "size"):
         raise ValueError(f"verify must be 'checksum' or 'size', got {verify!r}")
     if shard_size < 1:

@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="encoder precision (auto: bf16 autocast on GPU, fp32 on CPU)")
     p.add_argument("--loader", default="auto", choices=("auto", "torch", "dali"))
-    p.add_argument("--num-workers", type=int, default=4, help="decoding worker processes (torch loader)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="decoding worker processes (torch loader; default: min(4, cores))")
     p.add_argument("--features", default=None, metavar="BACKBONE",
                    help="also store the last feature map of this timm backbone, resized to the grid")
     p.add_argument("--features-random-init", action="store_true",

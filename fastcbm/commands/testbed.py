@@ -15,10 +15,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clip.add_argument("--steps", type=int, default=2500)
     clip.add_argument("--seed", type=int, default=0)
     clip.set_defaults(func=_train_clip)
-    for kind, steps in (("cnn", 1200), ("vit", 1200)):
+    for kind, steps, lr in (("cnn", 1200, 2e-3), ("vit", 2000, 1e-3)):
         q = sub.add_parser(f"train-{kind}", help=f"train the tiny {kind.upper()} classifier on the rule task")
         q.add_argument("--out", type=Path, required=True)
         q.add_argument("--steps", type=int, default=steps)
+        q.add_argument("--lr", type=float, default=lr)
         q.add_argument("--seed", type=int, default=0)
         q.set_defaults(func=_train_classifier, kind=kind)
     ev = sub.add_parser("eval", help="score the bundled models on fresh scenes (the model card's numbers)")
@@ -47,7 +48,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
     from fastcbm.testbed.train_classifier import train_classifier
 
     _positive("--steps", args.steps)
-    print(json.dumps(train_classifier(args.kind, args.out, steps=args.steps, seed=args.seed)))
+    print(json.dumps(train_classifier(args.kind, args.out, steps=args.steps, lr=args.lr, seed=args.seed)))
     return 0
 
 

@@ -23,7 +23,7 @@ WEIGHTS = {"clip": "testbed_clip.safetensors", "cnn": "testbed_cnn.safetensors",
 # ---- tokenizer -------------------------------------------------------------------------------------------------
 SPECIAL = ["<pad>", "<sot>", "<unk>"]
 WORDS = sorted(set(
-    "a photo of an object with and on in red circle background the something".split()
+    "a photo of an object with and on in red ring background the something".split()
     + list(S.SHAPES) + list(S.COLORS) + list(S.TEXTURES) + list(S.PARTS) + list(S.BACKGROUNDS)
 ))
 VOCAB = SPECIAL + WORDS + ["<eot>"]  # <eot> has the largest id: open_clip pools the text tower at argmax(token id)
@@ -55,15 +55,16 @@ class WordTokenizer:
 
 # ---- models ----------------------------------------------------------------------------------------------------
 def make_clip() -> nn.Module:
-    """The testbed CLIP architecture (an open_clip ``CLIP``: ViT-patch16 image tower, 2-layer text tower)."""
+    """The testbed CLIP architecture: an open_clip ``CLIP`` with a small ModifiedResNet image tower (the shapes and
+    textures are a few pixels wide: a convolutional tower resolves them at a fraction of a patch-8 ViT's cost) and a
+    2-layer text tower."""
     from fastcbm.compat import import_open_clip
 
     import_open_clip()
     from open_clip.model import CLIP
 
     model = CLIP(embed_dim=128,
-                 vision_cfg=dict(image_size=IMAGE_SIZE, patch_size=16, width=128, layers=4, head_width=32,
-                                 mlp_ratio=4.0),
+                 vision_cfg=dict(image_size=IMAGE_SIZE, layers=(1, 1, 1, 1), width=16),
                  text_cfg=dict(context_length=CONTEXT_LENGTH, vocab_size=len(VOCAB), width=96, heads=4, layers=2))
     # what open_clip stores for its own models; fastcbm.precompute reads it
     model.visual.preprocess_cfg = {"size": (IMAGE_SIZE, IMAGE_SIZE), "mean": MEAN, "std": STD,
@@ -106,13 +107,13 @@ class TinyResNet(nn.Module):
 
 
 def make_vit(num_classes: int = len(S.class_names())) -> nn.Module:
-    """A tiny timm VisionTransformer (patch 16 → 4×4 tokens + class token, 4 blocks)."""
+    """A tiny timm VisionTransformer (patch 8 → 8×8 tokens + class token, 4 blocks)."""
     from fastcbm.compat import import_timm
 
     timm = import_timm()
 
     return timm.models.vision_transformer.VisionTransformer(
-        img_size=IMAGE_SIZE, patch_size=16, embed_dim=96, depth=4, num_heads=3, num_classes=num_classes, mlp_ratio=3.0)
+        img_size=IMAGE_SIZE, patch_size=8, embed_dim=128, depth=4, num_heads=4, num_classes=num_classes, mlp_ratio=3.0)
 
 
 def normalize(images_uint8: torch.Tensor) -> torch.Tensor:

@@ -41,8 +41,8 @@ def evaluate_clip(model: nn.Module, n: int = 300, seed: int = EVAL_SEED) -> dict
         ringed, other = objs[j], objs[1 - j]
         centers.append(ringed.center)
         radii.append(ringed.radius + 3.0)
-        inside.append("a " + ringed.phrase() + " in a red circle")
-        outside.append("a " + other.phrase() + " in a red circle")
+        inside.append("a " + ringed.phrase() + " in a red ring")
+        outside.append("a " + other.phrase() + " in a red ring")
     images = S.draw_ring(pairs.images, torch.tensor(centers, dtype=torch.float32), torch.tensor(radii), 2.0)
     img = model.encode_image(T.normalize(images), normalize=True)
     t_in = model.encode_text(tokenizer(inside), normalize=True)

@@ -1,10 +1,12 @@
 """Contrastive training of the testbed CLIP on captioned synthetic scenes, with red-ring prompts.
 
 Each step draws 128 scenes from a fixed pool of training scenes (seeds 10,000+, far below the evaluation seeds) and
-captions them at random: 45 % get a red ring around one object and a caption naming only that object (sometimes just
-one concept word: "striped in a red circle"), 20 % a ring at a SALF grid position with the concept under its centre
-(or the background), the rest a plain caption of the scene or of its objects. The loss is CLIP's symmetric InfoNCE
-with identical captions counted as positives. Single-threaded and seeded: reruns give the same weights.
+captions them at random: 40 % get a red ring around one object and a caption naming only that object ("a blue
+striped square in a red ring", "striped in a red ring", or the bare concept word "striped"), 15 % a ring at a SALF grid
+position captioned with the object under its centre (or the background), 20 % an attribute caption in the zero-shot
+templates ("a photo of a {shape}", "a photo of a {colour} object", ...), the rest a caption of the whole scene. The loss
+is CLIP's symmetric InfoNCE with identical captions counted as positives. Single-threaded and seeded: reruns give the
+same weights. (The ring is called a "ring" in captions so that the shape word "circle" keeps one meaning.)
 """
 
 from __future__ import annotations
@@ -42,8 +44,17 @@ def _single_concept(obj: S.SceneObject, rng: random.Random) -> str:
 
 
 def _ringed_caption(obj: S.SceneObject, rng: random.Random) -> str:
-    text = _single_concept(obj, rng) if rng.random() < 0.35 else "a " + _phrase(obj, rng)
-    return text + " in a red circle"
+    u = rng.random()
+    if u < 0.15:
+        return _single_concept(obj, rng)  # bare concept words are what SALF-CBM compares ring prompts with
+    text = _single_concept(obj, rng) if u < 0.4 else "a " + _phrase(obj, rng)
+    return text + " in a red ring"
+
+
+def _attribute_caption(obj: S.SceneObject, rng: random.Random) -> str:
+    options = [f"a photo of a {obj.shape}", f"a photo of a {obj.color} object", f"a photo of a {obj.texture} object"]
+    options += [f"a photo of something with a {part}" for part in obj.parts]
+    return rng.choice(options)
 
 
 def make_batch(pool: list[S.SceneBatch], size: int, rng: random.Random) -> tuple[torch.Tensor, list[str]]:
@@ -57,13 +68,13 @@ def make_batch(pool: list[S.SceneBatch], size: int, rng: random.Random) -> tuple
     for i, k in enumerate(ids):
         objs, background = src.objects[k], src.backgrounds[k]
         u = rng.random()
-        if u < 0.45:  # ring around one object
+        if u < 0.40:  # ring around one object
             obj = objs[rng.randrange(len(objs))]
             ringed.append(i)
             centers.append(obj.center)
             radii.append(obj.radius + rng.uniform(1.5, 4.0))
             captions.append(_ringed_caption(obj, rng))
-        elif u < 0.65:  # ring at a SALF grid position
+        elif u < 0.55:  # ring at a SALF grid position
             g = rng.randrange(grid_centers.shape[0])
             cx, cy = grid_centers[g].tolist()
             ringed.append(i)
@@ -74,7 +85,9 @@ def make_batch(pool: list[S.SceneBatch], size: int, rng: random.Random) -> tuple
             for j, obj in enumerate(objs):
                 if masks[i, j, y, x]:
                     hit = obj
-            captions.append(f"{background} background in a red circle" if hit is None else _ringed_caption(hit, rng))
+            captions.append(f"{background} background in a red ring" if hit is None else _ringed_caption(hit, rng))
+        elif u < 0.75:  # zero-shot templates
+            captions.append(_attribute_caption(objs[rng.randrange(len(objs))], rng))
         elif rng.random() < 0.4 or len(objs) == 1:
             if rng.random() < 0.5 or len(objs) != 1:
                 captions.append(S.scene_caption(objs, background))
@@ -90,7 +103,7 @@ def make_batch(pool: list[S.SceneBatch], size: int, rng: random.Random) -> tuple
 
 
 def train_clip(out: str | Path, steps: int = 2500, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-               log_every: int = 25, progress: bool = True) -> dict:
+               log_every: int = 25, checkpoint_every: int = 250, progress: bool = True) -> dict:
     """Train the testbed CLIP; writes ``out/testbed_clip.safetensors`` and returns the evaluation scores."""
     from tqdm.auto import tqdm
 
@@ -124,6 +137,8 @@ def train_clip(out: str | Path, steps: int = 2500, batch_size: int = 128, lr: fl
             model.logit_scale.clamp_(0, math.log(100))
         if step % log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if checkpoint_every and step and step % checkpoint_every == 0:  # to watch a long run; overwritten at the end
+            T.save_weights(model, out / T.WEIGHTS["clip"])
     model.eval()
     T.save_weights(model, out / T.WEIGHTS["clip"])
     scores = evaluate_clip(T.load_weights(T.make_clip(), "clip", out / T.WEIGHTS["clip"]))  # as shipped (fp16)
