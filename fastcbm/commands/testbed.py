@@ -13,9 +13,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clip = sub.add_parser("train-clip", help="train the tiny CLIP (seeded; ~25 min on 2 CPU cores)")
     clip.add_argument("--out", type=Path, required=True, help="folder for testbed_clip.safetensors")
     clip.add_argument("--steps", type=int, default=2500)
+    clip.add_argument("--lr", type=float, default=2e-3)
     clip.add_argument("--seed", type=int, default=0)
+    clip.add_argument("--init", type=Path, help="continue from these weights (fine-tuning stage)")
     clip.set_defaults(func=_train_clip)
-    for kind, steps, lr in (("cnn", 1200, 2e-3), ("vit", 2000, 1e-3)):
+    for kind, steps, lr in (("cnn", 1200, 2e-3), ("vit", 1500, 1e-3)):
         q = sub.add_parser(f"train-{kind}", help=f"train the tiny {kind.upper()} classifier on the rule task")
         q.add_argument("--out", type=Path, required=True)
         q.add_argument("--steps", type=int, default=steps)
@@ -40,7 +42,9 @@ def _train_clip(args: argparse.Namespace) -> int:
     from fastcbm.testbed.train_clip import train_clip
 
     _positive("--steps", args.steps)
-    print(json.dumps(train_clip(args.out, steps=args.steps, seed=args.seed)))
+    if args.init is not None and not args.init.is_file():
+        raise FileNotFoundError(f"--init {args.init} not found")
+    print(json.dumps(train_clip(args.out, steps=args.steps, lr=args.lr, seed=args.seed, init=args.init)))
     return 0
 
 

@@ -67,17 +67,19 @@ def explain(model: SALFCBM, images: torch.Tensor, top_k: int = 5, target: torch.
 
 
 @torch.no_grad()
-def class_heatmap(model: SALFCBM, images: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-    """The spatial decomposition of the target logit: Σ_m W[y, m]/σ_m · map_m, upsampled → ``[N, H, W]``.
+def class_heatmap(model: SALFCBM, images: torch.Tensor, target: torch.Tensor | None = None,
+                  positive: bool = True) -> torch.Tensor:
+    """Where the evidence for a class is: Σ_m W[y, m]/σ_m · map_m, upsampled to the image → ``[N, H, W]``.
 
-    With mean pooling its spatial mean equals the logit minus a constant, so it shows where the evidence for the
-    class is (used for zero-shot segmentation)."""
+    With mean pooling its spatial mean is the target logit up to a constant (the logit's spatial decomposition).
+    ``positive`` keeps only positive evidence (ReLU), as Grad-CAM does; this is the map used for zero-shot
+    segmentation."""
     maps = model.concept_maps(images)
     if target is None:
         target = model.classify(model.concepts_from_maps(maps)).argmax(dim=1)
     w = model.head_weight[target] / model.concept_std  # [N, M]
-    heat = torch.einsum("nm,nmhw->nhw", w, maps)
-    return upsample(heat[:, None], images.shape[-2:])[:, 0]
+    heat = upsample(torch.einsum("nm,nmhw->nhw", w, maps)[:, None], images.shape[-2:])[:, 0]
+    return heat.clamp(min=0) if positive else heat
 
 
 def _region_mask(region, size: tuple[int, int], device) -> torch.Tensor:

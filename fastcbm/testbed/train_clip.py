@@ -103,8 +103,11 @@ def make_batch(pool: list[S.SceneBatch], size: int, rng: random.Random) -> tuple
 
 
 def train_clip(out: str | Path, steps: int = 2500, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-               log_every: int = 25, checkpoint_every: int = 250, progress: bool = True) -> dict:
-    """Train the testbed CLIP; writes ``out/testbed_clip.safetensors`` and returns the evaluation scores."""
+               init: str | Path | None = None, log_every: int = 25, checkpoint_every: int = 250,
+               progress: bool = True) -> dict:
+    """Train the testbed CLIP; writes ``out/testbed_clip.safetensors`` and returns the evaluation scores.
+
+    ``init``: continue from these weights (a second, fine-tuning stage; use a new ``seed`` so it sees new batches)."""
     from tqdm.auto import tqdm
 
     from fastcbm.testbed.evaluate import evaluate_clip
@@ -115,6 +118,8 @@ def train_clip(out: str | Path, steps: int = 2500, batch_size: int = 128, lr: fl
     pool = make_pool()
     torch.manual_seed(seed)
     model = T.make_clip()
+    if init is not None:
+        T.load_weights(model, "clip", init)
     model.train()
     opt = torch.optim.AdamW(list(model.parameters()), lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     rng = random.Random(seed)
