@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import math
 import platform
 import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

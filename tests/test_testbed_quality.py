@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from fastcbm.models import load_backbone, load_clip
 from fastcbm.testbed.evaluate import evaluate_classifier, evaluate_clip

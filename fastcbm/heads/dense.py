@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastcbm.heads.features import _check_features
-from fastcbm.heads.sparse import PathEntry, _accuracy, _check_labels, elastic_net_objective
+from fastcbm.heads.sparse import PathEntry, _accuracy, _check_labels, check_problem, elastic_net_objective
 
 
 def fit_dense_head(
@@ -35,13 +35,7 @@ def fit_dense_head(
     evaluations each (best for data that fits on the device). ``optimizer="adam"``: minibatch Adam for ``epochs``
     passes with cosine-decayed ``lr`` (default 1e-2). ``val`` = ``(X_val, y_val)`` adds validation accuracy.
     """
-    _check_features(X, "X")
-    n, m = X.shape
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    _check_labels(y, n, num_classes, "y")
-    if n < 1:
-        raise ValueError("X must have at least one row")
+    n, m = check_problem(X, y, num_classes)
     if not weight_decay >= 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if optimizer not in ("lbfgs", "adam"):

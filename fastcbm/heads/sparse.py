@@ -147,6 +147,18 @@ def _accuracy(X, y, W, b, chunk) -> float:
     return correct / X.shape[0]
 
 
+def check_problem(X: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[int, int]:
+    """Validate a classification problem (features ``X [N, M]``, labels ``y [N]``); returns ``(N, M)``."""
+    _check_features(X, "X")
+    n, m = X.shape
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    _check_labels(y, n, num_classes, "y")
+    if n < 1:
+        raise ValueError("X must have at least one row")
+    return n, m
+
+
 def _check_labels(y, n, num_classes, name):
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != n:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -198,13 +210,7 @@ def fit_elastic_net_path(
         :class:`PathResult` with, per λ, weight ``[C, M]``, bias ``[C]``, objective, train/val accuracy and
         non-zeros per class (all on the CPU).
     """
-    _check_features(X, "X")
-    n, m = X.shape
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    _check_labels(y, n, num_classes, "y")
-    if n < 1:
-        raise ValueError("X must have at least one row")
+    n, m = check_problem(X, y, num_classes)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
     if max_epochs < 1 or batch_size < 1 or not tol > 0:
