@@ -76,7 +76,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     splits = {name: synthetic.generate(n, _split_seed(cfg.seed, name))
               for name, n in (("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test))}
-    folders = {name: export_image_folder(batch, out / "data" / name) for name, batch in splits.items()}
+    # one folder per (split, size, seed): a rerun with other sizes must never mix in files of an earlier run
+    tags = {name: f"{name}-n{len(batch)}-seed{cfg.seed}" for name, batch in splits.items()}
+    folders = {name: export_image_folder(batch, out / "data" / tags[name]) for name, batch in splits.items()}
     timings["data"] = time.perf_counter() - t0
 
     # 2. models and concepts
@@ -86,7 +88,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     class_names = synthetic.class_names()
     text_encoder = lambda texts: encode_texts(clip, tokenizer, texts, device=device)  # noqa: E731
     t0 = time.perf_counter()
-    caches = {name: precompute(folders[name], clip, out / "cache" / name, model_name="testbed",
+    caches = {name: precompute(folders[name], clip, out / "cache" / f"{tags[name]}-grid{cfg.grid}", model_name="testbed",
                                preprocess=clip_preprocess, grid=cfg.grid, device=device, num_workers=0,
                                progress=cfg.progress)
               for name in splits}
@@ -167,5 +169,10 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _cache_order(cache, folder: Path) -> torch.Tensor:
-    """Row r of the cache holds the image exported as index order[r] (the export names files by index)."""
-    return torch.tensor([int(Path(f).stem.split("_")[-1]) for f in cache.files], dtype=torch.long)
+    """Row r of the cache holds the scene exported as index order[r] (the export names files by index)."""
+    from fastcbm.data.export import scene_index
+
+    order = torch.tensor([scene_index(f) for f in cache.files], dtype=torch.long)
+    if cache.skipped:
+        raise ValueError(f"{len(cache.skipped)} exported images in {folder} could not be read back")
+    return order

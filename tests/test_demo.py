@@ -45,13 +45,22 @@ def test_salf_quality_on_fresh_testbed_scenes(demo_run):
 
 def test_explain_command_on_the_demo_model(demo_run, capsys):
     out, _ = demo_run
-    image = next((out / "data" / "test" / "images").rglob("*.png"))
+    image = next(p for p in (out / "data").rglob("*.png") if p.parts[-4].startswith("test-"))
     assert main(["explain", "--model", str(out / "model"), str(image), "--top-k", "3", "--region", "10", "12",
                  "--html", str(out / "one.html")]) == 0
     result = json.loads(capsys.readouterr().out)
     kept = len(json.loads((out / "model" / "config.json").read_text())["config"]["concepts"])
     assert len(result["top_concepts"]) == min(3, kept) and len(result["region"]) == min(3, kept)
     assert (out / "one.html").is_file()
+
+
+def test_rerun_with_other_sizes_in_the_same_folder(demo_run, capsys):
+    """A second run with other sizes must not pick up the first run's exported images or cache."""
+    out, _ = demo_run
+    assert main(["demo", "--out", str(out), "--n-train", "40", "--n-val", "20", "--n-test", "20", "--grid", "3",
+                 "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["images"] == {"train": 40, "val": 20, "test": 20}
 
 
 def test_demo_rejects_bad_sizes(capsys):
