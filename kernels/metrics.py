@@ -15,6 +15,16 @@ import triton.language as tl
 _BLOCK = 1024
 
 
+@triton.jit
+def _normalized_area(auc, ideal, m, nf):
+    """NRA from the curve's area, the ideal curve's area and the mask size: max(AUC − rand, 0) / (ideal − rand), with
+    rand = (m / n) / 2; 0 for an empty mask or a non-positive denominator (the documented degenerate cases)."""
+    rand = m / nf / 2.0
+    den = ideal - rand
+    ok = (m > 0) & (den > 0)
+    return tl.where(ok, tl.maximum(auc - rand, 0.0) / tl.where(ok, den, 1.0), 0.0)
+
+
 @triton.jit(do_not_specialize=["n"])
 def _keys_kernel(x_ptr, keys_ptr, n, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -60,11 +70,7 @@ def _official_kernel(bits_ptr, out_ptr, n, step, BLOCK: tl.constexpr):
         upp += upper * w
     auc = tl.sum(vea, axis=0)
     ideal = tl.sum(upp, axis=0)
-    rand = m / nf / 2.0
-    den = ideal - rand
-    ok = (m > 0) & (den > 0)
-    res = tl.where(ok, tl.maximum(auc - rand, 0.0) / tl.where(ok, den, 1.0), 0.0)
-    tl.store(out_ptr + row, res)
+    tl.store(out_ptr + row, _normalized_area(auc, ideal, m, nf))
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -98,11 +104,7 @@ def _paper_kernel(x_ptr, mask_ptr, thr_ptr, out_ptr, n, BLOCK: tl.constexpr, PB:
     # trapezoid with IoU_0 = 0 over 100 equal steps: (Σ_p IoU_p - IoU_100 / 2) / 100
     auc = (tl.sum(iou, axis=0) - 0.5 * tl.sum(tl.where(last, iou, 0.0), axis=0)) / 100.0
     ideal = (tl.sum(ideal_iou, axis=0) - 0.5 * tl.sum(tl.where(last, ideal_iou, 0.0), axis=0)) / 100.0
-    rand = m / nf / 2.0
-    den = ideal - rand
-    ok = (m > 0) & (den > 0)
-    res = tl.where(ok, tl.maximum(auc - rand, 0.0) / tl.where(ok, den, 1.0), 0.0)
-    tl.store(out_ptr + row, res)
+    tl.store(out_ptr + row, _normalized_area(auc, ideal, m, nf))
 
 
 @triton.jit(do_not_specialize=["n"])

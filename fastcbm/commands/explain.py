@@ -31,10 +31,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     if not args.image.is_file():
         raise FileNotFoundError(f"image {args.image} not found")
-    model = SALFCBM.load(args.model)
     from fastcbm.models import load_backbone
+    from fastcbm.salf.model import read_config
 
-    backbone = load_backbone(model.config.backbone, pretrained=model.config.backbone_pretrained)
+    config = read_config(args.model)  # the backbone is built once, here, and handed to the model
+    backbone = load_backbone(config.backbone, pretrained=config.backbone_pretrained)
+    model = SALFCBM.load(args.model, backbone=backbone.model)
     try:
         image = decode_image(args.image, int(backbone.input_size))
     except BadImageError as exc:

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fastcbm.heads.features import _check_features
-from fastcbm.heads.sparse import PathEntry, _accuracy, _check_labels, check_problem, elastic_net_objective
+from fastcbm.heads.sparse import PathEntry, _accuracy, check_problem, check_validation, elastic_net_objective
 
 
 def fit_dense_head(
@@ -89,12 +88,8 @@ def fit_dense_head(
     W, b = W.detach(), b.detach()
     val_acc = None
     if val is not None:
-        Xv, yv = val
-        _check_features(Xv, "val[0]")
-        if Xv.shape[1] != m:
-            raise ValueError(f"val features must have {m} columns like X, got shape {tuple(Xv.shape)}")
-        _check_labels(yv, Xv.shape[0], num_classes, "val[1]")
-        val_acc = _accuracy(Xv.to(dev, dtype), yv.to(dev, torch.long), W, b, 65536)
+        Xv, yv = check_validation(val, m, num_classes, dev, dtype)
+        val_acc = _accuracy(Xv, yv, W, b, 65536)
     return PathEntry(lam=float(weight_decay), weight=W.cpu().clone(), bias=b.cpu().clone(),
                      objective=elastic_net_objective(X, y, W, b, weight_decay, 0.0),
                      train_acc=_accuracy(X, y, W, b, 65536), val_acc=val_acc,

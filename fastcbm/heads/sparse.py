@@ -159,6 +159,17 @@ def check_problem(X: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[i
     return n, m
 
 
+def check_validation(val: tuple[torch.Tensor, torch.Tensor], m: int, num_classes: int, device: torch.device,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate ``val = (X_val [N_v, m], y_val [N_v])`` and move it to ``device`` (features as ``dtype``)."""
+    Xv, yv = val
+    _check_features(Xv, "val[0]")
+    if Xv.shape[1] != m:
+        raise ValueError(f"val features must have {m} columns like X, got shape {tuple(Xv.shape)}")
+    _check_labels(yv, Xv.shape[0], num_classes, "val[1]")
+    return Xv.to(device, dtype), yv.to(device, torch.long)
+
+
 def _check_labels(y, n, num_classes, name):
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != n:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -221,14 +232,7 @@ def fit_elastic_net_path(
     dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
     X = X.to(dev, dtype).contiguous()
     y = y.to(dev, torch.long)
-    Xv = yv = None
-    if val is not None:
-        Xv, yv = val
-        _check_features(Xv, "val[0]")
-        if Xv.shape[1] != m:
-            raise ValueError(f"val features must have {m} columns like X, got shape {tuple(Xv.shape)}")
-        _check_labels(yv, Xv.shape[0], num_classes, "val[1]")
-        Xv, yv = Xv.to(dev, dtype), yv.to(dev, torch.long)
+    Xv, yv = check_validation(val, m, num_classes, dev, dtype) if val is not None else (None, None)
 
     lam_max = lambda_max(X, y, num_classes, alpha)
     if lambdas is None:

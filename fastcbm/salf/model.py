@@ -139,20 +139,9 @@ class SALFCBM(nn.Module):
         from safetensors.torch import load_file
 
         path = Path(path)
-        cfg_file, tensor_file = path / "config.json", path / "model.safetensors"
-        for f in (cfg_file, tensor_file):
-            if not f.is_file():
-                raise FileNotFoundError(f"{f} not found: not a saved SALF-CBM directory")
-        try:
-            meta = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{cfg_file}: invalid JSON ({exc})") from exc
-        if meta.get("format") != "fastcbm.salf":
-            raise ValueError(f"{cfg_file}: not a SALF-CBM config (format={meta.get('format')!r})")
-        if meta.get("version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{cfg_file}: format version {meta['version']} is newer than this fastcbm supports")
+        meta = _read_meta(path)
         config = SALFConfig.from_json(meta["config"])
-        tensors = load_file(str(tensor_file), device=map_location)
+        tensors = load_file(str(path / "model.safetensors"), device=map_location)
         if backbone is None:
             from fastcbm.models import load_backbone
 
@@ -161,3 +150,25 @@ class SALFCBM(nn.Module):
             backbone.load_state_dict({k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")})
         head = LinearHead.from_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
         return cls(backbone, meta["kind"], config, tensors["weight"], head, meta.get("num_prefix_tokens", 1))
+
+
+def _read_meta(path: Path) -> dict:
+    """The validated ``config.json`` of a saved SALF-CBM directory (both of its files must exist)."""
+    cfg_file, tensor_file = path / "config.json", path / "model.safetensors"
+    for f in (cfg_file, tensor_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: not a saved SALF-CBM directory")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_file}: invalid JSON ({exc})") from exc
+    if meta.get("format") != "fastcbm.salf":
+        raise ValueError(f"{cfg_file}: not a SALF-CBM config (format={meta.get('format')!r})")
+    if meta.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{cfg_file}: format version {meta['version']} is newer than this fastcbm supports")
+    return meta
+
+
+def read_config(path: str | Path) -> SALFConfig:
+    """The :class:`SALFConfig` of a saved model, without loading any weights (e.g. to build its backbone once)."""
+    return SALFConfig.from_json(_read_meta(Path(path))["config"])
