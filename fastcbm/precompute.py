@@ -64,22 +64,29 @@ def encoder_input_config(model: torch.nn.Module, preprocess: Any = None) -> tupl
     return int(size), mean, std
 
 
-def timm_feature_fn(name: str, *, pretrained: bool = True, device: torch.device | str = "cpu"
-                    ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A backbone for ``precompute(features=...)``: the last feature map of timm model ``name`` on uint8 images
-    ``[B, 3, S, S]`` (normalised with the model's own mean/std) → ``[B, C, h, w]``."""
-    from fastcbm.compat import import_timm
+def backbone_feature_fn(name: str, *, pretrained: bool | str | None = True, layer: str | None = None,
+                        device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """A backbone for ``precompute(features=...)``: layer ``layer`` (default: the last feature layer) of
+    ``fastcbm.models.load_backbone(name, pretrained)`` on uint8 images ``[B, 3, S, S]``, resized to the backbone's
+    input size and normalised with its mean/std exactly as SALF-CBM training and inference do → ``[B, C, h, w]``.
+    The function carries ``.name`` and ``.source`` (backbone, pretrained, layer: what ``fastcbm train`` rebuilds)."""
+    from fastcbm.features import extract_feature_maps
+    from fastcbm.models import load_backbone
+    from fastcbm.features import normalize_for_backbone
 
-    timm = import_timm()
-    net = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=(-1,)).eval().to(device)
-    cfg = getattr(net, "pretrained_cfg", {}) or {}
-    mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), device=device).view(1, 3, 1, 1)
+    backbone = load_backbone(name, pretrained=pretrained, device=str(device))
+    layer = layer or backbone.feature_layers[-1]
+    if layer not in dict(backbone.model.named_modules()):
+        raise ValueError(f"features layer: {name} has no module {layer!r} (feature layers: {backbone.feature_layers})")
+    prefix = int(getattr(backbone, "num_prefix_tokens", 1))
+    dev = torch.device(device)
 
     def fn(images: torch.Tensor) -> torch.Tensor:
-        return net(((images.float() / 255.0) - mean) / std)[-1]
+        x = normalize_for_backbone(images, backbone, dev)
+        return extract_feature_maps(backbone.model, x, layer, kind=backbone.kind, num_prefix_tokens=prefix)
 
     fn.name = name  # type: ignore[attr-defined]
+    fn.source = {"backbone": name, "pretrained": pretrained, "layer": layer}  # type: ignore[attr-defined]
     return fn
 
 
@@ -189,6 +196,7 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
                device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", num_workers: int | None = None,
                loader: str = "auto", max_encode_batch: int | None = None,
                features: str | Callable[[torch.Tensor], torch.Tensor] | None = None, features_name: str | None = None,
+               features_pretrained: bool | str | None = True, features_layer: str | None = None,
                verify: str = "checksum", draft: bool = False, progress: bool = True) -> CacheReader:
     """Encode every image of ``data`` with ring prompts into the cache at ``out`` and return a reader for it.
 
@@ -197,8 +205,9 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
     ``pretrained`` to identify it in the manifest) or a name for ``fastcbm.models.load_clip(name, pretrained)``.
     Prompts: ``grid`` (G = gy·gx rings), ``radius`` (default: ``default_ring_geometry(S)``), ``width`` (px),
     ``centers`` ("inset" | "paper"). ``dtype``: encoder precision ("auto": bf16 autocast on GPU, fp32 on CPU).
-    ``features``: optional backbone (timm model name or callable uint8 [B,3,S,S] → [B,C,h,w]) stored as
-    [N, C, gy, gx] fp16. ``verify``: how finished shards are checked on resume ("checksum" or "size").
+    ``features``: optional backbone whose feature maps are stored as [N, C, gy, gx] fp16 — a name for
+    ``fastcbm.models.load_backbone`` (with ``features_pretrained``, ``features_layer``; see :func:`backbone_feature_fn`)
+    or a callable uint8 [B,3,S,S] → [B,C,h,w]. ``verify``: how finished shards are checked on resume ("checksum" or "size").
 
     Unreadable images are skipped, counted and listed in the manifest. Reopening ``out`` with other settings raises
     :class:`~fastcbm.cache.CacheMismatchError`; a full disk raises :class:`~fastcbm.cache.CacheDiskFullError`.
@@ -241,7 +250,8 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
     gy, gx = normalize_grid(grid)
     if radius is None:
         radius = default_ring_geometry(size)[0]
-    feature_fn = timm_feature_fn(features, device=dev) if isinstance(features, str) else features
+    feature_fn = (backbone_feature_fn(features, pretrained=features_pretrained, layer=features_layer, device=dev)
+                  if isinstance(features, str) else features)
     if feature_fn is not None and features_name is None:
         features_name = features if isinstance(features, str) else getattr(feature_fn, "name", type(feature_fn).__name__)
 
@@ -258,6 +268,7 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
                     "image_size": size, "mean": list(mean), "std": list(std), "ring_rgb": [255, 0, 0]},
         "encoder_dtype": str(cdtype).replace("torch.", ""),
         "features": features_name,
+        "features_source": getattr(feature_fn, "source", None),
         "decode": {"resize": "shorter side, bicubic", "crop": "center", "jpeg_draft": bool(draft)},
     }
     extra = {"embedding": "unit rows fp16; norms fp32 (before normalisation)", "num_prompts": gy * gx,

@@ -23,18 +23,38 @@ void check_tile(py::ssize_t rows, py::ssize_t cols, const char* name, py::ssize_
   }
 }
 
+// The centred-tile inputs both passes share: q, p [rows, K] and their column means mu_q, mu_p [K], checked.
+template <typename T>
+struct CentredTile {
+  const T* q;
+  const T* p;
+  const double* mu_q;
+  const double* mu_p;
+  py::ssize_t rows, cols;
+};
+
+template <typename T>
+CentredTile<T> centred_tile(const carray<T>& q, const carray<T>& p, const carray<double>& mu_q,
+                            const carray<double>& mu_p) {
+  CentredTile<T> t{checked_data(q, "q", 2), checked_data(p, "p", 2), nullptr, nullptr, q.shape(0), q.shape(1)};
+  check_tile(t.rows, t.cols, "p", p.shape(0), p.shape(1));
+  t.mu_q = checked_data(mu_q, "mu_q", 1);
+  t.mu_p = checked_data(mu_p, "mu_p", 1);
+  if (mu_q.shape(0) != t.cols || mu_p.shape(0) != t.cols) throw std::invalid_argument("mu_q/mu_p: expected [K]");
+  return t;
+}
+
 // Columns are split into contiguous chunks, one per thread; each thread walks rows and, inside a row, its chunk of
 // columns, so reads are contiguous and each accumulator has a single writer (no atomics, deterministic).
 template <typename T>
 void accumulate(const carray<T>& q, const carray<T>& p, const carray<double>& mu_q, const carray<double>& mu_p,
                 carray<double>& sums) {
-  const T* qd = checked_data(q, "q", 2);
-  const T* pd = checked_data(p, "p", 2);
-  const py::ssize_t rows = q.shape(0), cols = q.shape(1);
-  check_tile(rows, cols, "p", p.shape(0), p.shape(1));
-  const double* mq = checked_data(mu_q, "mu_q", 1);
-  const double* mp = checked_data(mu_p, "mu_p", 1);
-  if (mu_q.shape(0) != cols || mu_p.shape(0) != cols) throw std::invalid_argument("mu_q/mu_p: expected [K]");
+  const CentredTile<T> t = centred_tile(q, p, mu_q, mu_p);
+  const T* qd = t.q;
+  const T* pd = t.p;
+  const py::ssize_t rows = t.rows, cols = t.cols;
+  const double* mq = t.mu_q;
+  const double* mp = t.mu_p;
   checked_data(sums, "sums", 2);
   check_tile(kNumSums, cols, "sums", sums.shape(0), sums.shape(1));
   double* s = sums.mutable_data();
@@ -78,13 +98,12 @@ void accumulate(const carray<T>& q, const carray<T>& p, const carray<double>& mu
 template <typename T>
 void gradient(const carray<T>& q, const carray<T>& p, const carray<double>& mu_q, const carray<double>& mu_p,
               const carray<double>& coefs, carray<T>& out) {
-  const T* qd = checked_data(q, "q", 2);
-  const T* pd = checked_data(p, "p", 2);
-  const py::ssize_t rows = q.shape(0), cols = q.shape(1);
-  check_tile(rows, cols, "p", p.shape(0), p.shape(1));
-  const double* mq = checked_data(mu_q, "mu_q", 1);
-  const double* mp = checked_data(mu_p, "mu_p", 1);
-  if (mu_q.shape(0) != cols || mu_p.shape(0) != cols) throw std::invalid_argument("mu_q/mu_p: expected [K]");
+  const CentredTile<T> t = centred_tile(q, p, mu_q, mu_p);
+  const T* qd = t.q;
+  const T* pd = t.p;
+  const py::ssize_t rows = t.rows, cols = t.cols;
+  const double* mq = t.mu_q;
+  const double* mp = t.mu_p;
   const double* cf = checked_data(coefs, "coefs", 2);
   check_tile(kNumCoefs, cols, "coefs", coefs.shape(0), coefs.shape(1));
   checked_data(out, "out", 2);

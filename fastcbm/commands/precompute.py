@@ -35,7 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-workers", type=int, default=None,
                    help="decoding worker processes (torch loader; default: min(4, cores))")
     p.add_argument("--features", default=None, metavar="BACKBONE",
-                   help="also store the last feature map of this timm backbone, resized to the grid")
+                   help="also store this backbone's feature maps resized to the grid (a fastcbm.models.load_backbone "
+                        "name: testbed, resnet50, a timm name, ...); needed by 'fastcbm train'")
+    p.add_argument("--features-layer", default=None, metavar="MODULE",
+                   help="backbone module whose output is stored (default: its last feature layer, e.g. layer4)")
     p.add_argument("--features-random-init", action="store_true",
                    help="use a randomly initialised --features backbone (testing; no weight download)")
     p.add_argument("--verify", choices=("checksum", "size"), default="checksum",
@@ -61,18 +64,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_precompute(args: argparse.Namespace) -> int:
     from fastcbm.cache.store import CacheDiskFullError
-    from fastcbm.precompute import precompute, timm_feature_fn, _resolve_device
+    from fastcbm.precompute import precompute
 
-    features = args.features
-    if features is not None and args.features_random_init:
-        features = timm_feature_fn(features, pretrained=False, device=_resolve_device(args.device))
-        features.name = args.features  # type: ignore[attr-defined]
+    if args.features_layer and not args.features:
+        raise ValueError("--features-layer needs --features BACKBONE")
     try:
         reader = precompute(args.data, args.model, args.out, pretrained=args.pretrained, grid=args.grid,
                             radius=args.radius, width=args.width, centers=args.centers, batch_size=args.batch_size,
                             shard_size=args.shard_size, device=args.device, dtype=args.dtype,
                             num_workers=args.num_workers, loader=args.loader, max_encode_batch=args.max_encode_batch,
-                            features=features, verify=args.verify, progress=not args.no_progress)
+                            features=args.features, features_pretrained=None if args.features_random_init else True,
+                            features_layer=args.features_layer, verify=args.verify, progress=not args.no_progress)
     except CacheDiskFullError as exc:
         print(f"fastcbm precompute: error: {exc}", file=sys.stderr)
         return 1

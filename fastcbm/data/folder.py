@@ -103,12 +103,26 @@ def decode_image(path: str | os.PathLike, size: int, *, draft: bool = False) -> 
         raise BadImageError(f"decompression bomb ({exc})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated / corrupt data
         raise BadImageError(f"corrupt ({type(exc).__name__}: {str(exc)[:120]})") from None
-    w, h = rgb.size
-    # torchvision Resize(size) semantics: shorter side = size, longer side truncated
+    return resize_center_crop(rgb, size)
+
+
+def resize_crop_geometry(w: int, h: int, size: int) -> tuple[int, int, int, int]:
+    """``(new_w, new_h, left, top)`` of the shorter-side resize to ``size`` (torchvision ``Resize(size)``: the longer
+    side truncated) and the centre crop; every decoder (PIL here, DALI in :mod:`fastcbm.data.loaders`) uses it, so
+    they sample the same pixels."""
     nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    if (nw, nh) != (w, h):
+    return nw, nh, int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+
+
+def resize_center_crop(image, size: int) -> torch.Tensor:
+    """PIL image (any mode) → uint8 ``[3, size, size]``: RGB, shorter side resized to ``size`` (bicubic, torchvision
+    ``Resize(size)`` semantics: the longer side truncated), centre crop — CLIP's preprocessing without normalisation."""
+    from PIL import Image
+
+    rgb = _to_rgb(image)
+    nw, nh, left, top = resize_crop_geometry(*rgb.size, size)
+    if (nw, nh) != rgb.size:
         rgb = rgb.resize((nw, nh), Image.BICUBIC)
-    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
     rgb = rgb.crop((left, top, left + size, top + size))
     arr = np.asarray(rgb, dtype=np.uint8)  # [S, S, 3]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()

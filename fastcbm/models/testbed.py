@@ -138,18 +138,9 @@ def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
 
 def preprocess_pil(image) -> torch.Tensor:
     """PIL image → normalised ``[3, 64, 64]`` (shorter side resized bicubically, centre crop), like open_clip's."""
-    import numpy as np
-    from PIL import Image
+    from fastcbm.data.folder import resize_center_crop
 
-    image = image.convert("RGB")
-    w, h = image.size
-    scale = IMAGE_SIZE / min(w, h)
-    image = image.resize((max(IMAGE_SIZE, round(w * scale)), max(IMAGE_SIZE, round(h * scale))), Image.BICUBIC)
-    w, h = image.size
-    left, top = (w - IMAGE_SIZE) // 2, (h - IMAGE_SIZE) // 2
-    image = image.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))
-    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)
-    return normalize(x[None])[0]
+    return normalize(resize_center_crop(image, IMAGE_SIZE)[None])[0]
 
 
 # ---- weights -----------------------------------------------------------------------------------------------------

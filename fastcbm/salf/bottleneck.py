@@ -51,6 +51,9 @@ class BottleneckConfig:
     interpretability_cutoff: float = 0.45  # concepts whose validation similarity is below are dropped
     seed: int = 0
     backend: str = "auto"
+    # validation loss and similarity are batch statistics: computed on up to this many validation rows (a seeded
+    # subset when there are more), held on the device for the whole run
+    val_samples: int = 20_000
 
 
 @dataclass
@@ -112,48 +115,80 @@ def train_bottleneck(
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> BottleneckResult:
+    """Train the concept bottleneck ``W [M, C]`` on in-memory tensors (see :func:`train_bottleneck_on`).
+
+    Inputs may live on CPU (fp16 allowed); batches are moved to ``device`` (default: the features' device).
+    """
+    from fastcbm.salf.data import TensorData
+
+    _check_inputs(features, prompt_emb, text_emb, "training")
+    _check_inputs(val_features, val_prompt_emb, text_emb, "validation")
+    return train_bottleneck_on(TensorData(features, prompt_emb, name="training"),
+                               TensorData(val_features, val_prompt_emb, name="validation"), text_emb, config,
+                               device=device if device is not None else features.device, progress=progress)
+
+
+def train_bottleneck_on(
+    train,
+    val,
+    text_emb: torch.Tensor,
+    config: BottleneckConfig | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> BottleneckResult:
     """Train the concept bottleneck ``W [M, C]`` with Adam on the fused cubic-cosine loss.
 
+    ``train`` / ``val``: :class:`fastcbm.salf.data.SALFData` splits (in memory or streamed from a cache: each step
+    reads only its batch of ``config.batch_size`` random rows, the next one in a background thread).
     Stops early when the validation loss has not improved for ``config.patience`` evaluations and keeps the best
     weights; then drops concepts whose validation similarity is below ``config.interpretability_cutoff``.
-    Inputs may live on CPU (fp16 allowed); batches are moved to ``device`` (default: the features' device).
     """
     from tqdm.auto import tqdm
 
     from fastcbm.losses import cubic_cosine_loss
+    from fastcbm.salf.data import batches, subset_rows
 
     config = config or BottleneckConfig()
-    _check_inputs(features, prompt_emb, text_emb, "training")
-    _check_inputs(val_features, val_prompt_emb, text_emb, "validation")
-    if val_features.shape[1] != features.shape[1]:
-        raise ValueError(f"validation features have {val_features.shape[1]} channels, training {features.shape[1]}")
-    device = torch.device(device) if device is not None else features.device
-    n = features.shape[0]
+    if config.batch_size < 2 or config.max_steps < 1 or config.eval_every < 1 or config.val_samples < 2:
+        raise ValueError("config: batch_size and val_samples must be >= 2, max_steps and eval_every >= 1, got "
+                         f"{config.batch_size}, {config.val_samples}, {config.max_steps}, {config.eval_every}")
+    for what, data in (("training", train), ("validation", val)):
+        if len(data) < 2:
+            raise ValueError(f"{what}: need at least 2 samples (the loss centres over the batch), got {len(data)}")
+        if text_emb.dim() != 2 or text_emb.shape[1] != data.dim:
+            raise ValueError(f"text_emb must be [M, D={data.dim}], got shape {tuple(text_emb.shape)}")
+    if val.channels != train.channels or val.cells != train.cells:
+        raise ValueError(f"validation rows are [C={val.channels}, L={val.cells}], training [C={train.channels}, "
+                         f"L={train.cells}]")
+    device = torch.device(device)
+    n = len(train)
     batch = min(config.batch_size, n)
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    weight = ConceptBottleneck(features.shape[1], text_emb.shape[0]).weight.detach().to(device).requires_grad_(True)
+    weight = ConceptBottleneck(train.channels, text_emb.shape[0]).weight.detach().to(device).requires_grad_(True)
     text = text_emb.to(device, torch.float32)
-    val_f = val_features.to(device, torch.float32)
-    val_e = val_prompt_emb.to(device, torch.float32)
+    val_rows = subset_rows(len(val), config.val_samples, config.seed)
+    ((val_f, val_e),) = batches(val, iter([val_rows]), device, prefetch=False)
     opt = torch.optim.Adam([weight], lr=config.lr)
 
     def val_loss() -> float:
         with torch.no_grad():
             return float(cubic_cosine_loss(weight, val_f, val_e, text, backend=config.backend))
 
+    def step_rows():
+        for _ in range(config.max_steps):
+            yield torch.randperm(n, generator=gen)[:batch] if batch < n else torch.arange(n)
+
     best = (val_loss(), 0, weight.detach().clone())
     history: list[dict] = [{"step": 0, "val_loss": best[0]}]
     stale = 0
-    bar = tqdm(range(1, config.max_steps + 1), desc="concept bottleneck", disable=not progress, leave=False)
-    for step in bar:
-        idx = torch.randperm(n, generator=gen)[:batch] if batch < n else slice(None)
-        f = features[idx].to(device, torch.float32, non_blocking=True)
-        e = prompt_emb[idx].to(device, torch.float32, non_blocking=True)
+    bar = tqdm(total=config.max_steps, desc="concept bottleneck", disable=not progress, leave=False)
+    for step, (f, e) in enumerate(batches(train, step_rows(), device), 1):
         loss = cubic_cosine_loss(weight, f, e, text, backend=config.backend)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        bar.update()
         if step % config.eval_every == 0 or step == config.max_steps:
             v = val_loss()
             history.append({"step": step, "train_loss": float(loss.detach()), "val_loss": v})

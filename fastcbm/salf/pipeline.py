@@ -1,8 +1,11 @@
-"""Fit a SALF-CBM end to end from images, labels and cached prompt embeddings.
+"""Fit a SALF-CBM end to end from images (or cached feature maps), labels and cached prompt embeddings.
 
-    uint8 images ─► frozen backbone ─► maps resized to the grid F [N, C, L]
+    uint8 images ─► frozen backbone ─► maps resized to the grid F [N, C, L]   (or: the cache's stored features)
     cache        ─► prompt embeddings E [N, L, D];  concepts ─► CLIP text T [M, D]
     F, E, T ─► concept bottleneck (fused cubic-cosine) ─► pooled, standardised concepts ─► sparse head (GLM-SAGA)
+
+:func:`fit_salf` takes in-memory tensors; :func:`fit_salf_on` takes :mod:`fastcbm.salf.data` splits, so a cache
+written by ``fastcbm precompute --features`` trains at ImageNet scale without holding the features in memory.
 """
 
 from __future__ import annotations
@@ -12,11 +15,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fastcbm.features import extract_feature_maps
-from fastcbm.salf.bottleneck import BottleneckConfig, BottleneckResult, train_bottleneck
+from fastcbm.features import extract_feature_maps, normalize_for_backbone  # noqa: F401 (re-export)
+from fastcbm.salf.bottleneck import BottleneckConfig, BottleneckResult, train_bottleneck_on
 from fastcbm.salf.model import SALFCBM, SALFConfig
 
 log = logging.getLogger("fastcbm.salf")
@@ -27,10 +29,11 @@ class SALFFitConfig:
     """Training settings for :func:`fit_salf` (model structure lives in :class:`SALFConfig`)."""
 
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    head: str = "sparse"  # "sparse" (GLM-SAGA elastic-net path) | "dense" (L2-regularised, all weights)
     head_alpha: float = 0.99  # elastic-net mixing: 1 = lasso
     head_criterion: str = "val_acc"
     max_nnz_per_class: float | None = None
-    head_options: dict = field(default_factory=dict)  # forwarded to fastcbm.heads.fit_elastic_net_path
+    head_options: dict = field(default_factory=dict)  # forwarded to fit_elastic_net_path / fit_dense_head
     feature_batch_size: int = 256
 
 
@@ -43,19 +46,6 @@ class FitReport:
     val_accuracy: float
     nnz_per_class: float
     seconds: dict[str, float]
-
-
-def normalize_for_backbone(images: torch.Tensor, backbone, device: torch.device) -> torch.Tensor:
-    """uint8 ``[N, 3, S, S]`` → float ``[N, 3, S', S']`` resized to the backbone's input size and normalised."""
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be uint8 [N, 3, S, S], got {images.dtype} {tuple(images.shape)}")
-    x = images.to(device).float().div_(255)
-    size = int(getattr(backbone, "input_size", images.shape[-1]) or images.shape[-1])
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 @torch.no_grad()
@@ -79,13 +69,29 @@ def backbone_grid_features(backbone, images: torch.Tensor, grid: tuple[int, int]
 def pooled_concepts(weight: torch.Tensor, features: torch.Tensor, grid: tuple[int, int], pooling: str,
                     temperature: float, chunk: int = 4096) -> torch.Tensor:
     """Raw pooled concept activations ``[N, M]`` from grid features ``[N, C, L]`` and bottleneck ``W [M, C]``."""
-    from fastcbm.heads import pool_concept_maps
+    from fastcbm.salf.data import TensorData
 
+    return pooled_concepts_on(weight, TensorData(features, features.new_zeros(features.shape[0], features.shape[2], 1)),
+                              grid, pooling, temperature, chunk, progress=False)
+
+
+@torch.no_grad()
+def pooled_concepts_on(weight: torch.Tensor, data, grid: tuple[int, int], pooling: str, temperature: float,
+                       chunk: int = 4096, progress: bool = True) -> torch.Tensor:
+    """Raw pooled concept activations ``[N, M]`` (on ``weight``'s device) of a :mod:`fastcbm.salf.data` split, read
+    ``chunk`` rows at a time."""
+    from fastcbm.heads import pool_concept_maps
     parts = []
-    for start in range(0, features.shape[0], chunk):
-        maps = torch.einsum("mc,ncl->nml", weight, features[start : start + chunk].float())
+    bar = tqdm(total=len(data), desc="pooled concepts", disable=not progress, leave=False, unit="img")
+    n = len(data)
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(start + chunk, n))
+        f = data.features(rows).to(weight.device, torch.float32)
+        maps = torch.einsum("mc,ncl->nml", weight, f)
         parts.append(pool_concept_maps(maps.reshape(*maps.shape[:2], *grid), pooling, temperature))
-    return torch.cat(parts)
+        bar.update(len(rows))
+    bar.close()
+    return torch.cat(parts) if parts else weight.new_zeros(0, weight.shape[0])
 
 
 def _check_split(name: str, images: torch.Tensor, labels: torch.Tensor, prompt_emb: torch.Tensor, cells: int) -> None:
@@ -94,6 +100,22 @@ def _check_split(name: str, images: torch.Tensor, labels: torch.Tensor, prompt_e
         raise ValueError(f"{name} labels must be [{n}], got shape {tuple(labels.shape)}")
     if prompt_emb.dim() != 3 or prompt_emb.shape[0] != n or prompt_emb.shape[1] != cells:
         raise ValueError(f"{name} prompt embeddings must be [{n}, {cells}, D], got shape {tuple(prompt_emb.shape)}")
+
+
+def _fit_head(fit: SALFFitConfig, p_train, y_train, p_val, y_val, num_classes: int, progress: bool):
+    from fastcbm.heads import LinearHead, Standardizer, fit_dense_head, fit_sparse_head
+
+    if fit.head == "sparse":
+        head, _path = fit_sparse_head(
+            p_train, y_train, num_classes, val=(p_val, y_val), alpha=fit.head_alpha,
+            criterion=fit.head_criterion, max_nnz_per_class=fit.max_nnz_per_class,
+            **{"progress": progress, **fit.head_options},
+        )
+        return head
+    std = Standardizer.fit(p_train)
+    entry = fit_dense_head(std.transform(p_train), y_train, num_classes, val=(std.transform(p_val), y_val),
+                           **{"progress": progress, **fit.head_options})
+    return LinearHead.from_entry(entry, std)
 
 
 def fit_salf(
@@ -107,33 +129,70 @@ def fit_salf(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> tuple[SALFCBM, FitReport]:
-    """Fit a SALF-CBM.
+    """Fit a SALF-CBM on in-memory images.
 
     ``train`` / ``val``: ``(images uint8 [N, 3, S, S], labels long [N], prompt_emb [N, L, D])`` with L = Gy·Gx of
-    ``config.grid``; ``text_emb [M, D]`` unit embeddings of ``config.concepts`` (in that order). Returns the model (with
-    only the interpretable concepts kept) and a report.
+    ``config.grid``; ``text_emb [M, D]`` unit embeddings of ``config.concepts`` (in that order). The backbone's maps
+    are computed once and held in memory; see :func:`fit_salf_on` for splits streamed from a cache.
     """
-    from fastcbm.heads import fit_sparse_head
+    from fastcbm.salf.data import TensorData
 
     fit = fit or SALFFitConfig()
     device = torch.device(device)
     cells = config.grid[0] * config.grid[1]
     _check_split("train", *train, cells)
     _check_split("val", *val, cells)
+    layer = config.feature_layer or backbone.feature_layers[-1]
+    t0 = time.perf_counter()
+    f_train = backbone_grid_features(backbone, train[0], config.grid, layer, fit.feature_batch_size, device, progress)
+    f_val = backbone_grid_features(backbone, val[0], config.grid, layer, fit.feature_batch_size, device, progress)
+    seconds = time.perf_counter() - t0
+    config = SALFConfig(**{**config.to_json(), "grid": config.grid, "feature_layer": layer})
+    model, report = fit_salf_on(backbone=backbone, config=config, train=TensorData(f_train, train[2], train[1], "train"),
+                                val=TensorData(f_val, val[2], val[1], "val"), text_emb=text_emb, fit=fit,
+                                device=device, progress=progress)
+    report.seconds = {"features": seconds, **report.seconds}
+    return model, report
+
+
+def fit_salf_on(
+    *,
+    backbone,
+    config: SALFConfig,
+    train,
+    val,
+    text_emb: torch.Tensor,
+    fit: SALFFitConfig | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[SALFCBM, FitReport]:
+    """Fit a SALF-CBM on :mod:`fastcbm.salf.data` splits (grid features, prompt embeddings and labels per row).
+
+    ``text_emb [M, D]``: unit embeddings of ``config.concepts`` (in that order); ``backbone`` must be the network
+    whose ``config.feature_layer`` produced the features. Returns the model (only the interpretable concepts kept)
+    and a report.
+    """
+    fit = fit or SALFFitConfig()
+    if fit.head not in ("sparse", "dense"):
+        raise ValueError(f"fit.head must be 'sparse' or 'dense', got {fit.head!r}")
+    device = torch.device(device)
+    cells = config.grid[0] * config.grid[1]
+    for name, data in (("train", train), ("val", val)):
+        if data.cells != cells:
+            raise ValueError(f"{name} rows have {data.cells} grid cells, config.grid {config.grid} has {cells}")
+        if bool((data.labels < 0).any()):
+            raise ValueError(f"{name}: {int((data.labels < 0).sum())} rows have no label")
     if text_emb.shape[0] != len(config.concepts):
         raise ValueError(f"text_emb has {text_emb.shape[0]} rows for {len(config.concepts)} concepts")
-    num_classes = len(config.class_names) or int(max(train[1].max(), val[1].max())) + 1
+    num_classes = len(config.class_names) or int(max(train.labels.max(), val.labels.max())) + 1
+    if int(max(train.labels.max(), val.labels.max())) >= num_classes:
+        raise ValueError(f"labels go up to {int(max(train.labels.max(), val.labels.max()))} but there are "
+                         f"{num_classes} class names")
     layer = config.feature_layer or backbone.feature_layers[-1]
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    f_train = backbone_grid_features(backbone, train[0], config.grid, layer, fit.feature_batch_size, device, progress)
-    f_val = backbone_grid_features(backbone, val[0], config.grid, layer, fit.feature_batch_size, device, progress)
-    seconds["features"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    result = train_bottleneck(f_train, train[2], text_emb, f_val, val[2], fit.bottleneck, device=device,
-                              progress=progress)
+    result = train_bottleneck_on(train, val, text_emb, fit.bottleneck, device=device, progress=progress)
     seconds["bottleneck"] = time.perf_counter() - t0
     if result.kept.numel() == 0:
         raise ValueError(
@@ -146,13 +205,12 @@ def fit_salf(
 
     t0 = time.perf_counter()
     weight = result.weight.to(device)
-    p_train = pooled_concepts(weight, f_train.to(device), config.grid, config.pooling, config.softmax_temperature)
-    p_val = pooled_concepts(weight, f_val.to(device), config.grid, config.pooling, config.softmax_temperature)
-    head, _path = fit_sparse_head(
-        p_train, train[1].to(device), num_classes, val=(p_val, val[1].to(device)), alpha=fit.head_alpha,
-        criterion=fit.head_criterion, max_nnz_per_class=fit.max_nnz_per_class,
-        **{"progress": progress, **fit.head_options},
-    )
+    chunk = fit.feature_batch_size * 16
+    p_train = pooled_concepts_on(weight, train, config.grid, config.pooling, config.softmax_temperature, chunk,
+                                 progress)
+    p_val = pooled_concepts_on(weight, val, config.grid, config.pooling, config.softmax_temperature, chunk, progress)
+    y_train, y_val = train.labels.to(device), val.labels.to(device)
+    head = _fit_head(fit, p_train, y_train, p_val, y_val, num_classes, progress)
     seconds["head"] = time.perf_counter() - t0
 
     model_config = SALFConfig(**{**config.to_json(), "grid": config.grid, "feature_layer": layer,
@@ -160,8 +218,8 @@ def fit_salf(
     model = SALFCBM(backbone.model, backbone.kind, model_config, result.weight, head.cpu(),
                     int(getattr(backbone, "num_prefix_tokens", 1))).to(device)
     with torch.no_grad():
-        acc_train = float((head(p_train).argmax(1).cpu() == train[1]).float().mean())
-        acc_val = float((head(p_val).argmax(1).cpu() == val[1]).float().mean())
+        acc_train = float((head(p_train).argmax(1) == y_train).float().mean())
+        acc_val = float((head(p_val).argmax(1) == y_val).float().mean())
     report = FitReport(result, kept_names, dropped, acc_train, acc_val,
                        float(head.nnz_per_class().float().mean()), seconds)
     log.info("SALF-CBM: %d concepts, train acc %.3f, val acc %.3f, %.1f non-zero weights per class",

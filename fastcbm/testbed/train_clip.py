@@ -5,8 +5,11 @@ captions them at random: 40 % get a red ring around one object and a caption nam
 striped square in a red ring", "striped in a red ring", or the bare concept word "striped"), 15 % a ring at a SALF grid
 position captioned with the object under its centre (or the background), 20 % an attribute caption in the zero-shot
 templates ("a photo of a {shape}", "a photo of a {colour} object", ...), the rest a caption of the whole scene. The loss
-is CLIP's symmetric InfoNCE with identical captions counted as positives. Single-threaded and seeded: reruns give the
-same weights. (The ring is called a "ring" in captions so that the shape word "circle" keeps one meaning.)
+is CLIP's symmetric InfoNCE with identical captions counted as positives. An optional attribute term
+(``attribute_weight``) adds hard negatives in the spirit of NegCLIP: every single-object image is also scored against the
+template captions of all values of its shape, colour and texture ("a photo of a striped object" against "... checkered
+object" and "... solid object"), which contrastive batches of random captions rarely pit against each other.
+Single-threaded and seeded: reruns give the same weights. (The ring is called a "ring" in captions so that the shape word "circle" keeps one meaning.)
 """
 
 from __future__ import annotations
@@ -57,8 +60,30 @@ def _attribute_caption(obj: S.SceneObject, rng: random.Random) -> str:
     return rng.choice(options)
 
 
-def make_batch(pool: list[S.SceneBatch], size: int, rng: random.Random) -> tuple[torch.Tensor, list[str]]:
-    """uint8 images ``[size, 3, 64, 64]`` (some with a red ring) and their captions."""
+ATTRIBUTE_TEMPLATES = {"shape": ("a photo of a {}", S.SHAPES), "color": ("a photo of a {} object", tuple(S.COLORS)),
+                       "texture": ("a photo of a {} object", S.TEXTURES)}
+
+
+def attribute_loss(model: torch.nn.Module, tokenizer, img_emb: torch.Tensor, objects: list[list[S.SceneObject]],
+                   scale: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of single-object images ``img_emb [B, D]`` (unit) over the template captions of every value
+    of each attribute; 0 when the batch has no single-object scene."""
+    single = [i for i, objs in enumerate(objects) if len(objs) == 1]
+    if not single:
+        return img_emb.sum() * 0
+    img = img_emb[single]
+    loss = img_emb.new_zeros(())
+    for attr, (template, values) in ATTRIBUTE_TEMPLATES.items():
+        txt = model.encode_text(tokenizer([template.format(v) for v in values]), normalize=True)
+        truth = torch.tensor([values.index(getattr(objects[i][0], attr)) for i in single])
+        loss = loss + torch.nn.functional.cross_entropy(scale * img @ txt.T, truth)
+    return loss / len(ATTRIBUTE_TEMPLATES)
+
+
+def make_batch(pool: list[S.SceneBatch], size: int, rng: random.Random,
+               objects_out: list | None = None) -> tuple[torch.Tensor, list[str]]:
+    """uint8 images ``[size, 3, 64, 64]`` (some with a red ring) and their captions; ``objects_out`` (optional) receives
+    each image's scene objects."""
     grid_centers, grid_radius, ring_width = S.salf_ring_geometry()
     src = pool[rng.randrange(len(pool))]
     ids = rng.sample(range(len(src)), size)
@@ -67,6 +92,8 @@ def make_batch(pool: list[S.SceneBatch], size: int, rng: random.Random) -> tuple
     captions, ringed, centers, radii = [], [], [], []
     for i, k in enumerate(ids):
         objs, background = src.objects[k], src.backgrounds[k]
+        if objects_out is not None:
+            objects_out.append(objs)
         u = rng.random()
         if u < 0.40:  # ring around one object
             obj = objs[rng.randrange(len(objs))]
@@ -103,11 +130,12 @@ def make_batch(pool: list[S.SceneBatch], size: int, rng: random.Random) -> tuple
 
 
 def train_clip(out: str | Path, steps: int = 2500, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-               init: str | Path | None = None, log_every: int = 25, checkpoint_every: int = 250,
-               progress: bool = True) -> dict:
+               init: str | Path | None = None, attribute_weight: float = 0.0, log_every: int = 25,
+               checkpoint_every: int = 250, progress: bool = True) -> dict:
     """Train the testbed CLIP; writes ``out/testbed_clip.safetensors`` and returns the evaluation scores.
 
-    ``init``: continue from these weights (a second, fine-tuning stage; use a new ``seed`` so it sees new batches)."""
+    ``init``: continue from these weights (a fine-tuning stage; use a new ``seed`` so it sees new batches).
+    ``attribute_weight``: weight of the attribute hard-negative term (:func:`attribute_loss`; 0 = plain CLIP loss)."""
     from tqdm.auto import tqdm
 
     from fastcbm.testbed.evaluate import evaluate_clip
@@ -129,12 +157,15 @@ def train_clip(out: str | Path, steps: int = 2500, batch_size: int = 128, lr: fl
     for step in bar:
         for group in opt.param_groups:  # warm-up then cosine decay
             group["lr"] = lr * min(1, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        images, captions = make_batch(pool, batch_size, rng)
+        objects: list = []
+        images, captions = make_batch(pool, batch_size, rng, objects)
         img_emb, txt_emb, scale = model(T.normalize(images), tokenizer(captions))
         logits = scale * img_emb @ txt_emb.T
         same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
         target = same / same.sum(1, keepdim=True)
         loss = (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.T.log_softmax(1)).sum(1).mean()) / 2
+        if attribute_weight:
+            loss = loss + attribute_weight * attribute_loss(model, tokenizer, img_emb, objects, scale)
         opt.zero_grad()
         loss.backward()
         opt.step()

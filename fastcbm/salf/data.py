@@ -1,0 +1,266 @@
+"""Training data for the SALF-CBM bottleneck and head, in memory or streamed from a precompute cache.
+
+A split is three aligned row arrays: grid features ``F [N, C, L]`` (backbone maps resized to the Gy×Gx prompt grid),
+prompt embeddings ``E [N, L, D]`` and labels ``[N]``. :class:`TensorData` holds them in memory (the demo, small sets);
+:class:`CacheData` reads rows of a cache written by ``fastcbm precompute --features BACKBONE`` on demand from the
+memmapped fp16 shards, so ImageNet-scale splits (1.28 M × 2048 × 49 fp16 ≈ 257 GB of features) never have to fit in
+RAM: each optimiser step gathers only its own batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+
+
+class SALFData(Protocol):
+    """Rows of one split; ``rows`` are int64 indices ``[b]`` into ``0..len-1``."""
+
+    labels: torch.Tensor  # long [N]
+
+    def __len__(self) -> int: ...
+
+    @property
+    def channels(self) -> int: ...
+
+    @property
+    def cells(self) -> int: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def features(self, rows: torch.Tensor) -> torch.Tensor:  # [b, C, L] (fp16 or fp32)
+        ...
+
+    def prompt_emb(self, rows: torch.Tensor) -> torch.Tensor:  # [b, L, D] (fp16 or fp32)
+        ...
+
+
+class TensorData:
+    """An in-memory split: ``features [N, C, L]``, ``prompt_emb [N, L, D]``, ``labels [N]``."""
+
+    def __init__(self, features: torch.Tensor, prompt_emb: torch.Tensor, labels: torch.Tensor | None = None,
+                 name: str = "data") -> None:
+        if features.dim() != 3:
+            raise ValueError(f"{name} features must be [N, C, L], got shape {tuple(features.shape)}")
+        n, _, cells = features.shape
+        if prompt_emb.dim() != 3 or prompt_emb.shape[:2] != (n, cells):
+            raise ValueError(f"{name} prompt embeddings must be [N={n}, L={cells}, D], got shape "
+                             f"{tuple(prompt_emb.shape)}")
+        labels = torch.full((n,), -1, dtype=torch.long) if labels is None else labels
+        if labels.shape != (n,):
+            raise ValueError(f"{name} labels must be [{n}], got shape {tuple(labels.shape)}")
+        self._f, self._e, self.labels, self.name = features, prompt_emb, labels.long(), name
+
+    def __len__(self) -> int:
+        return self._f.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self._f.shape[1]
+
+    @property
+    def cells(self) -> int:
+        return self._f.shape[2]
+
+    @property
+    def dim(self) -> int:
+        return self._e.shape[2]
+
+    def features(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._f[rows]
+
+    def prompt_emb(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._e[rows]
+
+
+class CacheData:
+    """A split streamed from a precompute cache with stored backbone features.
+
+    ``cache``: a :class:`~fastcbm.cache.CacheReader` (or its directory); ``labels [N_cache]`` for every cache row
+    (``-1`` for rows without one); ``rows``: the cache rows of this split (default: all). Rows are read on demand,
+    sorted within a batch so that reads walk each shard forward.
+    """
+
+    def __init__(self, cache, labels: torch.Tensor, rows: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+                 name: str = "data") -> None:
+        from fastcbm.cache import CacheReader
+        from fastcbm.cache.reader import FEATURES
+
+        self.cache = cache if isinstance(cache, CacheReader) else CacheReader(cache)
+        if FEATURES not in self.cache.arrays:
+            raise ValueError(
+                f"{name}: the cache at {self.cache.root} has no backbone features; run fastcbm precompute again with "
+                "--features BACKBONE (finished prompt shards are reused only with identical settings, so use a new "
+                "--out)")
+        spec = self.cache.arrays[FEATURES].row_shape  # (C, gy, gx)
+        if int(np.prod(spec[1:])) != self.cache.num_prompts:
+            raise ValueError(f"{name}: cached features have a {spec[1]}×{spec[2]} grid but the cache has "
+                             f"{self.cache.num_prompts} prompts per image")
+        n_cache = len(self.cache)
+        labels = torch.as_tensor(labels).long()
+        if labels.shape != (n_cache,):
+            raise ValueError(f"{name} labels must be [{n_cache}] (one per cache row), got shape {tuple(labels.shape)}")
+        self._rows = np.arange(n_cache, dtype=np.int64) if rows is None else np.asarray(
+            torch.as_tensor(rows).cpu().numpy(), dtype=np.int64)
+        if self._rows.ndim != 1 or (self._rows.size and (self._rows.min() < 0 or self._rows.max() >= n_cache)):
+            raise ValueError(f"{name} rows must be 1-D indices into the cache's {n_cache} rows")
+        self.labels = labels[torch.from_numpy(self._rows)]
+        self._channels = int(spec[0])
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def channels(self) -> int:
+        return self._channels
+
+    @property
+    def cells(self) -> int:
+        return self.cache.num_prompts
+
+    @property
+    def dim(self) -> int:
+        return self.cache.dim
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """long [N]: the cache rows of this split."""
+        return torch.from_numpy(self._rows)
+
+    @property
+    def files(self) -> list[str]:
+        all_files = self.cache.files
+        return [all_files[r] for r in self._rows.tolist()]
+
+    def _cache_rows(self, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Cache rows sorted (forward reads) and the permutation that restores the requested order."""
+        wanted = self._rows[np.asarray(torch.as_tensor(rows).cpu().numpy(), dtype=np.int64)]
+        order = np.argsort(wanted, kind="stable")
+        return wanted[order], np.argsort(order, kind="stable")
+
+    def features(self, rows: torch.Tensor) -> torch.Tensor:
+        sorted_rows, restore = self._cache_rows(rows)
+        f = torch.from_numpy(np.ascontiguousarray(self.cache.array("features", sorted_rows)[restore]))
+        return f.flatten(2)
+
+    def prompt_emb(self, rows: torch.Tensor) -> torch.Tensor:
+        sorted_rows, restore = self._cache_rows(rows)
+        return torch.from_numpy(np.ascontiguousarray(self.cache.array("prompt", sorted_rows)[restore]))
+
+
+def batches(data: SALFData, rows_per_step: Iterator[torch.Tensor], device: torch.device,
+            prefetch: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(F [b, C, L], E [b, L, D])`` fp32 on ``device`` for each index tensor of ``rows_per_step``; with ``prefetch``
+    the next batch is read (memmap → RAM) in a background thread while the current one trains."""
+
+    def load(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return data.features(rows), data.prompt_emb(rows)
+
+    def to_device(fe: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return (fe[0].to(device, torch.float32, non_blocking=True), fe[1].to(device, torch.float32, non_blocking=True))
+
+    if not prefetch:
+        for rows in rows_per_step:
+            yield to_device(load(rows))
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for rows in rows_per_step:
+            nxt = pool.submit(load, rows)
+            if pending is not None:
+                yield to_device(pending.result())
+            pending = nxt
+        if pending is not None:
+            yield to_device(pending.result())
+
+
+def chunks(data: SALFData, chunk: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """All rows in order, ``chunk`` at a time, as :func:`batches` yields them."""
+    n = len(data)
+    return batches(data, (torch.arange(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)), device)
+
+
+def subset_rows(n: int, limit: int, seed: int) -> torch.Tensor:
+    """All of ``0..n-1`` when ``n <= limit``, else a seeded sorted random subset of ``limit`` rows."""
+    if n <= limit:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
+def split_rows(n: int, val_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random train/validation split of ``n`` rows → (train rows, val rows), both sorted."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    n_val = int(round(n * val_fraction))
+    if n_val < 2 or n - n_val < 2:
+        raise ValueError(f"val_fraction {val_fraction} of {n} images leaves fewer than 2 images on one side")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def folder_labels(files: Sequence[str], class_names: Sequence[str] | None = None
+                  ) -> tuple[torch.Tensor, list[str]]:
+    """ImageFolder labels: the parent directory name of every file → (labels long [N], class names).
+
+    Without ``class_names`` the classes are the sorted distinct directory names (torchvision's ImageFolder order);
+    with them, a file whose directory is not a listed class raises ``ValueError`` naming it."""
+    dirs = [Path(f).parent.name for f in files]
+    names = sorted(set(dirs)) if class_names is None else list(class_names)
+    index = {c: i for i, c in enumerate(names)}
+    missing = [f for f, d in zip(files, dirs) if d not in index]
+    if missing:
+        raise ValueError(f"labels: {len(missing)} images are in folders that are not classes, e.g. {missing[0]} "
+                         f"(classes: {names[:5]}{'...' if len(names) > 5 else ''})")
+    return torch.tensor([index[d] for d in dirs], dtype=torch.long), names
+
+
+def csv_labels(path: str | os.PathLike, files: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
+    """Labels from a CSV/TSV file of ``path,class`` rows → (labels long [N] for ``files``, class names in order of
+    first appearance). Paths are relative to the CSV's folder, absolute, or bare file names. An optional header row
+    (first cell ``file``/``path``/``image``/``filename``) may name a ``class`` column to use instead of the second
+    (the testbed's ``labels.csv`` is ``file,label,class``). Every file must have a label."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels: {path} not found")
+    lines = path.read_text().splitlines()
+    if not lines:
+        raise ValueError(f"labels: {path} is empty")
+    rows = list(csv.reader(lines, dialect="excel-tab" if "\t" in lines[0] else "excel"))
+    column = 1
+    if rows and rows[0] and rows[0][0].strip().lower() in ("file", "path", "image", "filename"):
+        header = [h.strip().lower() for h in rows[0]]
+        column = header.index("class") if "class" in header else 1
+        rows = rows[1:]
+    by_path: dict[str, str] = {}
+    by_name: dict[str, str] = {}
+    for i, row in enumerate(rows, 1):
+        if not row or row[0].startswith("#"):
+            continue
+        if len(row) <= column:
+            raise ValueError(f"labels: {path} row {i}: expected 'path,class', got {row!r}")
+        p = Path(row[0].strip())
+        full = p if p.is_absolute() else path.parent / p
+        by_path[os.path.abspath(full)] = row[column].strip()
+        by_name[p.name] = row[column].strip()
+    names: list[str] = []
+    index: dict[str, int] = {}
+    labels = []
+    for f in files:
+        cls = by_path.get(os.path.abspath(f), by_name.get(Path(f).name))
+        if cls is None:
+            raise ValueError(f"labels: {path} has no label for {f}")
+        if cls not in index:
+            index[cls] = len(names)
+            names.append(cls)
+        labels.append(index[cls])
+    return torch.tensor(labels, dtype=torch.long), names

@@ -1,0 +1,196 @@
+"""Train a SALF-CBM from a precompute cache: the path for user data at any scale (``fastcbm train --method salf``).
+
+    fastcbm precompute --data DIR --model CLIP --out CACHE --features BACKBONE   (prompt embeddings + feature maps)
+    train_salf_from_cache(CACHE, concepts)  →  labels (folders or CSV) → train/val split → concept filter
+        → text embeddings → bottleneck streamed from the cache → sparse head → SALFCBM saved with its report
+
+Everything a model needs is read from the cache manifest (CLIP name, ring geometry, backbone and layer), so the saved
+model explains new images with exactly the settings it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastcbm.salf.bottleneck import BottleneckConfig
+from fastcbm.salf.pipeline import SALFFitConfig
+
+log = logging.getLogger("fastcbm.salf")
+
+
+@dataclass
+class ConceptFilterConfig:
+    """Label-free concept filtering (see :func:`fastcbm.concepts.filter_concepts`); ``None`` switches a stage off."""
+
+    max_length: int | None = 30
+    class_sim_cutoff: float | None = 0.85
+    concept_sim_cutoff: float | None = 0.9
+    presence_cutoff: float | None = None
+    templates: tuple[str, ...] = ("{}",)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`train_salf_from_cache` beyond the data; defaults follow the SALF-CBM / label-free papers."""
+
+    val_fraction: float = 0.1  # used when no validation cache is given
+    seed: int = 0
+    pooling: str = "mean"
+    softmax_temperature: float = 1.0
+    filter: ConceptFilterConfig = field(default_factory=ConceptFilterConfig)
+    fit: SALFFitConfig = field(default_factory=SALFFitConfig)
+
+
+def _labels_for(reader, labels, class_names):
+    from fastcbm.salf.data import csv_labels, folder_labels
+
+    files = reader.files
+    if labels is None:
+        return folder_labels(files, class_names)
+    if isinstance(labels, (str, os.PathLike)):
+        y, names = csv_labels(labels, files)
+        if class_names is not None:  # map onto the given class order
+            index = {c: i for i, c in enumerate(class_names)}
+            unknown = sorted(set(names) - set(index))
+            if unknown:
+                raise ValueError(f"labels: classes {unknown[:5]} are not among the training classes")
+            y = torch.tensor([index[names[i]] for i in y.tolist()], dtype=torch.long)
+            names = list(class_names)
+        return y, names
+    y = torch.as_tensor(labels).long()
+    if y.shape != (len(reader),):
+        raise ValueError(f"labels must have one entry per cache row ({len(reader)}), got shape {tuple(y.shape)}")
+    names = list(class_names) if class_names is not None else [str(i) for i in range(int(y.max()) + 1)]
+    return y, names
+
+
+def _source(settings: dict, cache_root: Path) -> dict:
+    src = settings.get("features_source")
+    if not src:
+        name = settings.get("features")
+        raise ValueError(
+            f"cache {cache_root}: " + ("has no backbone features" if not name else
+                                       f"features {name!r} come from a custom function, not a named backbone")
+            + "; run fastcbm precompute with --features BACKBONE (e.g. --features resnet50) into a new --out")
+    return src
+
+
+def train_salf_from_cache(
+    cache: str | os.PathLike,
+    concepts,
+    out: str | os.PathLike | None = None,
+    *,
+    val_cache: str | os.PathLike | None = None,
+    labels=None,
+    val_labels=None,
+    class_names: list[str] | None = None,
+    config: TrainConfig | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+):
+    """Train a SALF-CBM on a cache written by ``fastcbm precompute --features BACKBONE``.
+
+    ``concepts``: a path (text or JSON, :func:`fastcbm.concepts.load_concepts`), a ConceptSet or a list of strings.
+    ``labels``: None (ImageFolder: each image's parent folder is its class), a CSV/TSV of ``path,class`` lines, or a
+    tensor ``[N]`` per cache row (then ``class_names`` names them). Validation rows come from ``val_cache`` (labelled
+    the same way with ``val_labels``) or a seeded ``config.val_fraction`` of the training cache.
+    Writes the model to ``out`` (``SALFCBM.save`` + ``train_report.json``) when given; returns ``(model, report)``.
+    """
+    from fastcbm.cache import CacheReader
+    from fastcbm.concepts import ConceptSet, encode_texts, filter_concepts, load_concepts
+    from fastcbm.models import load_backbone, load_clip
+    from fastcbm.precompute import _resolve_device
+    from fastcbm.salf.data import CacheData, split_rows
+    from fastcbm.salf.model import SALFConfig
+    from fastcbm.salf.pipeline import fit_salf_on
+
+    config = config or TrainConfig()
+    t_start = time.perf_counter()
+    dev = _resolve_device(device)
+    reader = CacheReader(cache)
+    settings = reader.settings
+    source = _source(settings, reader.root)
+    y, names = _labels_for(reader, labels, class_names)
+    if val_cache is not None:
+        val_reader = CacheReader(val_cache)
+        for key in ("model", "prompts", "features", "features_source"):
+            if val_reader.settings.get(key) != settings.get(key):
+                raise ValueError(f"val_cache {val_reader.root} was made with other {key} settings than {reader.root}: "
+                                 f"{val_reader.settings.get(key)} != {settings.get(key)}")
+        y_val, _ = _labels_for(val_reader, val_labels, names)
+        train = CacheData(reader, y, name="train")
+        val = CacheData(val_reader, y_val, name="val")
+    else:
+        tr_rows, va_rows = split_rows(len(reader), config.val_fraction, config.seed)
+        train = CacheData(reader, y, tr_rows, name="train")
+        val = CacheData(reader, y, va_rows, name="val")
+    log.info("SALF-CBM training: %d train / %d val images, %d classes", len(train), len(val), len(names))
+
+    # concepts: load, filter (presence uses the cached global embeddings of the training rows), embed
+    if isinstance(concepts, (str, os.PathLike)):
+        concepts = load_concepts(concepts)
+    concept_names = list(concepts.names if isinstance(concepts, ConceptSet) else concepts)
+    model_info = settings["model"]
+    clip, _, tokenizer = load_clip(model_info["name"], model_info.get("pretrained"), device=str(dev))
+    f = config.filter
+
+    def text_encoder(texts: list[str]) -> torch.Tensor:
+        return encode_texts(clip, tokenizer, texts, templates=f.templates, device=dev, progress=False)
+
+    image_emb = reader.global_embeddings(train.rows, dtype=torch.float32) if f.presence_cutoff is not None else None
+    kept, filter_report = filter_concepts(concept_names, names, text_encoder, max_length=f.max_length,
+                                          class_sim_cutoff=f.class_sim_cutoff,
+                                          concept_sim_cutoff=f.concept_sim_cutoff, image_embeddings=image_emb,
+                                          presence_cutoff=f.presence_cutoff)
+    log.info("concept filter: %s", filter_report.summary())
+    if not kept:
+        raise ValueError(f"concepts: none left after filtering ({filter_report.summary()}); relax the cut-offs")
+    text_emb = text_encoder(kept)
+
+    backbone = load_backbone(source["backbone"], pretrained=source.get("pretrained"), device=str(dev))
+    prompts = settings["prompts"]
+    salf_config = SALFConfig(
+        backbone=source["backbone"], backbone_pretrained=source.get("pretrained"), feature_layer=source["layer"],
+        clip=model_info["name"], clip_pretrained=model_info.get("pretrained"), grid=tuple(prompts["grid"]),
+        radius=prompts["radius"], width=prompts["width"], centers=prompts["centers"], pooling=config.pooling,
+        softmax_temperature=config.softmax_temperature, concepts=list(kept), class_names=list(names))
+    model, fit_report = fit_salf_on(backbone=backbone, config=salf_config, train=train, val=val, text_emb=text_emb,
+                                    fit=config.fit, device=dev, progress=progress)
+    report = {
+        "cache": str(reader.root), "val_cache": str(val_cache) if val_cache is not None else None,
+        "images": {"train": len(train), "val": len(val)}, "classes": len(names),
+        "concepts": {"candidates": len(concept_names), "after_filter": len(kept),
+                     "kept": len(fit_report.concepts_kept), "filter": filter_report.summary(),
+                     "dropped_by_filter": {k: list(v) for k, v in filter_report.dropped.items()},
+                     "dropped_by_interpretability": fit_report.concepts_dropped},
+        "train_accuracy": round(fit_report.train_accuracy, 4), "val_accuracy": round(fit_report.val_accuracy, 4),
+        "nonzero_weights_per_class": round(fit_report.nnz_per_class, 2),
+        "bottleneck": {"best_step": fit_report.bottleneck.best_step, "history": fit_report.bottleneck.history},
+        "config": _jsonable(asdict(config)),
+        "seconds": {**{k: round(v, 1) for k, v in fit_report.seconds.items()},
+                    "total": round(time.perf_counter() - t_start, 1)},
+    }
+    if out is not None:
+        out = Path(out)
+        model.save(out)
+        (out / "train_report.json").write_text(json.dumps(report, indent=2))
+        report["model"] = str(out)
+    return model, report
+
+
+def _jsonable(d):
+    if isinstance(d, dict):
+        return {k: _jsonable(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_jsonable(v) for v in d]
+    return d if isinstance(d, (str, int, float, bool, type(None))) else str(d)
+
+
+__all__ = ["BottleneckConfig", "ConceptFilterConfig", "TrainConfig", "train_salf_from_cache"]

@@ -1,0 +1,195 @@
+"""Training SALF-CBM from a precompute cache: streamed data sources, `fastcbm train`, labels, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastcbm.salf.data import CacheData, TensorData, batches, csv_labels, folder_labels, split_rows, subset_rows
+from tests.conftest import assert_close
+
+GRID = 7
+
+
+@pytest.fixture(scope="module")
+def testbed_cache(tmp_path_factory):
+    """240 exported testbed scenes, precomputed with the bundled CLIP and the testbed CNN's features."""
+    from fastcbm.data import synthetic
+    from fastcbm.data.export import export_image_folder
+    from fastcbm.precompute import precompute
+
+    root = tmp_path_factory.mktemp("salf_train")
+    batch = synthetic.generate(240, seed=synthetic.TRAINING_SEED_LIMIT + 4242)
+    images = export_image_folder(batch, root / "data", masks=False)
+    cache = precompute(images, "testbed", root / "cache", grid=GRID, device="cpu", num_workers=0,
+                       features="testbed", progress=False, shard_size=64)
+    return root, batch, images, cache
+
+
+def test_cached_features_equal_the_in_memory_path(testbed_cache):
+    """precompute --features stores what fit_salf computes from the images (up to fp16 storage)."""
+    from fastcbm.data.export import scene_index
+    from fastcbm.models import load_backbone
+    from fastcbm.salf.pipeline import backbone_grid_features
+
+    _, batch, _, cache = testbed_cache
+    order = torch.tensor([scene_index(f) for f in cache.files[:40]])
+    want = backbone_grid_features(load_backbone("testbed"), batch.images[order], (GRID, GRID), progress=False)
+    data = CacheData(cache, torch.zeros(len(cache), dtype=torch.long))
+    got = data.features(torch.arange(40)).float()
+    assert got.shape == want.shape == (40, 64, GRID * GRID)
+    assert_close(got, want, atol=2e-2, rtol=2e-3, what="cached features")
+    assert cache.settings["features_source"] == {"backbone": "testbed", "pretrained": True, "layer": "layer4"}
+
+
+@pytest.mark.parametrize("rows", [[5, 0, 3, 3], [100], list(range(63, 70))])  # unsorted, repeats, across shards
+def test_cache_data_rows_match_the_reader(testbed_cache, rows):
+    _, _, _, cache = testbed_cache
+    split = torch.arange(10, 200)
+    data = CacheData(cache, torch.arange(len(cache)), split)
+    r = torch.tensor(rows)
+    cache_rows = split[r]
+    assert torch.equal(data.features(r), cache.features(cache_rows).flatten(2))
+    assert torch.equal(data.prompt_emb(r), cache.prompt_embeddings(cache_rows))
+    assert torch.equal(data.labels[r], cache_rows)
+
+
+def test_streamed_bottleneck_equals_in_memory(testbed_cache):
+    from fastcbm.salf.bottleneck import BottleneckConfig, train_bottleneck, train_bottleneck_on
+
+    _, _, _, cache = testbed_cache
+    tr, va = split_rows(len(cache), 0.25, seed=1)
+    labels = torch.zeros(len(cache), dtype=torch.long)
+    f_all, e_all = cache.features().flatten(2), cache.prompt_embeddings()
+    text = torch.nn.functional.normalize(torch.randn(9, cache.dim, generator=torch.Generator().manual_seed(0)), dim=1)
+    cfg = BottleneckConfig(batch_size=64, max_steps=12, eval_every=4, patience=10, interpretability_cutoff=-1.0)
+    streamed = train_bottleneck_on(CacheData(cache, labels, tr), CacheData(cache, labels, va), text, cfg,
+                                   progress=False)
+    memory = train_bottleneck(f_all[tr], e_all[tr], text, f_all[va], e_all[va], cfg, progress=False)
+    assert [h["step"] for h in streamed.history] == [0, 4, 8, 12]
+    assert_close(streamed.weight, memory.weight, atol=1e-6, rtol=1e-5, what="bottleneck weight")
+    assert_close(streamed.val_similarity, memory.val_similarity, atol=1e-6, rtol=1e-5, what="val similarity")
+
+
+def test_batches_prefetch_keeps_order():
+    f = torch.randn(20, 3, 4)
+    e = torch.randn(20, 4, 5)
+    data = TensorData(f, e)
+    steps = [torch.tensor([3, 1]), torch.tensor([0]), torch.arange(20)]
+    for prefetch in (True, False):
+        got = list(batches(data, iter(steps), torch.device("cpu"), prefetch=prefetch))
+        assert len(got) == 3
+        for (fb, eb), r in zip(got, steps):
+            assert torch.equal(fb, f[r]) and torch.equal(eb, e[r])
+
+
+def test_split_and_subset_rows():
+    tr, va = split_rows(100, 0.2, seed=3)
+    assert len(va) == 20 and len(tr) == 80 and set(tr.tolist()) | set(va.tolist()) == set(range(100))
+    assert torch.equal(split_rows(100, 0.2, seed=3)[1], va)
+    assert torch.equal(subset_rows(5, 10, 0), torch.arange(5))
+    s = subset_rows(1000, 10, 0)
+    assert len(s) == 10 and bool((s[1:] > s[:-1]).all())
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_rows(100, 1.5)
+    with pytest.raises(ValueError, match="fewer than 2"):
+        split_rows(3, 0.1)
+
+
+def test_folder_and_csv_labels(tmp_path):
+    files = [str(tmp_path / c / f"{i}.png") for i, c in enumerate(["cat", "dog", "cat", "ant"])]
+    y, names = folder_labels(files)
+    assert names == ["ant", "cat", "dog"] and y.tolist() == [1, 2, 1, 0]
+    with pytest.raises(ValueError, match="not classes"):
+        folder_labels(files, ["cat", "dog"])
+    (tmp_path / "labels.csv").write_text("file,label,class\ncat/0.png,7,feline\ndog/1.png,8,canine\n"
+                                         "cat/2.png,7,feline\n3.png,9,insect\n")
+    y, names = csv_labels(tmp_path / "labels.csv", files)
+    assert names == ["feline", "canine", "insect"] and y.tolist() == [0, 1, 0, 2]
+    (tmp_path / "plain.tsv").write_text("cat/0.png\ta\ndog/1.png\tb\n")
+    with pytest.raises(ValueError, match="no label for .*2.png"):
+        csv_labels(tmp_path / "plain.tsv", files)
+    with pytest.raises(FileNotFoundError):
+        csv_labels(tmp_path / "missing.csv", files)
+
+
+def test_cache_data_rejects_bad_input(testbed_cache, tmp_path):
+    from fastcbm.precompute import precompute
+
+    root, _, images, cache = testbed_cache
+    with pytest.raises(ValueError, match="one per cache row"):
+        CacheData(cache, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="rows must be"):
+        CacheData(cache, torch.zeros(len(cache), dtype=torch.long), [0, len(cache)])
+    files = sorted(str(p) for p in images.rglob("*.png"))[:4]
+    plain = precompute(files, "testbed", tmp_path / "plain", grid=GRID, device="cpu", num_workers=0, progress=False)
+    with pytest.raises(ValueError, match="no backbone features"):
+        CacheData(plain, torch.zeros(4, dtype=torch.long))
+
+
+def test_cli_train_then_explain(testbed_cache, tmp_path, capsys):
+    from fastcbm.cli import main
+
+    root, _, images, cache = testbed_cache
+    out = tmp_path / "model"
+    argv = ["train", "--cache", str(cache.root), "--concepts", str(root / "data" / "concepts.txt"),
+            "--val-fraction", "0.25", "--class-sim-cutoff", "-1", "--concept-sim-cutoff", "0.98", "--out", str(out),
+            "--interpretability-cutoff", "0.1", "--steps", "150", "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["images"] == {"train": 180, "val": 60} and summary["classes"] == 12
+    assert summary["val_accuracy"] > 0.5, summary  # 12 classes: chance is 0.08
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["concepts"]["kept"] == summary["concepts"]["kept"] > 0
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["backbone"] == "testbed" and config["feature_layer"] == "layer4" and config["grid"] == [GRID, GRID]
+    assert len(config["class_names"]) == 12 and config["class_names"][0] == sorted(config["class_names"])[0]
+
+    image = sorted(images.rglob("*.png"))[0]
+    assert main(["explain", str(image), "--model", str(out), "--top-k", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["predicted"] in config["class_names"]
+    assert {c["concept"] for c in result["top_concepts"]} <= set(config["concepts"])
+
+    # the same with labels from the testbed's labels.csv (class names with spaces) and a dense head
+    assert main(argv[:-7] + ["--out", str(tmp_path / "dense"), "--labels", str(root / "data" / "labels.csv"),
+                             "--head", "dense", "--steps", "20", "--interpretability-cutoff", "-1", "--device", "cpu",
+                             "--no-progress"]) == 0
+    dense = json.loads((tmp_path / "dense" / "config.json").read_text())["config"]
+    assert " " in dense["class_names"][0]
+    capsys.readouterr()
+
+
+def test_cli_train_errors(testbed_cache, tmp_path, capsys):
+    from fastcbm.cli import main
+
+    root, _, images, cache = testbed_cache
+    base = ["train", "--cache", str(cache.root), "--concepts", str(root / "data" / "concepts.txt"), "--out",
+            str(tmp_path / "m"), "--no-progress", "--device", "cpu"]
+    assert main(base[:2] + [str(tmp_path / "nope")] + base[3:]) == 2
+    assert "--cache" in capsys.readouterr().err
+    assert main(base + ["--val-fraction", "1"]) == 2
+    assert "--val-fraction" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    assert main(base[:4] + [str(tmp_path / "empty.txt")] + base[5:]) == 2
+    assert "empty" in capsys.readouterr().err
+    (tmp_path / "bad.csv").write_text("somewhere/else.png,cat\n")
+    assert main(base + ["--labels", str(tmp_path / "bad.csv")]) == 2
+    assert "no label for" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()  # nothing half-written
+
+
+def test_val_cache_must_match(testbed_cache, tmp_path):
+    from fastcbm.precompute import precompute
+    from fastcbm.salf.train import train_salf_from_cache
+
+    root, _, images, cache = testbed_cache
+    files = sorted(str(p) for p in images.rglob("*.png"))[:6]
+    other = precompute(files, "testbed", tmp_path / "other", grid=3, device="cpu", num_workers=0, features="testbed",
+                       progress=False)
+    with pytest.raises(ValueError, match="other prompts settings"):
+        train_salf_from_cache(cache.root, ["red ring"], val_cache=other.root, progress=False)
+    assert np.array_equal(other.input_index, np.arange(6))
