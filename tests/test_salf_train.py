@@ -137,6 +137,7 @@ def test_cli_train_then_explain(testbed_cache, tmp_path, capsys):
     out = tmp_path / "model"
     argv = ["train", "--cache", str(cache.root), "--concepts", str(root / "data" / "concepts.txt"),
             "--val-fraction", "0.25", "--class-sim-cutoff", "-1", "--concept-sim-cutoff", "0.98", "--out", str(out),
+            "--lambdas", "20", "--head-epochs", "40",
             "--interpretability-cutoff", "0.1", "--steps", "150", "--device", "cpu", "--no-progress"]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -193,3 +194,110 @@ def test_val_cache_must_match(testbed_cache, tmp_path):
     with pytest.raises(ValueError, match="other prompts settings"):
         train_salf_from_cache(cache.root, ["red ring"], val_cache=other.root, progress=False)
     assert np.array_equal(other.input_index, np.arange(6))
+
+
+_DDP_CHILD = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+torch.set_num_threads(1)
+from tests.test_salf_train import ddp_problem
+from fastcbm.losses import cubic_cosine_loss
+from fastcbm.salf.bottleneck import train_bottleneck_on
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+W, F, E, T, train, val, cfg = ddp_problem()
+w = W.clone().requires_grad_(True)
+loss = cubic_cosine_loss(w, F[rank::world], E[rank::world], T, backend="cpu", process_group=dist.group.WORLD)
+loss.backward()
+result = train_bottleneck_on(train, val, T, cfg, progress=False, process_group=dist.group.WORLD)
+if rank == 0:
+    torch.save({{"loss": loss.detach(), "dW": w.grad, "weight": result.weight, "history": result.history}}, {out!r})
+dist.destroy_process_group()
+"""
+
+
+def ddp_problem():
+    """A seeded bottleneck problem shared by the torchrun children and the single-process check."""
+    from fastcbm.salf.bottleneck import BottleneckConfig
+
+    g = torch.Generator().manual_seed(7)
+    n, c, cells, d, m = 48, 6, 4, 5, 3
+    f = torch.randn(n, c, cells, generator=g)
+    e = torch.nn.functional.normalize(torch.randn(n, cells, d, generator=g), dim=-1)
+    t = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=-1)
+    w = torch.randn(m, c, generator=g)
+    cfg = BottleneckConfig(batch_size=21, max_steps=15, eval_every=5, patience=10, interpretability_cutoff=-1.0,
+                           backend="cpu", lr=1e-2)
+    return w, f, e, t, TensorData(f[:36], e[:36]), TensorData(f[36:], e[36:]), cfg
+
+
+def test_torchrun_two_processes_train_the_bottleneck_like_one(tmp_path):
+    """Data-parallel bottleneck (2 gloo processes, each with its share of every batch) == one process."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fastcbm.losses import cubic_cosine_loss
+    from fastcbm.salf.bottleneck import train_bottleneck_on
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "child.py"
+    script.write_text(_DDP_CHILD.format(repo=str(repo), out=str(tmp_path / "rank0.pt")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                           f"--master_port={port}", str(script)], env=env, cwd=str(repo), capture_output=True,
+                          text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = torch.load(tmp_path / "rank0.pt")
+    w, f, e, t, train, val, cfg = ddp_problem()
+    w = w.clone().requires_grad_(True)
+    loss = cubic_cosine_loss(w, f, e, t, backend="cpu")
+    loss.backward()
+    assert_close(got["loss"], loss.detach(), atol=1e-6, rtol=1e-5, what="loss (2 ranks vs 1)")
+    assert_close(got["dW"], w.grad, atol=1e-6, rtol=1e-4, what="dW (2 ranks vs 1)")
+    one = train_bottleneck_on(train, val, t, cfg, progress=False)
+    assert [h["step"] for h in got["history"]] == [h["step"] for h in one.history]
+    assert_close(got["weight"], one.weight, atol=1e-5, rtol=1e-4, what="trained W (2 ranks vs 1)")
+
+
+def test_cli_train_under_torchrun_equals_one_process(testbed_cache, tmp_path):
+    """`torchrun --nproc_per_node=2 -m fastcbm.cli train ...` (gloo on CPU): rank 0 writes the same model."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from fastcbm.cli import main
+
+    root, _, _, cache = testbed_cache
+    args = ["train", "--cache", str(cache.root), "--concepts", str(root / "data" / "concepts.txt"),
+            "--val-fraction", "0.25", "--class-sim-cutoff", "-1", "--concept-sim-cutoff", "0.98",
+            "--interpretability-cutoff", "0.1", "--steps", "30", "--batch-size", "101", "--lambdas", "12",
+            "--head-epochs", "30", "--device", "cpu", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                           f"--master_port={port}", "-m", "fastcbm.cli", *args, "--out", str(tmp_path / "two")],
+                          env=env, cwd=str(repo), capture_output=True, text=True, timeout=400, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])  # one summary line (rank 0)
+    assert summary["images"] == {"train": 180, "val": 60}
+    one = json.loads((tmp_path / "one" / "train_report.json").read_text())
+    two = json.loads((tmp_path / "two" / "train_report.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert [h["step"] for h in two["bottleneck"]["history"]] == [h["step"] for h in one["bottleneck"]["history"]]
+    w1, w2 = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    assert w1.keys() == w2.keys()
+    assert_close(w2["weight"], w1["weight"], atol=1e-4, rtol=1e-3, what="bottleneck W (2 ranks vs 1)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -13,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Trains the concept bottleneck (fused cubic-cosine loss, batches streamed from the cache) and the "
         "sparse head on a cache written by 'fastcbm precompute --data DIR --model CLIP --features BACKBONE'. "
         "Labels are the images' folder names (ImageFolder) unless --labels gives a CSV. The model folder can then be "
-        "used with 'fastcbm explain --model OUT IMAGE'.")
+        "used with 'fastcbm explain --model OUT IMAGE'. Under torchrun the bottleneck trains data-parallel (one "
+        "process per GPU; gloo on CPU).")
     p.add_argument("--method", choices=["salf"], default="salf")
     p.add_argument("--cache", type=Path, required=True, help="training cache (fastcbm precompute ... --features NAME)")
     p.add_argument("--concepts", type=Path, required=True, help="concept list: text (one per line) or JSON class→list")
@@ -40,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pooling", choices=("mean", "softmax"), default="mean")
     p.add_argument("--head", choices=("sparse", "dense"), default="sparse")
     p.add_argument("--alpha", type=float, default=0.99, help="elastic-net mixing of the sparse head (1 = lasso)")
+    p.add_argument("--lambdas", type=int, default=100, help="points on the sparse head's regularisation path "
+                   "(default 100, as GLM-SAGA)")
+    p.add_argument("--head-epochs", type=int, default=100,
+                   help="maximum epochs per path point (sparse) or L-BFGS iterations (dense); default 100")
     p.add_argument("--max-nnz-per-class", type=float, default=None,
                    help="choose the densest path point with at most this many weights per class (default: best val)")
     p.add_argument("--seed", type=int, default=0)
@@ -62,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{flag} {value} is not a directory (run fastcbm precompute first)")
     if not args.concepts.is_file():
         raise FileNotFoundError(f"--concepts {args.concepts} not found")
-    for flag, value in (("--batch-size", args.batch_size), ("--steps", args.steps)):
-        if value < (2 if flag == "--batch-size" else 1):
-            raise ValueError(f"{flag} must be >= {2 if flag == '--batch-size' else 1}, got {value}")
+    for flag, value, least in (("--batch-size", args.batch_size, 2), ("--steps", args.steps, 1),
+                               ("--lambdas", args.lambdas, 1), ("--head-epochs", args.head_epochs, 1)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if not 0 <= args.alpha <= 1:
@@ -82,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
         fit=SALFFitConfig(bottleneck=BottleneckConfig(lr=args.lr, batch_size=args.batch_size, max_steps=args.steps,
                                                       interpretability_cutoff=args.interpretability_cutoff,
                                                       seed=args.seed),
-                          head_alpha=args.alpha, max_nnz_per_class=args.max_nnz_per_class, head=args.head),
+                          head_alpha=args.alpha, max_nnz_per_class=args.max_nnz_per_class, head=args.head,
+                          head_options=({"n_lambdas": args.lambdas, "max_epochs": args.head_epochs}
+                                        if args.head == "sparse" else {"epochs": args.head_epochs})),
     )
     _, report = train_salf_from_cache(args.cache, args.concepts, args.out, val_cache=args.val_cache,
                                       labels=args.labels, val_labels=args.val_labels, config=config,
@@ -90,5 +99,6 @@ def run(args: argparse.Namespace) -> int:
     summary = {k: report[k] for k in ("model", "images", "classes", "train_accuracy", "val_accuracy",
                                       "nonzero_weights_per_class", "seconds")}
     summary["concepts"] = {k: report["concepts"][k] for k in ("candidates", "after_filter", "kept")}
-    print(json.dumps(summary, separators=(",", ":")))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary line
+        print(json.dumps(summary, separators=(",", ":")))
     return 0

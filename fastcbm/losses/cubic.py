@@ -24,6 +24,12 @@ Extra memory: O(K) sums plus O(tile·K) and O(tile·L·(C + D)) tile buffers (``
 ``text_emb`` are targets (CLIP embeddings) and the fused backends refuse them when they require grad (use
 ``backend="reference"`` to differentiate through the targets).
 
+Data parallel (``process_group``): each process passes its own rows of the batch. The loss is a function of batch
+statistics that are all sums over rows, so the batch sums of F and E (→ the means), the five column sums and the
+weight gradient are all-reduced (SUM); ``dF`` stays per row. Every process then gets the loss and ``dW`` of the whole
+batch — what one process would compute on the concatenated rows, up to summation order — so identical optimiser
+steps keep the replicas of ``W`` equal without a DDP wrapper (which would average, not sum, the gradients).
+
 Backends: ``reference`` (materialises, autograd); ``cpu`` (torch GEMMs per batch tile plus one C++/OpenMP kernel per
 tile for the fused elementwise accumulate/gradient step — the GEMMs are ~80 % of the time and torch's MKL/oneDNN GEMM
 runs at ~170 GFLOP/s on the 2-core dev machine, which a simple blocked C++ GEMM would not approach, so no hand-written
@@ -45,7 +51,7 @@ _CPU_TILE_ELEMS = 1 << 22  # cpu backend: 16 MB per fp32 tile buffer (2x faster 
 _GPU_TILE_ELEMS = 1 << 24  # triton backward: the [tile, L, M] gradient buffer, 64 MB in fp32
 
 
-def _check_inputs(weight, features, prompt_emb, text_emb) -> tuple[int, int, int, int, int]:
+def _check_inputs(weight, features, prompt_emb, text_emb, min_batch: int = 2) -> tuple[int, int, int, int, int]:
     """Validate shapes/dtypes/devices; return (B, C, L, D, M)."""
     named = {"weight": weight, "features": features, "prompt_emb": prompt_emb, "text_emb": text_emb}
     for name, t in named.items():
@@ -66,8 +72,9 @@ def _check_inputs(weight, features, prompt_emb, text_emb) -> tuple[int, int, int
     D = prompt_emb.shape[2]
     if tuple(text_emb.shape) != (M, D):
         raise ValueError(f"text_emb must be [M={M}, D={D}] to match weight and prompt_emb; got {tuple(text_emb.shape)}")
-    if B < 2:
-        raise ValueError(f"features: need a batch of at least 2 samples (columns are centred over it), got B={B}")
+    if B < min_batch:
+        raise ValueError(f"features: need a batch of at least {min_batch} samples (columns are centred over it), "
+                         f"got B={B}")
     for name, t in named.items():
         if t.dtype != weight.dtype:
             raise ValueError(f"{name} has dtype {t.dtype}, expected weight's dtype {weight.dtype}")
@@ -76,15 +83,29 @@ def _check_inputs(weight, features, prompt_emb, text_emb) -> tuple[int, int, int
     return B, C, L, D, M
 
 
-def _batch_means(W, F, E, T) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean_b q and mean_b p as contiguous fp64 [L·M] vectors (column order (l, m)), without forming q or p."""
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def _batch_means(W, F, E, T, group=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """mean_b q and mean_b p as contiguous fp64 [L·M] vectors (column order (l, m)), without forming q or p, and the
+    (global) batch size."""
     # torch's sum is a cascade (pairwise-like) summation, accurate to a few ulps in the input dtype; a dtype=float64
     # reduction would materialise a float64 copy of the whole input (and is ~7x slower).
-    f_mean = F.sum(dim=0).double() / F.shape[0]  # [C, L]
-    e_mean = E.sum(dim=0).double() / E.shape[0]  # [L, D]
+    f_sum, e_sum = F.sum(dim=0).double(), E.sum(dim=0).double()  # [C, L], [L, D]
+    n = F.shape[0]
+    if group is not None:
+        packed = _all_reduce(torch.cat([f_sum.reshape(-1), e_sum.reshape(-1), f_sum.new_tensor([n])]), group)
+        f_sum, e_sum = packed[:f_sum.numel()].view_as(f_sum), packed[f_sum.numel():-1].view_as(e_sum)
+        n = int(packed[-1])
+    f_mean, e_mean = f_sum / n, e_sum / n
     mu_q = f_mean.t() @ W.t().double()  # [L, M]
     mu_p = e_mean @ T.t().double()  # [L, M]
-    return mu_q.reshape(-1).contiguous(), mu_p.reshape(-1).contiguous()
+    return mu_q.reshape(-1).contiguous(), mu_p.reshape(-1).contiguous(), n
 
 
 def _cosines(sums: torch.Tensor, eps: float) -> torch.Tensor:
@@ -215,12 +236,12 @@ class CubicCosineLossFunction(torch.autograd.Function):
     """Fused forward (streaming sums) and backward (recomputed tiles) of the cubic-cosine loss."""
 
     @staticmethod
-    def forward(ctx, weight, features, prompt_emb, text_emb, backend: str, tile: int, eps: float):
+    def forward(ctx, weight, features, prompt_emb, text_emb, backend: str, tile: int, eps: float, group=None):
         W, F, E, T = (t.detach() for t in (weight, features, prompt_emb, text_emb))
-        mu_q, mu_p = _batch_means(W, F, E, T)
-        sums = _FORWARD[backend](W, F, E, T, mu_q, mu_p, tile)
+        mu_q, mu_p, n = _batch_means(W, F, E, T, group)
+        sums = _all_reduce(_FORWARD[backend](W, F, E, T, mu_q, mu_p, tile), group)
         ctx.save_for_backward(W, F, E, T, mu_q, mu_p, sums)
-        ctx.backend, ctx.tile, ctx.eps = backend, tile, eps
+        ctx.backend, ctx.tile, ctx.eps, ctx.group, ctx.batch = backend, tile, eps, group, n
         return (-_cosines(sums, eps).mean()).to(weight.dtype)
 
     @staticmethod
@@ -229,10 +250,12 @@ class CubicCosineLossFunction(torch.autograd.Function):
         W, F, E, T, mu_q, mu_p, sums = ctx.saved_tensors
         need_dw, need_df = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dw or need_df):
-            return (None,) * 7
-        coefs = _coefficients(sums, grad, F.shape[0], ctx.eps)
+            return (None,) * 8
+        coefs = _coefficients(sums, grad, ctx.batch, ctx.eps)
         dW, dF = _BACKWARD[ctx.backend](W, F, E, T, mu_q, mu_p, coefs, ctx.tile, need_dw, need_df)
-        return dW, dF, None, None, None, None, None
+        if dW is not None and ctx.group is not None:
+            dW = _all_reduce(dW.contiguous(), ctx.group)
+        return dW, dF, None, None, None, None, None, None
 
 
 def cubic_cosine_loss(
@@ -244,6 +267,7 @@ def cubic_cosine_loss(
     *,
     eps: float = EPS,
     batch_tile: int | None = None,
+    process_group=None,
 ) -> torch.Tensor:
     """SALF-CBM cubic-cosine loss of the concept bottleneck, without materialising [B, M·L] outputs or targets.
 
@@ -255,13 +279,18 @@ def cubic_cosine_loss(
         backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"`` (see ``fastcbm.backends``).
         eps: added to each column norm (``x / (‖x‖ + eps)``), as in the reference.
         batch_tile: batch rows per streamed tile (default: ~4M elements per tile buffer on CPU, 16M on GPU).
+        process_group: a ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD``) whose processes each
+            pass their own rows of one batch: the loss and ``weight``'s gradient are those of the whole batch on
+            every process (fused backends only; B >= 1 per process, >= 2 in all).
 
     Returns:
         The scalar loss ``-mean over the M·L columns of the cubic cosine``, in the inputs' dtype. Needs B >= 2.
     """
-    B, C, L, D, M = _check_inputs(weight, features, prompt_emb, text_emb)
+    B, C, L, D, M = _check_inputs(weight, features, prompt_emb, text_emb, min_batch=1 if process_group else 2)
     name = select_backend("cubic_cosine_loss", backend, weight.device, IMPLEMENTED)
     if name == "reference":
+        if process_group is not None:
+            raise ValueError("process_group: the reference backend is single-process; use a fused backend")
         return cubic_cosine_loss_reference(weight, features, prompt_emb, text_emb, eps)
     if torch.is_grad_enabled():
         for arg, t in (("prompt_emb", prompt_emb), ("text_emb", text_emb)):
@@ -277,4 +306,4 @@ def cubic_cosine_loss(
     budget = _CPU_TILE_ELEMS if weight.device.type == "cpu" else _GPU_TILE_ELEMS
     # Per-tile buffers are [tile, M·L] (q, p, g) and [tile, L, C] / [tile, L, D] (re-laid-out features/embeddings).
     tile = _tile_rows(B, L * max(M, C, D), batch_tile, budget)
-    return CubicCosineLossFunction.apply(weight, features, prompt_emb, text_emb, name, tile, eps)
+    return CubicCosineLossFunction.apply(weight, features, prompt_emb, text_emb, name, tile, eps, process_group)

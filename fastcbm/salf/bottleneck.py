@@ -135,11 +135,16 @@ def train_bottleneck_on(
     config: BottleneckConfig | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    process_group=None,
 ) -> BottleneckResult:
     """Train the concept bottleneck ``W [M, C]`` with Adam on the fused cubic-cosine loss.
 
     ``train`` / ``val``: :class:`fastcbm.salf.data.SALFData` splits (in memory or streamed from a cache: each step
     reads only its batch of ``config.batch_size`` random rows, the next one in a background thread).
+    ``process_group`` (data parallel, e.g. under torchrun): every process draws the same batch of rows and reads and
+    processes only its share (``rows[rank::world]``); the fused loss all-reduces the batch statistics and ``dW``, so
+    all processes take the same Adam steps and return the same weights as one process would (up to summation order).
+    Validation runs on every process (it is ``config.val_samples`` rows at most).
     Stops early when the validation loss has not improved for ``config.patience`` evaluations and keeps the best
     weights; then drops concepts whose validation similarity is below ``config.interpretability_cutoff``.
     """
@@ -175,16 +180,25 @@ def train_bottleneck_on(
         with torch.no_grad():
             return float(cubic_cosine_loss(weight, val_f, val_e, text, backend=config.backend))
 
+    rank, world = 0, 1
+    if process_group is not None:
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+        if batch < world:
+            raise ValueError(f"config.batch_size {batch} is smaller than the {world} processes")
+
     def step_rows():
-        for _ in range(config.max_steps):
-            yield torch.randperm(n, generator=gen)[:batch] if batch < n else torch.arange(n)
+        for _ in range(config.max_steps):  # the same generator everywhere: every process draws the same batch
+            rows = torch.randperm(n, generator=gen)[:batch] if batch < n else torch.arange(n)
+            yield rows[rank::world]
 
     best = (val_loss(), 0, weight.detach().clone())
     history: list[dict] = [{"step": 0, "val_loss": best[0]}]
     stale = 0
-    bar = tqdm(total=config.max_steps, desc="concept bottleneck", disable=not progress, leave=False)
+    bar = tqdm(total=config.max_steps, desc="concept bottleneck", disable=not progress or rank != 0, leave=False)
     for step, (f, e) in enumerate(batches(train, step_rows(), device), 1):
-        loss = cubic_cosine_loss(weight, f, e, text, backend=config.backend)
+        loss = cubic_cosine_loss(weight, f, e, text, backend=config.backend, process_group=process_group)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -165,12 +165,15 @@ def fit_salf_on(
     fit: SALFFitConfig | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    process_group=None,
 ) -> tuple[SALFCBM, FitReport]:
     """Fit a SALF-CBM on :mod:`fastcbm.salf.data` splits (grid features, prompt embeddings and labels per row).
 
     ``text_emb [M, D]``: unit embeddings of ``config.concepts`` (in that order); ``backbone`` must be the network
     whose ``config.feature_layer`` produced the features. Returns the model (only the interpretable concepts kept)
-    and a report.
+    and a report. ``process_group``: train the bottleneck data-parallel (see
+    :func:`~fastcbm.salf.bottleneck.train_bottleneck_on`); the head (a small ``[N, M]`` problem) is fitted on every
+    process alike.
     """
     fit = fit or SALFFitConfig()
     if fit.head not in ("sparse", "dense"):
@@ -192,7 +195,8 @@ def fit_salf_on(
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    result = train_bottleneck_on(train, val, text_emb, fit.bottleneck, device=device, progress=progress)
+    result = train_bottleneck_on(train, val, text_emb, fit.bottleneck, device=device, progress=progress,
+                                 process_group=process_group)
     seconds["bottleneck"] = time.perf_counter() - t0
     if result.kept.numel() == 0:
         raise ValueError(

@@ -102,11 +102,13 @@ def train_salf_from_cache(
     tensor ``[N]`` per cache row (then ``class_names`` names them). Validation rows come from ``val_cache`` (labelled
     the same way with ``val_labels``) or a seeded ``config.val_fraction`` of the training cache.
     Writes the model to ``out`` (``SALFCBM.save`` + ``train_report.json``) when given; returns ``(model, report)``.
+    Under ``torchrun`` (one process per GPU, or gloo processes on CPU) the bottleneck trains data-parallel: each
+    process reads and processes its share of every batch; rank 0 writes the model.
     """
     from fastcbm.cache import CacheReader
     from fastcbm.concepts import ConceptSet, encode_texts, filter_concepts, load_concepts
     from fastcbm.models import load_backbone, load_clip
-    from fastcbm.precompute import _resolve_device
+    from fastcbm.precompute import _init_distributed, _resolve_device
     from fastcbm.salf.data import CacheData, split_rows
     from fastcbm.salf.model import SALFConfig
     from fastcbm.salf.pipeline import fit_salf_on
@@ -114,6 +116,13 @@ def train_salf_from_cache(
     config = config or TrainConfig()
     t_start = time.perf_counter()
     dev = _resolve_device(device)
+    rank, world, owns_group = _init_distributed(dev)
+    group = None
+    if world > 1:
+        import torch.distributed as dist
+
+        group = dist.group.WORLD
+        progress = progress and rank == 0
     reader = CacheReader(cache)
     settings = reader.settings
     source = _source(settings, reader.root)
@@ -162,7 +171,7 @@ def train_salf_from_cache(
         radius=prompts["radius"], width=prompts["width"], centers=prompts["centers"], pooling=config.pooling,
         softmax_temperature=config.softmax_temperature, concepts=list(kept), class_names=list(names))
     model, fit_report = fit_salf_on(backbone=backbone, config=salf_config, train=train, val=val, text_emb=text_emb,
-                                    fit=config.fit, device=dev, progress=progress)
+                                    fit=config.fit, device=dev, progress=progress, process_group=group)
     report = {
         "cache": str(reader.root), "val_cache": str(val_cache) if val_cache is not None else None,
         "images": {"train": len(train), "val": len(val)}, "classes": len(names),
@@ -177,11 +186,19 @@ def train_salf_from_cache(
         "seconds": {**{k: round(v, 1) for k, v in fit_report.seconds.items()},
                     "total": round(time.perf_counter() - t_start, 1)},
     }
+    report["processes"] = world
     if out is not None:
         out = Path(out)
-        model.save(out)
-        (out / "train_report.json").write_text(json.dumps(report, indent=2))
+        if rank == 0:
+            model.save(out)
+            (out / "train_report.json").write_text(json.dumps(report, indent=2))
         report["model"] = str(out)
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.barrier(group)  # the model folder is complete before any process returns
+        if owns_group:
+            dist.destroy_process_group()
     return model, report
 
 
