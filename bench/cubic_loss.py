@@ -18,7 +18,6 @@ Rows are appended to bench/results/cubic_loss.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -220,22 +219,9 @@ def main(argv=None) -> None:
                              device=args.device, backend=backend, B=lo, M=M, L=args.cells, C=args.channels,
                              D=args.dim, features_grad=args.features_grad, note="largest B in 16 GB"))
     if rows and not args.no_csv:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        fields = list(rows[0].keys()) + ["note"]
-        old_rows, old_fields = [], []
-        if RESULTS.exists():
-            with open(RESULTS, newline="") as f:
-                reader = csv.DictReader(f)
-                old_fields, old_rows = list(reader.fieldnames or []), list(reader)
-        union = old_fields + [k for k in fields if k not in old_fields]
-        mode = "a" if old_fields and union == old_fields else "w"  # a new column: rewrite with the union header
-        with open(RESULTS, mode, newline="") as f:
-            w = csv.DictWriter(f, fieldnames=union, restval="")
-            if mode == "w":
-                w.writeheader()
-                w.writerows(old_rows)
-            w.writerows(rows)
-        print(f"appended {len(rows)} rows to {RESULTS}")
+        from _rows import append_rows
+
+        append_rows(RESULTS, [{**row, "note": row.get("note", "")} for row in rows])
 
 
 def _cuda() -> bool:

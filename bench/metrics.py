@@ -11,7 +11,6 @@ same run) and appends rows to bench/results/metrics.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import platform
 import statistics
@@ -128,19 +127,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{metric:<13} {impl:<48} {med:>10.4f} {p10:>10.4f} {p90:>10.4f} {n / med:>11.1f} {ratio:>8.1f}x")
 
     if not args.no_csv:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with open(RESULTS, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["date", "hardware", "torch", "fastcbm", "device", "metric", "implementation", "n_maps",
-                            "size", "median_s", "p10_s", "p90_s", "maps_per_s", "speedup", "quick"])
-            date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-            for metric, impl, med, p10, p90, ratio in rows:
-                w.writerow([date, hw, torch.__version__, fastcbm.__version__, device.type, metric, impl, n,
-                            args.size, f"{med:.6g}", f"{p10:.6g}", f"{p90:.6g}", f"{n / med:.6g}", f"{ratio:.4g}",
-                            args.quick])
-        print(f"appended {len(rows)} rows to {RESULTS}")
+        from _rows import append_rows
+
+        date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        append_rows(RESULTS, [{"date": date, "hardware": hw, "torch": torch.__version__, "fastcbm": fastcbm.__version__,
+                               "device": device.type, "metric": metric, "implementation": impl, "n_maps": n,
+                               "size": args.size, "median_s": med, "p10_s": p10, "p90_s": p90, "maps_per_s": n / med,
+                               "speedup": ratio, "quick": args.quick}
+                              for metric, impl, med, p10, p90, ratio in rows])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Rows are appended to bench/results/precompute.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import platform
 import shutil
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _rows import append_rows
 
 RESULTS = Path(__file__).resolve().parent / "results" / "precompute.csv"
 
@@ -115,13 +115,15 @@ def naive(files: list[str], model, size: int, mean, std, grid: int, radius: floa
     return t
 
 
-def fast(files: list[str], model, name: str, grid: int, out: Path, batch_size: int, max_encode_batch=None) -> dict:
+def fast(files: list[str], model, name: str, grid: int, out: Path, batch_size: int, max_encode_batch=None,
+         num_workers: int = 0, draft: bool = False) -> dict:
     from fastcbm.precompute import precompute
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     r = precompute(files, model, out, model_name=name, grid=grid, batch_size=batch_size, shard_size=1024,
-                   num_workers=0, device="cpu", progress=False, max_encode_batch=max_encode_batch)
+                   num_workers=num_workers, device="cpu", progress=False, max_encode_batch=max_encode_batch,
+                   draft=draft)
     wall = time.perf_counter() - t0
     s = dict(r.stats)
     s["setup"] = wall - s["wall"]
@@ -138,7 +140,7 @@ def quantiles(xs: list[float]) -> tuple[float, float, float]:
 
 
 def run_case(kind: str, n_images: int, repeats: int, grid: int, batch_size: int, work: Path,
-             meb: int | None) -> list[dict]:
+             meb: int | None, num_workers: int = 0, draft: bool = False) -> list[dict]:
     from fastcbm.precompute import encoder_input_config
     from fastcbm.prompts import default_ring_geometry
 
@@ -152,7 +154,7 @@ def run_case(kind: str, n_images: int, repeats: int, grid: int, batch_size: int,
     naive(files[:1], model, size, mean, std, grid, radius, width, work)
     runs: dict[str, list[dict]] = {"fastcbm": [], "naive": []}
     for _ in range(repeats):  # interleaved, so machine noise hits both alike
-        runs["fastcbm"].append(fast(files, model, name, grid, work / "cache", batch_size, meb))
+        runs["fastcbm"].append(fast(files, model, name, grid, work / "cache", batch_size, meb, num_workers, draft))
         runs["naive"].append(naive(files, model, size, mean, std, grid, radius, width, work))
     rows = []
     base = statistics.median(prompted / r["wall"] for r in runs["naive"])
@@ -160,7 +162,9 @@ def run_case(kind: str, n_images: int, repeats: int, grid: int, batch_size: int,
         med, p10, p90 = quantiles([prompted / r["wall"] for r in rs])
         mid = sorted(rs, key=lambda r: r["wall"])[len(rs) // 2]
         non_enc = (mid["wall"] - mid["encode"]) / mid["wall"]
-        rows.append({"model": name, "image_size": size, "grid": grid, "max_encode_batch": meb or "auto", "images": n_images, "prompted": prompted,
+        rows.append({"model": name, "image_size": size, "grid": grid, "max_encode_batch": meb or "auto",
+                     "num_workers": num_workers if pipe == "fastcbm" else 0, "jpeg_draft": draft and pipe == "fastcbm",
+                     "images": n_images, "prompted": prompted,
                      "repeats": repeats, "pipeline": pipe, "prompted_per_s": med, "p10": p10, "p90": p90,
                      "images_per_s": med / (1 + grid * grid), "speedup_vs_naive": med / base,
                      "wall_s": mid["wall"], "decode_s": mid["decode"], "render_s": mid["render"],
@@ -180,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--skip-vit", action="store_true", help="only the tiny model")
+    ap.add_argument("--num-workers", type=int, default=0,
+                    help="fastcbm decoding worker processes (default 0: decode in the main process, as the naive "
+                         "pipeline does; with workers, decoding overlaps the encoder)")
+    ap.add_argument("--jpeg-draft", action="store_true", help="fastcbm: JPEG draft-mode decoding (precompute --jpeg-draft)")
     ap.add_argument("--max-encode-batch", default="same",
                     help="fastcbm encoder batch: 'same' = 1+G like the naive pipeline (isolates the pipeline "
                          "overhead; default), 'auto' = precompute's default, or a number")
@@ -202,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     meb = meb if args.max_encode_batch in ("same", "auto") else int(args.max_encode_batch)
     with tempfile.TemporaryDirectory() as tmp:
         for kind, n, r in cases:
-            rows += run_case(kind, n, r, args.grid, args.batch_size, Path(tmp) / kind, meb)
+            rows += run_case(kind, n, r, args.grid, args.batch_size, Path(tmp) / kind, meb, args.num_workers,
+                             args.jpeg_draft)
     print(f"precompute on {hw} ({torch.get_num_threads()} threads), torch {torch.__version__}, grid {args.grid}")
     head = (f"{'model':<28} {'pipeline':<8} {'imgs':>4} {'prompted/s':>10} {'p10':>8} {'p90':>8} {'speedup':>7} "
             f"{'wall':>7} {'decode':>7} {'render':>7} {'encode':>7} {'write':>6} {'setup':>6} {'non-enc':>7}")
@@ -212,15 +221,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['p10']:>8.1f} {row['p90']:>8.1f} {row['speedup_vs_naive']:>6.2f}x {row['wall_s']:>7.2f} "
               f"{row['decode_s']:>7.3f} {row['render_s']:>7.3f} {row['encode_s']:>7.2f} {row['write_s']:>6.3f} "
               f"{row['setup_s']:>6.3f} {100 * row['non_encoder_frac']:>6.1f}%")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new = not RESULTS.exists()
-    with open(RESULTS, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(meta) + list(rows[0]))
-        if new:
-            w.writeheader()
-        for row in rows:
-            w.writerow({**meta, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}})
-    print(f"appended {len(rows)} rows to {RESULTS}")
+    append_rows(RESULTS, [{**meta, **row} for row in rows])
     return 0
 
 

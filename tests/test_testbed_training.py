@@ -31,6 +31,20 @@ def test_make_batch_is_seeded_and_reports_objects(pool):
     assert tokens.shape[0] == 24 and bool((tokens != 0).any(1).all())
 
 
+def test_make_batch_reports_the_ringed_object(pool):
+    objects: list = []
+    inside: list = []
+    _, captions = TC.make_batch(pool, 64, random.Random(2), objects, inside)
+    assert len(inside) == 64
+    ringed = [i for i, c in enumerate(captions) if c.endswith("in a red ring") or c in S.concept_names()]
+    assert ringed and {i for i, o in enumerate(inside) if o is not None} <= set(ringed)
+    for i, obj in enumerate(inside):
+        if obj is not None:
+            assert obj in objects[i]
+            words = set(captions[i].split())
+            assert words & {obj.shape, obj.color, obj.texture, *obj.parts}, (captions[i], obj)
+
+
 def test_attribute_loss_scores_every_value_of_each_attribute(pool):
     torch.manual_seed(0)
     model = T.make_clip()
@@ -47,6 +61,10 @@ def test_attribute_loss_scores_every_value_of_each_attribute(pool):
     multi = [o if len(o) > 1 else o + o for o in objects]
     zero = TC.attribute_loss(model, tokenizer, emb.detach().requires_grad_(), multi, scale)
     assert float(zero.detach()) == 0.0
+    # the local term alone (no single-object scene, but ringed objects) is a real loss
+    inside = [o[0] for o in multi]
+    local = TC.attribute_loss(model, tokenizer, emb.detach(), multi, scale, inside)
+    assert bool(torch.isfinite(local.detach())) and float(local.detach()) > 0
 
 
 def test_attribute_loss_prefers_the_true_attribute():

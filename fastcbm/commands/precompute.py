@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="backbone module whose output is stored (default: its last feature layer, e.g. layer4)")
     p.add_argument("--features-random-init", action="store_true",
                    help="use a randomly initialised --features backbone (testing; no weight download)")
+    p.add_argument("--jpeg-draft", action="store_true",
+                   help="let the JPEG decoder downscale by a power of two first (several times faster decoding of "
+                        "large photos for small encoders; slightly different pixels, recorded in the manifest)")
     p.add_argument("--verify", choices=("checksum", "size"), default="checksum",
                    help="how finished shards are checked when resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -74,7 +77,8 @@ def run_precompute(args: argparse.Namespace) -> int:
                             shard_size=args.shard_size, device=args.device, dtype=args.dtype,
                             num_workers=args.num_workers, loader=args.loader, max_encode_batch=args.max_encode_batch,
                             features=args.features, features_pretrained=None if args.features_random_init else True,
-                            features_layer=args.features_layer, verify=args.verify, progress=not args.no_progress)
+                            features_layer=args.features_layer, draft=args.jpeg_draft, verify=args.verify,
+                            progress=not args.no_progress)
     except CacheDiskFullError as exc:
         print(f"fastcbm precompute: error: {exc}", file=sys.stderr)
         return 1

@@ -18,6 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clip.add_argument("--init", type=Path, help="continue from these weights (fine-tuning stage)")
     clip.add_argument("--attribute-weight", type=float, default=0.0,
                       help="weight of the attribute hard-negative term (shape/colour/texture templates); default 0")
+    clip.add_argument("--ring-attributes", action="store_true",
+                      help="the attribute term also scores ring prompts against bare attribute words")
     clip.set_defaults(func=_train_clip)
     for kind, steps, lr in (("cnn", 1200, 2e-3), ("vit", 1500, 1e-3)):
         q = sub.add_parser(f"train-{kind}", help=f"train the tiny {kind.upper()} classifier on the rule task")
@@ -47,7 +49,8 @@ def _train_clip(args: argparse.Namespace) -> int:
     if args.init is not None and not args.init.is_file():
         raise FileNotFoundError(f"--init {args.init} not found")
     print(json.dumps(train_clip(args.out, steps=args.steps, lr=args.lr, seed=args.seed, init=args.init,
-                                attribute_weight=args.attribute_weight)))
+                                attribute_weight=args.attribute_weight,
+                                ring_attributes=args.ring_attributes)))
     return 0
 
 

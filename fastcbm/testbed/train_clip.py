@@ -8,7 +8,8 @@ templates ("a photo of a {shape}", "a photo of a {colour} object", ...), the res
 is CLIP's symmetric InfoNCE with identical captions counted as positives. An optional attribute term
 (``attribute_weight``) adds hard negatives in the spirit of NegCLIP: every single-object image is also scored against the
 template captions of all values of its shape, colour and texture ("a photo of a striped object" against "... checkered
-object" and "... solid object"), which contrastive batches of random captions rarely pit against each other.
+object" and "... solid object"), which contrastive batches of random captions rarely pit against each other, and
+(``ring_attributes``) every ring-prompted image against the bare words of all values of its ringed object's attributes.
 Single-threaded and seeded: reruns give the same weights. (The ring is called a "ring" in captions so that the shape word "circle" keeps one meaning.)
 """
 
@@ -65,25 +66,35 @@ ATTRIBUTE_TEMPLATES = {"shape": ("a photo of a {}", S.SHAPES), "color": ("a phot
 
 
 def attribute_loss(model: torch.nn.Module, tokenizer, img_emb: torch.Tensor, objects: list[list[S.SceneObject]],
-                   scale: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of single-object images ``img_emb [B, D]`` (unit) over the template captions of every value
-    of each attribute; 0 when the batch has no single-object scene."""
-    single = [i for i, objs in enumerate(objects) if len(objs) == 1]
-    if not single:
-        return img_emb.sum() * 0
-    img = img_emb[single]
-    loss = img_emb.new_zeros(())
-    for attr, (template, values) in ATTRIBUTE_TEMPLATES.items():
-        txt = model.encode_text(tokenizer([template.format(v) for v in values]), normalize=True)
-        truth = torch.tensor([values.index(getattr(objects[i][0], attr)) for i in single])
-        loss = loss + torch.nn.functional.cross_entropy(scale * img @ txt.T, truth)
-    return loss / len(ATTRIBUTE_TEMPLATES)
+                   scale: torch.Tensor, ringed: list[S.SceneObject | None] | None = None) -> torch.Tensor:
+    """Hard-negative attribute cross-entropy over ``img_emb [B, D]`` (unit rows).
+
+    Global term: single-object images against the template captions of every value of each attribute ("a photo of a
+    striped object" vs "... checkered ..." vs "... solid ..."). Local term (with ``ringed``, the object inside each
+    image's ring or None): ring-prompted images against the bare words of every value ("striped" vs "checkered" vs
+    "solid") — the texts SALF-CBM compares ring prompts with, so the local semantics it relies on are trained with the
+    same hard negatives. Mean over the terms present; 0 when there is nothing to score."""
+    groups = [([i for i, objs in enumerate(objects) if len(objs) == 1], lambda i: objects[i][0], True)]
+    if ringed is not None:
+        groups.append(([i for i, obj in enumerate(ringed) if obj is not None], lambda i: ringed[i], False))
+    loss, terms = img_emb.new_zeros(()), 0
+    for rows, obj_of, templated in groups:
+        if not rows:
+            continue
+        img = img_emb[rows]
+        for attr, (template, values) in ATTRIBUTE_TEMPLATES.items():
+            texts = [template.format(v) if templated else v for v in values]
+            txt = model.encode_text(tokenizer(texts), normalize=True)
+            truth = torch.tensor([values.index(getattr(obj_of(i), attr)) for i in rows])
+            loss = loss + torch.nn.functional.cross_entropy(scale * img @ txt.T, truth)
+            terms += 1
+    return loss / terms if terms else img_emb.sum() * 0
 
 
-def make_batch(pool: list[S.SceneBatch], size: int, rng: random.Random,
-               objects_out: list | None = None) -> tuple[torch.Tensor, list[str]]:
+def make_batch(pool: list[S.SceneBatch], size: int, rng: random.Random, objects_out: list | None = None,
+               ringed_out: list | None = None) -> tuple[torch.Tensor, list[str]]:
     """uint8 images ``[size, 3, 64, 64]`` (some with a red ring) and their captions; ``objects_out`` (optional) receives
-    each image's scene objects."""
+    each image's scene objects, ``ringed_out`` the object inside its ring (None: no ring, or a ring on background)."""
     grid_centers, grid_radius, ring_width = S.salf_ring_geometry()
     src = pool[rng.randrange(len(pool))]
     ids = rng.sample(range(len(src)), size)
@@ -94,6 +105,7 @@ def make_batch(pool: list[S.SceneBatch], size: int, rng: random.Random,
         objs, background = src.objects[k], src.backgrounds[k]
         if objects_out is not None:
             objects_out.append(objs)
+        inside = None
         u = rng.random()
         if u < 0.40:  # ring around one object
             obj = objs[rng.randrange(len(objs))]
@@ -101,6 +113,7 @@ def make_batch(pool: list[S.SceneBatch], size: int, rng: random.Random,
             centers.append(obj.center)
             radii.append(obj.radius + rng.uniform(1.5, 4.0))
             captions.append(_ringed_caption(obj, rng))
+            inside = obj
         elif u < 0.55:  # ring at a SALF grid position
             g = rng.randrange(grid_centers.shape[0])
             cx, cy = grid_centers[g].tolist()
@@ -113,6 +126,7 @@ def make_batch(pool: list[S.SceneBatch], size: int, rng: random.Random,
                 if masks[i, j, y, x]:
                     hit = obj
             captions.append(f"{background} background in a red ring" if hit is None else _ringed_caption(hit, rng))
+            inside = hit
         elif u < 0.75:  # zero-shot templates
             captions.append(_attribute_caption(objs[rng.randrange(len(objs))], rng))
         elif rng.random() < 0.4 or len(objs) == 1:
@@ -122,6 +136,8 @@ def make_batch(pool: list[S.SceneBatch], size: int, rng: random.Random,
                 captions.append("a photo of a " + _phrase(rng.choice(objs), rng))
         else:
             captions.append("a photo of " + " and ".join("a " + _phrase(o, rng) for o in objs))
+        if ringed_out is not None:
+            ringed_out.append(inside)
     if ringed:
         idx = torch.tensor(ringed)
         images[idx] = S.draw_ring(images[idx], torch.tensor(centers, dtype=torch.float32), torch.tensor(radii),
@@ -130,12 +146,14 @@ def make_batch(pool: list[S.SceneBatch], size: int, rng: random.Random,
 
 
 def train_clip(out: str | Path, steps: int = 2500, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-               init: str | Path | None = None, attribute_weight: float = 0.0, log_every: int = 25,
+               init: str | Path | None = None, attribute_weight: float = 0.0, ring_attributes: bool = False,
+               log_every: int = 25,
                checkpoint_every: int = 250, progress: bool = True) -> dict:
     """Train the testbed CLIP; writes ``out/testbed_clip.safetensors`` and returns the evaluation scores.
 
     ``init``: continue from these weights (a fine-tuning stage; use a new ``seed`` so it sees new batches).
-    ``attribute_weight``: weight of the attribute hard-negative term (:func:`attribute_loss`; 0 = plain CLIP loss)."""
+    ``attribute_weight``: weight of the attribute hard-negative term (:func:`attribute_loss`; 0 = plain CLIP loss);
+    ``ring_attributes``: include its local (ring-prompt) part."""
     from tqdm.auto import tqdm
 
     from fastcbm.testbed.evaluate import evaluate_clip
@@ -158,14 +176,16 @@ def train_clip(out: str | Path, steps: int = 2500, batch_size: int = 128, lr: fl
         for group in opt.param_groups:  # warm-up then cosine decay
             group["lr"] = lr * min(1, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
         objects: list = []
-        images, captions = make_batch(pool, batch_size, rng, objects)
+        inside: list = []
+        images, captions = make_batch(pool, batch_size, rng, objects, inside)
         img_emb, txt_emb, scale = model(T.normalize(images), tokenizer(captions))
         logits = scale * img_emb @ txt_emb.T
         same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
         target = same / same.sum(1, keepdim=True)
         loss = (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.T.log_softmax(1)).sum(1).mean()) / 2
         if attribute_weight:
-            loss = loss + attribute_weight * attribute_loss(model, tokenizer, img_emb, objects, scale)
+            loss = loss + attribute_weight * attribute_loss(model, tokenizer, img_emb, objects, scale,
+                                                            inside if ring_attributes else None)
         opt.zero_grad()
         loss.backward()
         opt.step()
