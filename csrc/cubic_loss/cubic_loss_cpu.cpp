@@ -50,11 +50,7 @@ template <typename T>
 void accumulate(const carray<T>& q, const carray<T>& p, const carray<double>& mu_q, const carray<double>& mu_p,
                 carray<double>& sums) {
   const CentredTile<T> t = centred_tile(q, p, mu_q, mu_p);
-  const T* qd = t.q;
-  const T* pd = t.p;
   const py::ssize_t rows = t.rows, cols = t.cols;
-  const double* mq = t.mu_q;
-  const double* mp = t.mu_p;
   checked_data(sums, "sums", 2);
   check_tile(kNumSums, cols, "sums", sums.shape(0), sums.shape(1));
   double* s = sums.mutable_data();
@@ -75,12 +71,12 @@ void accumulate(const carray<T>& q, const carray<T>& p, const carray<double>& mu
       const py::ssize_t chunk = (cols + nt - 1) / nt;
       const py::ssize_t c0 = std::min<py::ssize_t>(cols, chunk * tid), c1 = std::min<py::ssize_t>(cols, c0 + chunk);
       for (py::ssize_t r = 0; r < rows; ++r) {
-        const T* qr = qd + r * cols;
-        const T* pr = pd + r * cols;
+        const T* qr = t.q + r * cols;
+        const T* pr = t.p + r * cols;
 #pragma omp simd
         for (py::ssize_t k = c0; k < c1; ++k) {
-          const double a = static_cast<double>(qr[k]) - mq[k];
-          const double b = static_cast<double>(pr[k]) - mp[k];
+          const double a = static_cast<double>(qr[k]) - t.mu_q[k];
+          const double b = static_cast<double>(pr[k]) - t.mu_p[k];
           const double a2 = a * a, b3 = b * b * b;
           const double a3 = a2 * a;
           s_ab[k] += a3 * b3;
@@ -99,11 +95,7 @@ template <typename T>
 void gradient(const carray<T>& q, const carray<T>& p, const carray<double>& mu_q, const carray<double>& mu_p,
               const carray<double>& coefs, carray<T>& out) {
   const CentredTile<T> t = centred_tile(q, p, mu_q, mu_p);
-  const T* qd = t.q;
-  const T* pd = t.p;
   const py::ssize_t rows = t.rows, cols = t.cols;
-  const double* mq = t.mu_q;
-  const double* mp = t.mu_p;
   const double* cf = checked_data(coefs, "coefs", 2);
   check_tile(kNumCoefs, cols, "coefs", coefs.shape(0), coefs.shape(1));
   checked_data(out, "out", 2);
@@ -116,13 +108,13 @@ void gradient(const carray<T>& q, const carray<T>& p, const carray<double>& mu_q
     py::gil_scoped_release release;
 #pragma omp parallel for schedule(static)
     for (py::ssize_t r = 0; r < rows; ++r) {
-      const T* qr = qd + r * cols;
-      const T* pr = pd + r * cols;
+      const T* qr = t.q + r * cols;
+      const T* pr = t.p + r * cols;
       T* orow = od + r * cols;
 #pragma omp simd
       for (py::ssize_t k = 0; k < cols; ++k) {
-        const double a = static_cast<double>(qr[k]) - mq[k];
-        const double b = static_cast<double>(pr[k]) - mp[k];
+        const double a = static_cast<double>(qr[k]) - t.mu_q[k];
+        const double b = static_cast<double>(pr[k]) - t.mu_p[k];
         const double a2 = a * a;
         orow[k] = static_cast<T>(a2 * (alpha[k] * (b * b * b) - beta[k] * (a2 * a)) - gbar[k]);
       }
