@@ -149,6 +149,10 @@ def test_cli_train_then_explain(testbed_cache, tmp_path, capsys):
     assert config["backbone"] == "testbed" and config["feature_layer"] == "layer4" and config["grid"] == [GRID, GRID]
     assert len(config["class_names"]) == 12 and config["class_names"][0] == sorted(config["class_names"])[0]
 
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    assert main(argv) == 2  # the model is not overwritten without --overwrite
+    assert "--overwrite" in capsys.readouterr().err and (out / "model.safetensors").stat().st_mtime_ns == mtime
+
     image = sorted(images.rglob("*.png"))[0]
     assert main(["explain", str(image), "--model", str(out), "--top-k", "3"]) == 0
     result = json.loads(capsys.readouterr().out)

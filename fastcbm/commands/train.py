@@ -49,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-nnz-per-class", type=float, default=None,
                    help="choose the densest path point with at most this many weights per class (default: best val)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     )
     _, report = train_salf_from_cache(args.cache, args.concepts, args.out, val_cache=args.val_cache,
                                       labels=args.labels, val_labels=args.val_labels, config=config,
-                                      device=args.device, progress=not args.no_progress)
+                                      device=args.device, progress=not args.no_progress, overwrite=args.overwrite)
     summary = {k: report[k] for k in ("model", "images", "classes", "train_accuracy", "val_accuracy",
                                       "nonzero_weights_per_class", "seconds")}
     summary["concepts"] = {k: report["concepts"][k] for k in ("candidates", "after_filter", "kept")}

@@ -94,6 +94,7 @@ def train_salf_from_cache(
     config: TrainConfig | None = None,
     device: str | torch.device = "auto",
     progress: bool = True,
+    overwrite: bool = False,
 ):
     """Train a SALF-CBM on a cache written by ``fastcbm precompute --features BACKBONE``.
 
@@ -114,6 +115,9 @@ def train_salf_from_cache(
     from fastcbm.salf.pipeline import fit_salf_on
 
     config = config or TrainConfig()
+    if out is not None and not overwrite and (Path(out) / "model.safetensors").exists():
+        raise FileExistsError(f"out: {out} already holds a model; choose another folder or pass overwrite=True "
+                              "(--overwrite)")
     t_start = time.perf_counter()
     dev = _resolve_device(device)
     rank, world, owns_group = _init_distributed(dev)
