@@ -1,8 +1,9 @@
 """``fastcbm demo``: SALF-CBM end to end on the synthetic testbed with the bundled tiny models.
 
-generate scenes → ImageFolder export → ring-prompt precompute (cache) → concept filtering → bottleneck (fused
-cubic-cosine) → sparse head → test accuracy vs the backbone, zero-shot segmentation vs Grad-CAM → HTML report →
-one JSON summary line. Everything is seeded; evaluation scenes use seeds the testbed models never saw.
+generate scenes → ImageFolder export → precompute (ring-prompt embeddings + backbone grid features, sharded cache) →
+``train_salf_from_cache``, the code path of ``fastcbm train`` (concept filtering, bottleneck streamed from the cache
+with the fused cubic-cosine loss, sparse head) → test accuracy vs the backbone, zero-shot segmentation vs Grad-CAM →
+HTML report → one JSON summary line. Everything is seeded; evaluation scenes use seeds the testbed models never saw.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ def _class_object_masks(batch) -> torch.Tensor:
 
 def run_demo(cfg: DemoConfig) -> dict:
     from fastcbm import metrics
-    from fastcbm.concepts import encode_texts, filter_concepts
     from fastcbm.data import synthetic
     from fastcbm.data.export import export_image_folder
     from fastcbm.gradcam import grad_cam
@@ -62,8 +62,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from fastcbm.report import write_salf_report
     from fastcbm.salf import explain as ex
     from fastcbm.salf.bottleneck import BottleneckConfig
-    from fastcbm.salf.model import SALFConfig
-    from fastcbm.salf.pipeline import SALFFitConfig, fit_salf, normalize_for_backbone
+    from fastcbm.salf.pipeline import SALFFitConfig, normalize_for_backbone
+    from fastcbm.salf.train import ConceptFilterConfig, TrainConfig, train_salf_from_cache
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -81,49 +81,35 @@ def run_demo(cfg: DemoConfig) -> dict:
     folders = {name: export_image_folder(batch, out / "data" / tags[name]) for name, batch in splits.items()}
     timings["data"] = time.perf_counter() - t0
 
-    # 2. models and concepts
-    clip, clip_preprocess, tokenizer = load_clip("testbed")
-    clip = clip.to(device).eval()
+    # 2. precompute: ring-prompt embeddings and the backbone's grid features into the sharded caches, then
+    # 3. train exactly as `fastcbm train` does on user data: labels from the export's labels.csv, concepts filtered,
+    #    bottleneck batches streamed from the cache, sparse head
+    clip, clip_preprocess, _ = load_clip("testbed")
     backbone = load_backbone("testbed")
     class_names = synthetic.class_names()
-    text_encoder = lambda texts: encode_texts(clip, tokenizer, texts, device=device)  # noqa: E731
     t0 = time.perf_counter()
-    caches = {name: precompute(folders[name], clip, out / "cache" / f"{tags[name]}-grid{cfg.grid}", model_name="testbed",
-                               preprocess=clip_preprocess, grid=cfg.grid, device=device, num_workers=0,
-                               progress=cfg.progress)
-              for name in splits}
+    caches = {name: precompute(folders[name], clip.to(device), out / "cache" / f"{tags[name]}-grid{cfg.grid}-testbed",
+                               model_name="testbed", preprocess=clip_preprocess, grid=cfg.grid, device=device,
+                               num_workers=0, features="testbed", progress=cfg.progress)
+              for name in ("train", "val")}
     timings["precompute"] = time.perf_counter() - t0
-    train_global = caches["train"].global_embeddings()
+
+    t0 = time.perf_counter()
     # Testbed classes are conjunctions of two concepts ("blue circle"), so every concept is close to some class name:
     # the class-name stage of the label-free filter would remove exactly the concepts the rules use. The tiny text
     # tower also packs its embeddings tightly, hence the higher concept-concept cut-off.
-    kept, filter_report = filter_concepts(synthetic.concept_names(), class_names, text_encoder,
-                                          class_sim_cutoff=None, concept_sim_cutoff=0.98,
-                                          image_embeddings=train_global)
-    concepts = list(kept)
-    text_emb = text_encoder(concepts)
-
-    def split_tensors(name: str):
-        batch, cache = splits[name], caches[name]
-        order = _cache_order(cache, folders[name])
-        return batch.images[order], batch.labels[order], cache.prompt_embeddings(), order
-
-    tr_img, tr_lab, tr_emb, _ = split_tensors("train")
-    va_img, va_lab, va_emb, _ = split_tensors("val")
-    te_img, te_lab, _, te_order = split_tensors("test")
-
-    # 3. fit
-    t0 = time.perf_counter()
-    config = SALFConfig(backbone="testbed", clip="testbed", grid=(cfg.grid, cfg.grid), concepts=concepts,
-                        class_names=class_names)
-    fit = SALFFitConfig(bottleneck=BottleneckConfig(lr=1e-3, max_steps=400, eval_every=10, patience=8,
-                                                    interpretability_cutoff=0.2, seed=cfg.seed),
-                        head_options={"n_lambdas": 20, "max_epochs": 40})
-    model, fit_report = fit_salf(backbone=backbone, config=config, train=(tr_img, tr_lab, tr_emb),
-                                 val=(va_img, va_lab, va_emb), text_emb=text_emb, fit=fit, device=device,
-                                 progress=cfg.progress)
+    train_config = TrainConfig(
+        seed=cfg.seed,
+        filter=ConceptFilterConfig(class_sim_cutoff=None, concept_sim_cutoff=0.98),
+        fit=SALFFitConfig(bottleneck=BottleneckConfig(lr=1e-3, max_steps=400, eval_every=10, patience=8,
+                                                      interpretability_cutoff=0.2, seed=cfg.seed),
+                          head_options={"n_lambdas": 20, "max_epochs": 40}))
+    model, train_report = train_salf_from_cache(
+        caches["train"].root, synthetic.concept_names(), out / "model", val_cache=caches["val"].root,
+        labels=folders["train"].parent / "labels.csv", val_labels=folders["val"].parent / "labels.csv",
+        class_names=class_names, config=train_config, device=device, progress=cfg.progress, overwrite=True)
     timings["fit"] = time.perf_counter() - t0
-    model.save(out / "model")
+    te_img, te_lab = splits["test"].images, splits["test"].labels
 
     # 4. evaluation on fresh scenes
     t0 = time.perf_counter()
@@ -131,7 +117,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     with torch.no_grad():
         salf_pred = model(x).argmax(1).cpu()
         backbone_pred = backbone.model.to(device)(x).argmax(1).cpu()
-    masks = _class_object_masks(splits["test"])[te_order]
+    masks = _class_object_masks(splits["test"])
     salf_heat = ex.class_heatmap(model, x).cpu()
     cam = grad_cam(backbone.model, x, backbone.feature_layers[-1], kind=backbone.kind,
                    size=tuple(masks.shape[-2:])).cpu()
@@ -145,13 +131,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary = {
         "salf_accuracy": float((salf_pred == te_lab).float().mean()),
         "backbone_accuracy": float((backbone_pred == te_lab).float().mean()),
-        "concepts_candidates": len(synthetic.concept_names()),
-        "concepts_after_filter": len(concepts),
+        "concepts_candidates": train_report["concepts"]["candidates"],
+        "concepts_after_filter": train_report["concepts"]["after_filter"],
         "concepts_kept": len(model.config.concepts),
-        "nonzero_weights_per_class": round(fit_report.nnz_per_class, 2),
+        "nonzero_weights_per_class": train_report["nonzero_weights_per_class"],
         "segmentation_salf": {k: round(v, 4) for k, v in seg_salf.items()},
         "segmentation_gradcam": {k: round(v, 4) for k, v in seg_cam.items()},
-        "images": {"train": len(tr_img), "val": len(va_img), "test": len(te_img)},
+        "images": {**train_report["images"], "test": len(te_img)},
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
     report_path = write_salf_report(
@@ -164,15 +150,5 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary["model"] = str(out / "model")
     summary["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("concept filter: %s", filter_report)
+    log.info("concept filter: %s", train_report["concepts"]["filter"])
     return summary
-
-
-def _cache_order(cache, folder: Path) -> torch.Tensor:
-    """Row r of the cache holds the scene exported as index order[r] (the export names files by index)."""
-    from fastcbm.data.export import scene_index
-
-    order = torch.tensor([scene_index(f) for f in cache.files], dtype=torch.long)
-    if cache.skipped:
-        raise ValueError(f"{len(cache.skipped)} exported images in {folder} could not be read back")
-    return order
