@@ -317,7 +317,8 @@ def test_dali_loader_on_cpu_matches_pil(images, model, reference, tmp_path):
         path = tmp_path / f"smooth{i}.{'png' if mode == 'L' else 'jpg'}"
         Image.fromarray(coarse).resize((w, h), Image.BICUBIC).convert(mode).save(path, quality=95)
         smooth.append(str(path))
-    (d,), (t,) = dali_loader(smooth, 32, [[0, 1, 2, 3]], device_id=None), torch_loader(smooth, 32, [[0, 1, 2, 3]])
+    (d,), (t,) = (dali_loader(smooth, 32, [[0, 1, 2, 3]], device_id=None),
+                  torch_loader(smooth, 32, [[0, 1, 2, 3]], num_workers=0))
     per_image = (d.images.float() - t.images.float()).abs().mean(dim=(1, 2, 3))
     assert float(per_image.max()) < 1.0, f"mean |DALI - PIL| per image: {per_image.tolist()}"
     r = precompute(images, model, tmp_path / "dali", **RUN, loader="dali")
