@@ -13,7 +13,6 @@ rank 0 merges the shard records into the manifest at the end.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import time
@@ -26,6 +25,7 @@ import torch
 
 from fastcbm.cache.reader import FEATURES, GLOBAL, GLOBAL_NORM, INPUT_INDEX, PROMPT, PROMPT_NORM, CacheReader
 from fastcbm.cache.store import ArraySpec, ShardedCache
+from fastcbm.distributed import init_distributed, resolve_device
 
 log = logging.getLogger("fastcbm.precompute")
 
@@ -90,14 +90,6 @@ def backbone_feature_fn(name: str, *, pretrained: bool | str | None = True, laye
     return fn
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(device)
-
-
 def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -108,22 +100,6 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtyp
     if dtype not in table:
         raise ValueError(f"dtype must be 'auto', 'bf16', 'fp16' or 'fp32', got {dtype!r}")
     return table[dtype]
-
-
-def _init_distributed(device: torch.device) -> tuple[int, int, bool]:
-    """(rank, world, we_initialised): initialise torch.distributed from torchrun's environment if needed."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return 0, 1, False
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, False
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    # a rank that finishes early waits at the final barrier: allow for long, unbalanced resumes
-    dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
-    return dist.get_rank(), dist.get_world_size(), True
 
 
 class _Encoder:
@@ -220,7 +196,7 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
         raise ValueError(f"verify must be 'checksum' or 'size', got {verify!r}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     cdtype = _resolve_dtype(dtype, dev)
     batch_size = batch_size or (64 if dev.type == "cuda" else 4)
     if batch_size < 1 or (max_encode_batch is not None and max_encode_batch < 1):
@@ -228,7 +204,7 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
     from fastcbm.data.loaders import resolve_loader
 
     loader = resolve_loader(loader, dev)  # fail before any work
-    rank, world, owns_pg = _init_distributed(dev)
+    rank, world, owns_pg = init_distributed(dev)
     if dev.type == "cuda" and dev.index is None:  # one process per GPU under torchrun
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 

@@ -109,7 +109,7 @@ def train_salf_from_cache(
     from fastcbm.cache import CacheReader
     from fastcbm.concepts import ConceptSet, encode_texts, filter_concepts, load_concepts
     from fastcbm.models import load_backbone, load_clip
-    from fastcbm.precompute import _init_distributed, _resolve_device
+    from fastcbm.distributed import init_distributed, resolve_device
     from fastcbm.salf.data import CacheData, split_rows
     from fastcbm.salf.model import SALFConfig
     from fastcbm.salf.pipeline import fit_salf_on
@@ -119,8 +119,8 @@ def train_salf_from_cache(
         raise FileExistsError(f"out: {out} already holds a model; choose another folder or pass overwrite=True "
                               "(--overwrite)")
     t_start = time.perf_counter()
-    dev = _resolve_device(device)
-    rank, world, owns_group = _init_distributed(dev)
+    dev = resolve_device(device)
+    rank, world, owns_group = init_distributed(dev)
     group = None
     if world > 1:
         import torch.distributed as dist
