@@ -190,8 +190,8 @@ def train_bottleneck_on(
 
     def step_rows():
         for _ in range(config.max_steps):  # the same generator everywhere: every process draws the same batch
-            rows = torch.randperm(n, generator=gen)[:batch] if batch < n else torch.arange(n)
-            yield rows[rank::world]
+            rows = torch.randperm(n, generator=gen)[:batch].sort().values if batch < n else torch.arange(n)
+            yield rows[rank::world]  # sorted: cache reads walk the shards forward (the loss ignores row order)
 
     best = (val_loss(), 0, weight.detach().clone())
     history: list[dict] = [{"step": 0, "val_loss": best[0]}]

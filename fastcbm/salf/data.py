@@ -140,20 +140,22 @@ class CacheData:
         all_files = self.cache.files
         return [all_files[r] for r in self._rows.tolist()]
 
-    def _cache_rows(self, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Cache rows sorted (forward reads) and the permutation that restores the requested order."""
+    def _read(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of a cache array in the requested order, read in cache order (forward through each shard). Sorted
+        requests — what the trainer sends — need no reordering copy (at 50,000 ImageNet rows a copy is 10 GB)."""
         wanted = self._rows[np.asarray(torch.as_tensor(rows).cpu().numpy(), dtype=np.int64)]
+        if wanted.size < 2 or bool(np.all(wanted[1:] >= wanted[:-1])):
+            return torch.from_numpy(np.ascontiguousarray(self.cache.array(name, wanted)))
         order = np.argsort(wanted, kind="stable")
-        return wanted[order], np.argsort(order, kind="stable")
+        out = np.empty((len(wanted), *self.cache.arrays[name].row_shape), dtype=self.cache.arrays[name].dtype)
+        out[order] = self.cache.array(name, wanted[order])
+        return torch.from_numpy(out)
 
     def features(self, rows: torch.Tensor) -> torch.Tensor:
-        sorted_rows, restore = self._cache_rows(rows)
-        f = torch.from_numpy(np.ascontiguousarray(self.cache.array("features", sorted_rows)[restore]))
-        return f.flatten(2)
+        return self._read("features", rows).flatten(2)
 
     def prompt_emb(self, rows: torch.Tensor) -> torch.Tensor:
-        sorted_rows, restore = self._cache_rows(rows)
-        return torch.from_numpy(np.ascontiguousarray(self.cache.array("prompt", sorted_rows)[restore]))
+        return self._read("prompt", rows)
 
 
 def batches(data: SALFData, rows_per_step: Iterator[torch.Tensor], device: torch.device,
