@@ -10,7 +10,8 @@ from pathlib import Path
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("testbed", help="train / evaluate the bundled testbed models, export scenes")
     sub = p.add_subparsers(dest="testbed_command", metavar="<action>", required=True)
-    clip = sub.add_parser("train-clip", help="train the tiny CLIP (seeded; ~25 min on 2 CPU cores)")
+    clip = sub.add_parser("train-clip", help="train the tiny CLIP (seeded; ~37 min per 2,500 steps on 2 CPU cores; "
+                          "the bundled weights: five stages, see fastcbm/models/MODEL_CARD.md)")
     clip.add_argument("--out", type=Path, required=True, help="folder for testbed_clip.safetensors")
     clip.add_argument("--steps", type=int, default=2500)
     clip.add_argument("--lr", type=float, default=2e-3)
