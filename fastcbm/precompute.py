@@ -70,9 +70,8 @@ def backbone_feature_fn(name: str, *, pretrained: bool | str | None = True, laye
     ``fastcbm.models.load_backbone(name, pretrained)`` on uint8 images ``[B, 3, S, S]``, resized to the backbone's
     input size and normalised with its mean/std exactly as SALF-CBM training and inference do → ``[B, C, h, w]``.
     The function carries ``.name`` and ``.source`` (backbone, pretrained, layer: what ``fastcbm train`` rebuilds)."""
-    from fastcbm.features import extract_feature_maps
+    from fastcbm.features import extract_feature_maps, normalize_for_backbone
     from fastcbm.models import load_backbone
-    from fastcbm.features import normalize_for_backbone
 
     backbone = load_backbone(name, pretrained=pretrained, device=str(device))
     layer = layer or backbone.feature_layers[-1]

@@ -305,3 +305,20 @@ def test_cli_train_under_torchrun_equals_one_process(testbed_cache, tmp_path):
     w1, w2 = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
     assert w1.keys() == w2.keys()
     assert_close(w2["weight"], w1["weight"], atol=1e-4, rtol=1e-3, what="bottleneck W (2 ranks vs 1)")
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"features": torch.zeros(6, 4)}, "training features must be \\[N, C, L\\]"),
+    ({"prompt_emb": torch.zeros(6, 3, 5)}, "training prompt embeddings must be \\[N=6, L=2, D\\]"),
+    ({"val_prompt_emb": torch.zeros(5, 2, 5)}, "validation prompt embeddings must be \\[N=4, L=2, D\\]"),
+    ({"text_emb": torch.zeros(3, 7)}, "text_emb must be \\[M, D=5\\]"),
+    ({"features": torch.zeros(1, 4, 2), "prompt_emb": torch.zeros(1, 2, 5)}, "training: need at least 2 samples"),
+    ({"val_features": torch.zeros(4, 3, 2)}, "validation rows are \\[C=3, L=2\\], training \\[C=4, L=2\\]"),
+])
+def test_train_bottleneck_rejects_bad_input(bad, match):
+    from fastcbm.salf.bottleneck import BottleneckConfig, train_bottleneck
+
+    args = {"features": torch.randn(6, 4, 2), "prompt_emb": torch.randn(6, 2, 5), "text_emb": torch.randn(3, 5),
+            "val_features": torch.randn(4, 4, 2), "val_prompt_emb": torch.randn(4, 2, 5)}
+    with pytest.raises(ValueError, match=match):
+        train_bottleneck(**{**args, **bad}, config=BottleneckConfig(max_steps=1), progress=False)

@@ -66,20 +66,6 @@ class BottleneckResult:
     config: dict = field(default_factory=dict)
 
 
-def _check_inputs(features: torch.Tensor, prompt_emb: torch.Tensor, text_emb: torch.Tensor, what: str) -> None:
-    if features.dim() != 3:
-        raise ValueError(f"{what} features must be [N, C, L], got shape {tuple(features.shape)}")
-    if prompt_emb.dim() != 3 or prompt_emb.shape[:2] != (features.shape[0], features.shape[2]):
-        raise ValueError(
-            f"{what} prompt embeddings must be [N={features.shape[0]}, L={features.shape[2]}, D], "
-            f"got shape {tuple(prompt_emb.shape)}"
-        )
-    if text_emb.dim() != 2 or text_emb.shape[1] != prompt_emb.shape[2]:
-        raise ValueError(f"text_emb must be [M, D={prompt_emb.shape[2]}], got shape {tuple(text_emb.shape)}")
-    if features.shape[0] < 2:
-        raise ValueError(f"{what}: need at least 2 samples (the loss centres over the batch), got {features.shape[0]}")
-
-
 @torch.no_grad()
 def concept_similarity(
     weight: torch.Tensor,
@@ -121,8 +107,7 @@ def train_bottleneck(
     """
     from fastcbm.salf.data import TensorData
 
-    _check_inputs(features, prompt_emb, text_emb, "training")
-    _check_inputs(val_features, val_prompt_emb, text_emb, "validation")
+    # TensorData checks the shapes, train_bottleneck_on the sizes and text_emb
     return train_bottleneck_on(TensorData(features, prompt_emb, name="training"),
                                TensorData(val_features, val_prompt_emb, name="validation"), text_emb, config,
                                device=device if device is not None else features.device, progress=progress)

@@ -184,12 +184,6 @@ def batches(data: SALFData, rows_per_step: Iterator[torch.Tensor], device: torch
             yield to_device(pending.result())
 
 
-def chunks(data: SALFData, chunk: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """All rows in order, ``chunk`` at a time, as :func:`batches` yields them."""
-    n = len(data)
-    return batches(data, (torch.arange(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)), device)
-
-
 def subset_rows(n: int, limit: int, seed: int) -> torch.Tensor:
     """All of ``0..n-1`` when ``n <= limit``, else a seeded sorted random subset of ``limit`` rows."""
     if n <= limit:

@@ -66,21 +66,12 @@ def backbone_grid_features(backbone, images: torch.Tensor, grid: tuple[int, int]
 
 
 @torch.no_grad()
-def pooled_concepts(weight: torch.Tensor, features: torch.Tensor, grid: tuple[int, int], pooling: str,
-                    temperature: float, chunk: int = 4096) -> torch.Tensor:
-    """Raw pooled concept activations ``[N, M]`` from grid features ``[N, C, L]`` and bottleneck ``W [M, C]``."""
-    from fastcbm.salf.data import TensorData
-
-    return pooled_concepts_on(weight, TensorData(features, features.new_zeros(features.shape[0], features.shape[2], 1)),
-                              grid, pooling, temperature, chunk, progress=False)
-
-
-@torch.no_grad()
 def pooled_concepts_on(weight: torch.Tensor, data, grid: tuple[int, int], pooling: str, temperature: float,
                        chunk: int = 4096, progress: bool = True) -> torch.Tensor:
     """Raw pooled concept activations ``[N, M]`` (on ``weight``'s device) of a :mod:`fastcbm.salf.data` split, read
     ``chunk`` rows at a time."""
     from fastcbm.heads import pool_concept_maps
+
     parts = []
     bar = tqdm(total=len(data), desc="pooled concepts", disable=not progress, leave=False, unit="img")
     n = len(data)
@@ -187,10 +178,10 @@ def fit_salf_on(
             raise ValueError(f"{name}: {int((data.labels < 0).sum())} rows have no label")
     if text_emb.shape[0] != len(config.concepts):
         raise ValueError(f"text_emb has {text_emb.shape[0]} rows for {len(config.concepts)} concepts")
-    num_classes = len(config.class_names) or int(max(train.labels.max(), val.labels.max())) + 1
-    if int(max(train.labels.max(), val.labels.max())) >= num_classes:
-        raise ValueError(f"labels go up to {int(max(train.labels.max(), val.labels.max()))} but there are "
-                         f"{num_classes} class names")
+    top_label = int(max(train.labels.max(), val.labels.max()))
+    num_classes = len(config.class_names) or top_label + 1
+    if top_label >= num_classes:
+        raise ValueError(f"labels go up to {top_label} but there are {num_classes} class names")
     layer = config.feature_layer or backbone.feature_layers[-1]
     seconds: dict[str, float] = {}
 
