@@ -109,6 +109,10 @@ def test_folder_and_csv_labels(tmp_path):
                                          "cat/2.png,7,feline\n3.png,9,insect\n")
     y, names = csv_labels(tmp_path / "labels.csv", files)
     assert names == ["feline", "canine", "insect"] and y.tolist() == [0, 1, 0, 2]
+    y, names = csv_labels(tmp_path / "labels.csv", files, ["insect", "feline", "canine", "bird"])
+    assert names == ["insect", "feline", "canine", "bird"] and y.tolist() == [1, 2, 1, 0]
+    with pytest.raises(ValueError, match="'insect', which is not among the classes"):
+        csv_labels(tmp_path / "labels.csv", files, ["feline", "canine"])
     (tmp_path / "plain.tsv").write_text("cat/0.png\ta\ndog/1.png\tb\n")
     with pytest.raises(ValueError, match="no label for .*2.png"):
         csv_labels(tmp_path / "plain.tsv", files)

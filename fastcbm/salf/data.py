@@ -218,11 +218,15 @@ def folder_labels(files: Sequence[str], class_names: Sequence[str] | None = None
     return torch.tensor([index[d] for d in dirs], dtype=torch.long), names
 
 
-def csv_labels(path: str | os.PathLike, files: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
-    """Labels from a CSV/TSV file of ``path,class`` rows → (labels long [N] for ``files``, class names in order of
-    first appearance). Paths are relative to the CSV's folder, absolute, or bare file names. An optional header row
-    (first cell ``file``/``path``/``image``/``filename``) may name a ``class`` column to use instead of the second
-    (the testbed's ``labels.csv`` is ``file,label,class``). Every file must have a label."""
+def csv_labels(path: str | os.PathLike, files: Sequence[str], class_names: Sequence[str] | None = None
+               ) -> tuple[torch.Tensor, list[str]]:
+    """Labels from a CSV/TSV file of ``path,class`` rows → (labels long [N] for ``files``, class names). Paths are
+    relative to the CSV's folder, absolute, or bare file names. An optional header row (first cell
+    ``file``/``path``/``image``/``filename``) may name a ``class`` column to use instead of the second (the testbed's
+    ``labels.csv`` is ``file,label,class``). Every file must have a label.
+
+    Without ``class_names`` the classes are numbered in order of first appearance; with them (e.g. the training
+    split's, for a validation CSV), a class that is not listed raises ``ValueError`` naming it."""
     import csv
 
     path = Path(path)
@@ -248,14 +252,17 @@ def csv_labels(path: str | os.PathLike, files: Sequence[str]) -> tuple[torch.Ten
         full = p if p.is_absolute() else path.parent / p
         by_path[os.path.abspath(full)] = row[column].strip()
         by_name[p.name] = row[column].strip()
-    names: list[str] = []
-    index: dict[str, int] = {}
+    names: list[str] = [] if class_names is None else list(class_names)
+    index = {c: i for i, c in enumerate(names)}
     labels = []
     for f in files:
         cls = by_path.get(os.path.abspath(f), by_name.get(Path(f).name))
         if cls is None:
             raise ValueError(f"labels: {path} has no label for {f}")
         if cls not in index:
+            if class_names is not None:
+                raise ValueError(f"labels: {path} gives {f} the class {cls!r}, which is not among the classes "
+                                 f"({names[:5]}{'...' if len(names) > 5 else ''})")
             index[cls] = len(names)
             names.append(cls)
         labels.append(index[cls])

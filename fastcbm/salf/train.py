@@ -55,15 +55,7 @@ def _labels_for(reader, labels, class_names):
     if labels is None:
         return folder_labels(files, class_names)
     if isinstance(labels, (str, os.PathLike)):
-        y, names = csv_labels(labels, files)
-        if class_names is not None:  # map onto the given class order
-            index = {c: i for i, c in enumerate(class_names)}
-            unknown = sorted(set(names) - set(index))
-            if unknown:
-                raise ValueError(f"labels: classes {unknown[:5]} are not among the training classes")
-            y = torch.tensor([index[names[i]] for i in y.tolist()], dtype=torch.long)
-            names = list(class_names)
-        return y, names
+        return csv_labels(labels, files, class_names)
     y = torch.as_tensor(labels).long()
     if y.shape != (len(reader),):
         raise ValueError(f"labels must have one entry per cache row ({len(reader)}), got shape {tuple(y.shape)}")
