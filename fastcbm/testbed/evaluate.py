@@ -17,8 +17,10 @@ from fastcbm.data import synthetic as S
 from fastcbm.models import testbed as T
 
 EVAL_SEED = S.TRAINING_SEED_LIMIT + 777
+# the zero-shot prompts; the CLIP's training (fastcbm.testbed.train_clip) captions and hard negatives use the same
 ZERO_SHOT_TEMPLATES = {"shape": "a photo of a {}", "color": "a photo of a {} object",
                        "texture": "a photo of a {} object"}
+ATTRIBUTE_VALUES = {"shape": S.SHAPES, "color": tuple(S.COLORS), "texture": S.TEXTURES}
 
 
 @torch.no_grad()
@@ -28,7 +30,7 @@ def evaluate_clip(model: nn.Module, n: int = 300, seed: int = EVAL_SEED) -> dict
     scenes = S.generate(n, seed=seed, num_objects=1)
     img = model.encode_image(T.normalize(scenes.images), normalize=True)
     scores: dict[str, float] = {}
-    for attr, values in (("shape", S.SHAPES), ("color", S.COLORS), ("texture", S.TEXTURES)):
+    for attr, values in ATTRIBUTE_VALUES.items():
         txt = model.encode_text(tokenizer([ZERO_SHOT_TEMPLATES[attr].format(v) for v in values]), normalize=True)
         pred = (img @ txt.T).argmax(1)
         truth = torch.tensor([list(values).index(getattr(objs[0], attr)) for objs in scenes.objects])

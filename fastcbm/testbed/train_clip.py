@@ -10,7 +10,8 @@ is CLIP's symmetric InfoNCE with identical captions counted as positives. An opt
 template captions of all values of its shape, colour and texture ("a photo of a striped object" against "... checkered
 object" and "... solid object"), which contrastive batches of random captions rarely pit against each other, and
 (``ring_attributes``) every ring-prompted image against the bare words of all values of its ringed object's attributes.
-Single-threaded and seeded: reruns give the same weights. (The ring is called a "ring" in captions so that the shape word "circle" keeps one meaning.)
+Single-threaded and seeded: reruns give the same weights. (The ring is called a "ring" in captions so that the shape
+word "circle" keeps one meaning.)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from fastcbm.data import synthetic as S
 from fastcbm.models import testbed as T
+from fastcbm.testbed.evaluate import ATTRIBUTE_VALUES, ZERO_SHOT_TEMPLATES
 
 POOL_SCENES = 16384
 POOL_CHUNK = 1024
@@ -56,13 +58,9 @@ def _ringed_caption(obj: S.SceneObject, rng: random.Random) -> str:
 
 
 def _attribute_caption(obj: S.SceneObject, rng: random.Random) -> str:
-    options = [f"a photo of a {obj.shape}", f"a photo of a {obj.color} object", f"a photo of a {obj.texture} object"]
+    options = [template.format(getattr(obj, attr)) for attr, template in ZERO_SHOT_TEMPLATES.items()]
     options += [f"a photo of something with a {part}" for part in obj.parts]
     return rng.choice(options)
-
-
-ATTRIBUTE_TEMPLATES = {"shape": ("a photo of a {}", S.SHAPES), "color": ("a photo of a {} object", tuple(S.COLORS)),
-                       "texture": ("a photo of a {} object", S.TEXTURES)}
 
 
 def attribute_loss(model: torch.nn.Module, tokenizer, img_emb: torch.Tensor, objects: list[list[S.SceneObject]],
@@ -82,8 +80,8 @@ def attribute_loss(model: torch.nn.Module, tokenizer, img_emb: torch.Tensor, obj
         if not rows:
             continue
         img = img_emb[rows]
-        for attr, (template, values) in ATTRIBUTE_TEMPLATES.items():
-            texts = [template.format(v) if templated else v for v in values]
+        for attr, values in ATTRIBUTE_VALUES.items():
+            texts = [ZERO_SHOT_TEMPLATES[attr].format(v) if templated else v for v in values]
             txt = model.encode_text(tokenizer(texts), normalize=True)
             truth = torch.tensor([values.index(getattr(obj_of(i), attr)) for i in rows])
             loss = loss + torch.nn.functional.cross_entropy(scale * img @ txt.T, truth)
