@@ -135,11 +135,6 @@ class CacheData:
         """long [N]: the cache rows of this split."""
         return torch.from_numpy(self._rows)
 
-    @property
-    def files(self) -> list[str]:
-        all_files = self.cache.files
-        return [all_files[r] for r in self._rows.tolist()]
-
     def _read(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """Rows of a cache array in the requested order, read in cache order (forward through each shard). Sorted
         requests — what the trainer sends — need no reordering copy (at 50,000 ImageNet rows a copy is 10 GB)."""

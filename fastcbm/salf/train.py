@@ -170,7 +170,7 @@ def train_salf_from_cache(
                                     fit=config.fit, device=dev, progress=progress, process_group=group)
     report = {
         "cache": str(reader.root), "val_cache": str(val_cache) if val_cache is not None else None,
-        "images": {"train": len(train), "val": len(val)}, "classes": len(names),
+        "images": {"train": len(train), "val": len(val)}, "classes": len(names), "processes": world,
         "concepts": {"candidates": len(concept_names), "after_filter": len(kept),
                      "kept": len(fit_report.concepts_kept), "filter": filter_report.summary(),
                      "dropped_by_filter": {k: list(v) for k, v in filter_report.dropped.items()},
@@ -182,7 +182,6 @@ def train_salf_from_cache(
         "seconds": {**{k: round(v, 1) for k, v in fit_report.seconds.items()},
                     "total": round(time.perf_counter() - t_start, 1)},
     }
-    report["processes"] = world
     if out is not None:
         out = Path(out)
         if rank == 0:
