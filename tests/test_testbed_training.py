@@ -1,5 +1,5 @@
-"""The testbed CLIP's training batches and its attribute hard-negative term (the full run is `fastcbm testbed
-train-clip`, ~1 h; here: the pieces, on a small pool)."""
+"""The testbed CLIP's training: batches, the attribute hard-negative term, the staged schedule and its CLI (the full
+run is `fastcbm testbed train-clip`, ~93 min; here: the pieces, on a small pool)."""
 
 from __future__ import annotations
 
@@ -80,3 +80,86 @@ def test_attribute_loss_prefers_the_true_attribute():
         loss = TC.attribute_loss(model, tokenizer, emb, scenes.objects, model.logit_scale.exp())
     chance = (math.log(len(S.SHAPES)) + math.log(len(S.COLORS)) + math.log(len(S.TEXTURES))) / 3
     assert float(loss) < 0.5 * chance, (float(loss), chance)
+
+
+TINY_SCHEDULE = (TC.ClipStage(3, 2e-3, seed=0), TC.ClipStage(2, 5e-4, seed=1, attribute_weight=1.0,
+                                                               ring_attributes=True))
+
+
+def _train_tiny(out, **kwargs) -> dict:
+    kwargs = {"schedule": TINY_SCHEDULE, "pool_size": TC.POOL_CHUNK, "threads": 1, **kwargs}
+    return TC.train_clip(out, batch_size=16, progress=False, **kwargs)
+
+
+def test_train_clip_schedule_is_reproducible_and_resumable(tmp_path):
+    """One command runs every stage; a rerun gives the same bytes; resuming at stage 2 from the weights stage 1 saved
+    gives the same weights as the uninterrupted run."""
+    scores = _train_tiny(tmp_path / "a")
+    assert set(scores) >= {"zero_shot_shape", "zero_shot_color", "zero_shot_texture", "ring_sensitivity"}
+    full = (tmp_path / "a" / T.WEIGHTS["clip"]).read_bytes()
+    _train_tiny(tmp_path / "b")
+    assert (tmp_path / "b" / T.WEIGHTS["clip"]).read_bytes() == full
+    stage1 = TC.stage_weights(tmp_path / "a", 1)
+    assert stage1.read_bytes() != full and TC.stage_weights(tmp_path / "a", 2).read_bytes() == full
+    _train_tiny(tmp_path / "c", schedule=TINY_SCHEDULE[:1])
+    assert TC.stage_weights(tmp_path / "c", 1).read_bytes() == stage1.read_bytes()
+    _train_tiny(tmp_path / "d", init=stage1, start_stage=1)
+    assert (tmp_path / "d" / T.WEIGHTS["clip"]).read_bytes() == full
+    assert torch.get_num_threads() == 1  # restored
+
+
+def test_train_clip_fast_mode_is_reproducible(tmp_path):
+    """--threads 2 --channels-last: other floating-point sums, still the same bytes on a rerun, and loadable weights."""
+    for name in ("a", "b"):
+        _train_tiny(tmp_path / name, schedule=TINY_SCHEDULE[:1], threads=2, channels_last=True)
+    fast = (tmp_path / "a" / T.WEIGHTS["clip"]).read_bytes()
+    assert (tmp_path / "b" / T.WEIGHTS["clip"]).read_bytes() == fast
+    model = T.load_weights(T.make_clip(), "clip", tmp_path / "a" / T.WEIGHTS["clip"])
+    assert all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point())
+    assert all(v.is_contiguous() for v in model.state_dict().values())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"schedule": ()}, "at least one stage"),
+    ({"schedule": (TC.ClipStage(0, 1e-3, 0),)}, ">= 1 step"),
+    ({"start_stage": 2}, "start_stage must be in [0, 1]"),
+    ({"threads": 0}, "threads must be >= 1"),
+    ({"pool_size": 1000}, "multiple of 1024"),
+])
+def test_train_clip_rejects_bad_arguments(tmp_path, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        _train_tiny(tmp_path, **kwargs)
+    assert message in str(err.value)
+    assert not (tmp_path / T.WEIGHTS["clip"]).exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--start-stage", "2"], "needs --init"),
+    (["--start-stage", "6", "--init", "w"], "--start-stage must be in 1..5"),
+    (["--steps", "10", "--start-stage", "2"], "cannot be combined with a custom stage"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--init", "missing.safetensors"], "--init missing.safetensors not found"),
+])
+def test_train_clip_cli_errors(tmp_path, monkeypatch, capsys, argv, message):
+    from fastcbm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(TC, "train_clip", lambda *a, **k: pytest.fail("training must not start"))
+    assert main(["testbed", "train-clip", "--out", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_clip_cli_builds_the_schedule(tmp_path, monkeypatch):
+    from fastcbm.cli import main
+
+    calls = []
+    monkeypatch.setattr(TC, "train_clip", lambda out, schedule, **kw: calls.append((schedule, kw)) or {})
+    assert main(["testbed", "train-clip", "--out", str(tmp_path)]) == 0
+    assert calls[-1][0] == TC.SHIPPED_SCHEDULE
+    assert calls[-1][1]["threads"] == TC.TRAIN_THREADS and calls[-1][1]["channels_last"] == TC.TRAIN_CHANNELS_LAST
+    assert main(["testbed", "train-clip", "--out", str(tmp_path), "--steps", "7", "--ring-attributes",
+                 "--attribute-weight", "2", "--threads", "1", "--no-channels-last"]) == 0
+    assert calls[-1][0] == (TC.ClipStage(7, 2e-3, 0, 2.0, True),)
+    assert calls[-1][1]["threads"] == 1 and calls[-1][1]["channels_last"] is False
