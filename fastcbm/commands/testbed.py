@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,12 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clip.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                       help="channels-last image tower (faster on CPU; default: the bundled weights' setting); the "
                       "weights depend on it")
-    custom = clip.add_argument_group("one custom stage instead of the shipped schedule")
+    custom = clip.add_argument_group("one custom stage instead of the shipped schedule (unset: as its stage 1, "
+                                     "2,500 steps, lr 2e-3, seed 0, no attribute term)")
     custom.add_argument("--steps", type=int)
-    custom.add_argument("--lr", type=float, help="default 2e-3")
-    custom.add_argument("--seed", type=int, help="default 0")
+    custom.add_argument("--lr", type=float)
+    custom.add_argument("--seed", type=int)
     custom.add_argument("--attribute-weight", type=float,
-                        help="weight of the attribute hard-negative term (shape/colour/texture templates); default 0")
+                        help="weight of the attribute hard-negative term (shape/colour/texture templates)")
     custom.add_argument("--ring-attributes", action="store_true", default=None,
                         help="the attribute term also scores ring prompts against bare attribute words")
     clip.set_defaults(func=_train_clip)
@@ -59,7 +61,6 @@ def _train_clip(args: argparse.Namespace) -> int:
         SHIPPED_SCHEDULE,
         TRAIN_CHANNELS_LAST,
         TRAIN_THREADS,
-        ClipStage,
         stage_weights,
         train_clip,
     )
@@ -71,8 +72,8 @@ def _train_clip(args: argparse.Namespace) -> int:
         if args.start_stage != 1:
             raise ValueError("--start-stage resumes the shipped schedule; it cannot be combined with a custom stage "
                              "(--steps/--lr/--seed/--attribute-weight/--ring-attributes)")
-        defaults = {"steps": 2500, "lr": 2e-3, "seed": 0, "attribute_weight": 0.0, "ring_attributes": False}
-        schedule = (ClipStage(**{k: defaults[k] if v is None else v for k, v in custom.items()}),)
+        # unset options default to the schedule's first stage (contrastive pre-training from scratch)
+        schedule = (dataclasses.replace(SHIPPED_SCHEDULE[0], **{k: v for k, v in custom.items() if v is not None}),)
         _positive("--steps", schedule[0].steps)
     if not 1 <= args.start_stage <= len(schedule):
         raise ValueError(f"--start-stage must be in 1..{len(schedule)}, got {args.start_stage}")
