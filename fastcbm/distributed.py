@@ -10,12 +10,14 @@ import torch
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"``: this process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is available, else the CPU."""
+    """``"auto"``: a GPU when CUDA is available, else the CPU. A GPU without an index (``"auto"``, ``"cuda"``) is this
+    process's own: ``LOCAL_RANK`` under torchrun (one process per GPU), else 0."""
     if str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return dev
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, bool]:

@@ -204,8 +204,6 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
 
     loader = resolve_loader(loader, dev)  # fail before any work
     rank, world, owns_pg = init_distributed(dev)
-    if dev.type == "cuda" and dev.index is None:  # one process per GPU under torchrun
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
     if isinstance(model, str):
         from fastcbm.models import load_clip
