@@ -258,10 +258,11 @@ def train_clip(out: str | Path, schedule: tuple[ClipStage, ...] = SHIPPED_SCHEDU
         model = T.make_clip()
         if init is not None:
             T.load_weights(model, "clip", init)
+        model.visual.to(memory_format=memory_format)  # kept across stages: loading weights copies into the layout
+        tokenizer = T.WordTokenizer()
         for k, stage in enumerate(stages, start=start_stage):
             bar.set_description(f"testbed CLIP stage {k + 1}/{len(schedule)}")
-            model.visual.to(memory_format=memory_format)
-            _run_stage(model, stage, pool, batch_size, T.WordTokenizer(), bar, log_every, weights, checkpoint_every,
+            _run_stage(model, stage, pool, batch_size, tokenizer, bar, log_every, weights, checkpoint_every,
                        memory_format)
             T.save_weights(model, weights)
             shutil.copyfile(weights, stage_weights(out, k + 1))  # what a resumed run's --init must be
