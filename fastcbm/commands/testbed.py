@@ -11,9 +11,9 @@ from pathlib import Path
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("testbed", help="train / evaluate the bundled testbed models, export scenes")
     sub = p.add_subparsers(dest="testbed_command", metavar="<action>", required=True)
-    clip = sub.add_parser("train-clip", help="train the tiny CLIP: by default the bundled weights' five-stage schedule "
-                          "(seeded, reproduces them; ~93 min on 2 CPU cores, ~48 min with --threads 2 "
-                          "--channels-last, which gives other weights); with --steps/--lr/... one custom stage")
+    clip = sub.add_parser("train-clip", help="train the tiny CLIP: by default the bundled weights' six-stage schedule "
+                          "(seeded, reproduces them; ~51 min on 2 CPU cores; other --threads or "
+                          "--no-channels-last give other weights); with --steps/--lr/... one custom stage")
     clip.add_argument("--out", type=Path, required=True, help="folder for testbed_clip.safetensors")
     clip.add_argument("--init", type=Path,
                       help="start from these weights (fine-tuning, or resuming with --start-stage)")
