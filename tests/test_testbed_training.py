@@ -1,5 +1,5 @@
 """The testbed CLIP's training: batches, the attribute hard-negative term, the staged schedule and its CLI (the full
-run is `fastcbm testbed train-clip`, ~51 min on 2 cores; here: the pieces, on a small pool)."""
+run is `fastcbm testbed train-clip`, ~48 min on 2 cores; here: the pieces, on a small pool)."""
 
 from __future__ import annotations
 

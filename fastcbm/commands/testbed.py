@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("testbed", help="train / evaluate the bundled testbed models, export scenes")
     sub = p.add_subparsers(dest="testbed_command", metavar="<action>", required=True)
     clip = sub.add_parser("train-clip", help="train the tiny CLIP: by default the bundled weights' six-stage schedule "
-                          "(seeded, reproduces them; ~51 min on 2 CPU cores; other --threads or "
+                          "(seeded, reproduces them; ~48 min on 2 CPU cores; other --threads or "
                           "--no-channels-last give other weights); with --steps/--lr/... one custom stage")
     clip.add_argument("--out", type=Path, required=True, help="folder for testbed_clip.safetensors")
     clip.add_argument("--init", type=Path,

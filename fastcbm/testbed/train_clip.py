@@ -171,7 +171,7 @@ SHIPPED_SCHEDULE = (
     ClipStage(500, 2.5e-4, seed=6),
 )
 # The numerics the bundled weights were trained with. Both change floating-point sums, hence the weights: 2 threads and
-# channels-last oneDNN convolutions train ~2x faster on 2 cores than 1 thread with contiguous tensors (~51 min for the
+# channels-last oneDNN convolutions train ~2x faster on 2 cores than 1 thread with contiguous tensors (~48 min for the
 # schedule), so they are part of what makes a run reproduce the bundled file.
 TRAIN_THREADS = 2
 TRAIN_CHANNELS_LAST = True
