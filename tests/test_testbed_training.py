@@ -111,9 +111,11 @@ def test_train_clip_schedule_is_reproducible_and_resumable(tmp_path):
 def test_train_clip_default_numerics_are_reproducible(tmp_path):
     """The bundled weights' numerics (2 threads, channels-last image tower): other floating-point sums than 1 thread,
     still the same bytes on a rerun, and loadable, contiguous weights."""
+    before = torch.get_num_threads()
     for name in ("a", "b"):
         _train_tiny(tmp_path / name, schedule=TINY_SCHEDULE[:1], threads=TC.TRAIN_THREADS,
                     channels_last=TC.TRAIN_CHANNELS_LAST)
+    assert torch.get_num_threads() == before  # restored
     fast = (tmp_path / "a" / T.WEIGHTS["clip"]).read_bytes()
     assert (tmp_path / "b" / T.WEIGHTS["clip"]).read_bytes() == fast
     model = T.load_weights(T.make_clip(), "clip", tmp_path / "a" / T.WEIGHTS["clip"])

@@ -29,6 +29,7 @@ import torch
 from fastcbm.data import synthetic as S
 from fastcbm.models import testbed as T
 from fastcbm.testbed.evaluate import ATTRIBUTE_VALUES, ZERO_SHOT_TEMPLATES
+from fastcbm.utils import torch_threads
 
 POOL_SCENES = 16384
 POOL_CHUNK = 1024
@@ -252,9 +253,7 @@ def train_clip(out: str | Path, schedule: tuple[ClipStage, ...] = SHIPPED_SCHEDU
     out.mkdir(parents=True, exist_ok=True)
     weights = out / T.WEIGHTS["clip"]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         pool = make_pool(pool_size)
         t0 = time.time()
         stages = schedule[start_stage:]
@@ -274,7 +273,5 @@ def train_clip(out: str | Path, schedule: tuple[ClipStage, ...] = SHIPPED_SCHEDU
             T.load_weights(model, "clip", weights)  # the next stage starts from the saved (fp16) weights
         bar.close()
         scores = evaluate_clip(T.load_weights(T.make_clip(), "clip", weights))  # as shipped (fp16)
-    finally:
-        torch.set_num_threads(previous_threads)
     scores["train_seconds"] = round(time.time() - t0, 1)
     return scores
