@@ -168,3 +168,17 @@ def test_train_clip_cli_builds_the_schedule(tmp_path, monkeypatch):
                  "--attribute-weight", "2", "--threads", "1", "--no-channels-last"]) == 0
     assert calls[-1][0] == (TC.ClipStage(7, 2e-3, 0, 2.0, True),)
     assert calls[-1][1]["threads"] == 1 and calls[-1][1]["channels_last"] is False
+
+
+def test_train_classifier_runs_on_one_thread_and_restores_the_count(tmp_path):
+    from fastcbm.testbed.train_classifier import train_classifier
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = train_classifier("cnn", tmp_path, steps=2, progress=False)
+        assert torch.get_num_threads() == 2  # the one-thread training does not leak into the caller
+    finally:
+        torch.set_num_threads(before)
+    assert set(result) == {"cnn_accuracy", "train_seconds"} and 0.0 <= result["cnn_accuracy"] <= 1.0
+    T.load_weights(T.TinyResNet(), "cnn", tmp_path / T.WEIGHTS["cnn"])
