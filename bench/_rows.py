@@ -8,9 +8,16 @@ from pathlib import Path
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
-    """Append ``rows`` (dicts) to the CSV at ``path``; floats are written with 6 significant digits."""
+    """Append ``rows`` (dicts) to the CSV at ``path``; floats are written with 6 significant digits.
+
+    Every row is tagged with the machine and versions (``_env.env_tags``) and a UTC ``date``; a script's own values
+    for those keys win."""
     if not rows:
         return
+    from _env import env_tags, now_utc
+
+    tags = {"date": now_utc(), **env_tags()}
+    rows = [{**tags, **row} for row in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for row in rows for k in row))
     old_fields: list[str] = []

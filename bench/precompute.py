@@ -72,7 +72,8 @@ def load_model(kind: str):
     return model.eval(), "tiny random (4L w192 64px)"
 
 
-def naive(files: list[str], model, size: int, mean, std, grid: int, radius: float, width: float, out: Path) -> dict:
+def naive(files: list[str], model, size: int, mean, std, grid: int, radius: float, width: float, out: Path,
+          device: str = "cpu") -> dict:
     """Per-prompt PIL drawing + per-image transforms + one encoder batch per image."""
     from PIL import Image, ImageDraw
 
@@ -97,11 +98,11 @@ def naive(files: list[str], model, size: int, mean, std, grid: int, radius: floa
             ImageDraw.Draw(p).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), outline=(255, 0, 0),
                                       width=int(width))
             copies.append(to_tensor(p))
-        x = torch.stack(copies)
+        x = torch.stack(copies).to(device)
         t2 = time.perf_counter()
         with torch.no_grad():
             e = model.encode_image(x)
-            e = (e / e.norm(dim=-1, keepdim=True)).half().numpy()
+            e = (e / e.norm(dim=-1, keepdim=True)).half().cpu().numpy()
         t3 = time.perf_counter()
         rows.append(e)
         t["decode"] += t1 - t0
@@ -115,13 +116,13 @@ def naive(files: list[str], model, size: int, mean, std, grid: int, radius: floa
 
 
 def fast(files: list[str], model, name: str, grid: int, out: Path, batch_size: int, max_encode_batch=None,
-         num_workers: int = 0, draft: bool = False) -> dict:
+         num_workers: int = 0, draft: bool = False, device: str = "cpu") -> dict:
     from fastcbm.precompute import precompute
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     r = precompute(files, model, out, model_name=name, grid=grid, batch_size=batch_size, shard_size=1024,
-                   num_workers=num_workers, device="cpu", progress=False, max_encode_batch=max_encode_batch,
+                   num_workers=num_workers, device=device, progress=False, max_encode_batch=max_encode_batch,
                    draft=draft)
     wall = time.perf_counter() - t0
     s = dict(r.stats)
@@ -139,22 +140,26 @@ def quantiles(xs: list[float]) -> tuple[float, float, float]:
 
 
 def run_case(kind: str, n_images: int, repeats: int, grid: int, batch_size: int, work: Path,
-             meb: int | None, num_workers: int = 0, draft: bool = False) -> list[dict]:
+             meb: int | None, num_workers: int = 0, draft: bool = False, device: str = "cpu") -> list[dict]:
+    from _env import VIT_B16_GFLOPS, roofline_fraction
+
     from fastcbm.precompute import encoder_input_config
     from fastcbm.prompts import default_ring_geometry
 
     model, name = load_model(kind)
+    model = model.to(device)
     size, mean, std = encoder_input_config(model)
     radius, width = default_ring_geometry(size)
     files = make_images(work / "images", n_images)
     prompted = n_images * (1 + grid * grid)
     # warm-up (first-call allocations, lazy imports) on one image, both pipelines
-    fast(files[:1], model, name, grid, work / "warm", batch_size)
-    naive(files[:1], model, size, mean, std, grid, radius, width, work)
+    fast(files[:1], model, name, grid, work / "warm", batch_size, device=device)
+    naive(files[:1], model, size, mean, std, grid, radius, width, work, device)
     runs: dict[str, list[dict]] = {"fastcbm": [], "naive": []}
     for _ in range(repeats):  # interleaved, so machine noise hits both alike
-        runs["fastcbm"].append(fast(files, model, name, grid, work / "cache", batch_size, meb, num_workers, draft))
-        runs["naive"].append(naive(files, model, size, mean, std, grid, radius, width, work))
+        runs["fastcbm"].append(fast(files, model, name, grid, work / "cache", batch_size, meb, num_workers, draft,
+                                    device))
+        runs["naive"].append(naive(files, model, size, mean, std, grid, radius, width, work, device))
     rows = []
     base = statistics.median(prompted / r["wall"] for r in runs["naive"])
     for pipe, rs in runs.items():
@@ -168,7 +173,10 @@ def run_case(kind: str, n_images: int, repeats: int, grid: int, batch_size: int,
                      "images_per_s": med / (1 + grid * grid), "speedup_vs_naive": med / base,
                      "wall_s": mid["wall"], "decode_s": mid["decode"], "render_s": mid["render"],
                      "encode_s": mid["encode"], "write_s": mid["write"], "setup_s": mid.get("setup", 0.0),
-                     "non_encoder_frac": non_enc})
+                     "non_encoder_frac": non_enc,
+                     # ViT-B/16 only (its FLOPs are known): achieved FLOP/s over the GPU's measured bf16 peak
+                     "roofline_frac": (roofline_fraction(med * VIT_B16_GFLOPS * 1e9)
+                                       if kind == "vit-b-16" and device == "cuda" else "")})
     return rows
 
 
@@ -177,22 +185,29 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer images and repeats")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="encoder device (default: cuda when available)")
     ap.add_argument("--grid", type=int, default=7)
     ap.add_argument("--tiny-images", type=int, default=None)
     ap.add_argument("--vit-images", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=None, help="images per batch (default 4 on CPU, 32 on GPU)")
     ap.add_argument("--skip-vit", action="store_true", help="only the small models (tiny config, testbed)")
     ap.add_argument("--num-workers", type=int, default=0,
                     help="fastcbm decoding worker processes (default 0: decode in the main process, as the naive "
                          "pipeline does; with workers, decoding overlaps the encoder)")
     ap.add_argument("--jpeg-draft", action="store_true", help="fastcbm: JPEG draft-mode decoding (precompute --jpeg-draft)")
-    ap.add_argument("--max-encode-batch", default="same",
+    ap.add_argument("--max-encode-batch", default=None,
                     help="fastcbm encoder batch: 'same' = 1+G like the naive pipeline (isolates the pipeline "
-                         "overhead; default), 'auto' = precompute's default, or a number")
+                         "overhead; the CPU default), 'auto' = precompute's default (the GPU default: a GPU is "
+                         "filled by large batches, which is the point of the fused pipeline), or a number")
     args = ap.parse_args(argv)
+    gpu_run = args.device == "cuda"
+    args.batch_size = args.batch_size or (32 if gpu_run else 4)
+    args.max_encode_batch = args.max_encode_batch or ("auto" if gpu_run else "same")
     tiny_n = args.tiny_images or (8 if args.quick else 24)
-    vit_n = args.vit_images or (1 if args.quick else 3)
+    # a GPU needs enough prompted images to fill it: 64 images = 3,200 ViT-B/16 passes (quick), 512 = 25,600
+    vit_n = args.vit_images or ((64 if args.quick else 512) if args.device == "cuda" else (1 if args.quick else 3))
     reps = args.repeats or (2 if args.quick else 3)
     cases = [("tiny", tiny_n, reps), ("testbed", tiny_n, reps)]
     cases += [] if args.skip_vit else [("vit-b-16", vit_n, 1 if args.quick else 2)]
@@ -203,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": hw, "gpu": gpu,
-            "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": args.device, "quick": args.quick, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "fastcbm": fastcbm.__version__}
     rows = []
     meb = {"same": 1 + args.grid * args.grid, "auto": None}.get(args.max_encode_batch)
@@ -211,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for kind, n, r in cases:
             rows += run_case(kind, n, r, args.grid, args.batch_size, Path(tmp) / kind, meb, args.num_workers,
-                             args.jpeg_draft)
+                             args.jpeg_draft, args.device)
     print(f"precompute on {hw} ({torch.get_num_threads()} threads), torch {torch.__version__}, grid {args.grid}")
     head = (f"{'model':<28} {'pipeline':<8} {'imgs':>4} {'prompted/s':>10} {'p10':>8} {'p90':>8} {'speedup':>7} "
             f"{'wall':>7} {'decode':>7} {'render':>7} {'encode':>7} {'write':>6} {'setup':>6} {'non-enc':>7}")

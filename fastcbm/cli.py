@@ -16,6 +16,7 @@ from fastcbm import __version__
 
 # command modules, in the order `fastcbm --help` lists them
 COMMAND_MODULES = (
+    "fastcbm.commands.bench",
     "fastcbm.commands.cefam",
     "fastcbm.commands.demo",
     "fastcbm.commands.explain",
