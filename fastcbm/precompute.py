@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastcbm.cache.reader import FEATURES, GLOBAL, GLOBAL_NORM, INPUT_INDEX, PROMPT, PROMPT_NORM, CacheReader
-from fastcbm.cache.store import ArraySpec, ShardedCache
+from fastcbm.cache.reader import FEATURES, GLOBAL, GLOBAL_NORM, INPUT_INDEX, PROMPT, PROMPT_NORM, Z_CAT, CacheReader
+from fastcbm.cache.store import ArraySpec, CacheLock, ShardedCache
 from fastcbm.distributed import init_distributed, resolve_device
 
 log = logging.getLogger("fastcbm.precompute")
@@ -89,6 +89,43 @@ def backbone_feature_fn(name: str, *, pretrained: bool | str | None = True, laye
     return fn
 
 
+def cefam_stage_fn(name: str, *, pretrained: bool | str | None = True, layers: Sequence[str] | None = None,
+                   device: torch.device | str = "cpu", size: int = 224) -> Callable[[torch.Tensor], torch.Tensor]:
+    """CE-FAM's translator input for ``precompute(cefam_classifier=...)``: the global average pool of each stage in
+    ``layers`` (default: the classifier's feature layers, e.g. layer1..layer4) of ``load_backbone(name, pretrained)``,
+    concatenated in that order, on uint8 images ``[B, 3, S, S]`` resized and normalised for the classifier →
+    ``[B, Z]`` fp32. ``.source`` records classifier, pretrained, layers, widths, kind and num_prefix_tokens (what
+    ``fastcbm cefam train`` and the saved model rebuild); ``size`` is the probe image's side."""
+    from fastcbm.cefam.translator import pool_stages, stage_activations
+    from fastcbm.features import normalize_for_backbone
+    from fastcbm.models import load_backbone
+
+    backbone = load_backbone(name, pretrained=pretrained, device=str(device))
+    layers = list(layers or backbone.feature_layers)
+    modules = dict(backbone.model.named_modules())
+    missing = [n for n in layers if n not in modules]
+    if missing or len(set(layers)) != len(layers):
+        raise ValueError(f"cefam layers: {layers} must be distinct modules of {name} (its feature layers: "
+                         f"{backbone.feature_layers})")
+    prefix = int(getattr(backbone, "num_prefix_tokens", 1))
+    dev = torch.device(device)
+
+    def fn(images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            x = normalize_for_backbone(images, backbone, dev)
+            _, acts = stage_activations(backbone.model, x, layers, backbone.kind, prefix)
+            return pool_stages(acts, layers).float()
+
+    with torch.inference_mode():  # one probe image gives the stage widths for the manifest
+        _, acts = stage_activations(backbone.model, normalize_for_backbone(
+            torch.zeros((1, 3, size, size), dtype=torch.uint8), backbone, dev), layers, backbone.kind, prefix)
+    fn.name = name  # type: ignore[attr-defined]
+    fn.source = {"classifier": name, "pretrained": pretrained, "layers": layers,  # type: ignore[attr-defined]
+                 "widths": [int(acts[n].shape[1]) for n in layers], "kind": backbone.kind,
+                 "num_prefix_tokens": prefix}
+    return fn
+
+
 def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -105,20 +142,22 @@ class _Encoder:
     """Renders prompts and encodes them; keeps the time spent in each stage."""
 
     def __init__(self, model, *, grid, radius, width, centers, mean, std, device, dtype, max_encode_batch,
-                 features: Callable | None, grid_hw: tuple[int, int]) -> None:
+                 features: Callable | None, grid_hw: tuple[int, int], cefam: Callable | None = None) -> None:
         from fastcbm.prompts import render_rings
 
         self.render_rings = render_rings
         self.model, self.device, self.dtype, self.max_encode_batch = model, device, dtype, max_encode_batch
         self.ring_kw = dict(grid=grid, radius=radius, width=width, centers=centers, mean=mean, std=std)
         self.features, self.grid_hw = features, grid_hw
-        self.times = {"render": 0.0, "encode": 0.0, "features": 0.0}
+        self.times = {"render": 0.0, "encode": 0.0, "features": 0.0, "cefam": 0.0}
+        self.cefam, self.global_only = cefam, tuple(grid) == (0, 0)  # global-only: no ring prompts (CE-FAM's mode)
 
     def probe(self, size: int) -> dict[str, ArraySpec]:
         """Array layout of the outputs, from one plain image through the encoder (and backbone); renders one ring
         batch to validate the prompt settings."""
         img = torch.zeros((1, 3, size, size), dtype=torch.uint8, device=self.device)
-        g = self.render_rings(img, out_dtype=torch.float32, include_plain=False, **self.ring_kw).shape[1]
+        g = 0 if self.global_only else self.render_rings(img, out_dtype=torch.float32, include_plain=False,
+                                                         **self.ring_kw).shape[1]
         d = getattr(getattr(self.model, "visual", None), "output_dim", None)  # open_clip towers say it
         if not isinstance(d, int):  # anything else: one forward pass (a first call can cost ~1 s on CPU)
             with torch.inference_mode():
@@ -129,7 +168,18 @@ class _Encoder:
             with torch.inference_mode():
                 c = self.features(img).shape[1]
             out[FEATURES] = ArraySpec("float16", (c, *self.grid_hw))
+        if self.global_only:
+            del out[PROMPT], out[PROMPT_NORM]
+        if self.cefam is not None:
+            out[Z_CAT] = ArraySpec("float16", (int(self.cefam(img).shape[1]),))
         return out
+
+    def _plain(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [b, 3, S, S] → normalised [b, 1, 3, S, S]: exactly the plain copy render_rings puts first (float64
+        arithmetic, rounded to float32, then the encoder dtype)."""
+        m = torch.tensor(self.ring_kw["mean"], dtype=torch.float64, device=images.device).view(1, 3, 1, 1)
+        s = torch.tensor(self.ring_kw["std"], dtype=torch.float64, device=images.device).view(1, 3, 1, 1)
+        return ((images.to(torch.float64) / 255.0 - m) / s).to(torch.float32).to(self.dtype)[:, None]
 
     def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         """uint8 [b, 3, S, S] → {prompt [b,G,D] f16, prompt_norm [b,G] f32, global [b,D] f16, global_norm [b] f32,
@@ -137,7 +187,8 @@ class _Encoder:
         b = images.shape[0]
         t0 = time.perf_counter()
         images = images.to(self.device, non_blocking=True)
-        x = self.render_rings(images, out_dtype=self.dtype, include_plain=True, **self.ring_kw)  # [b, 1+G, 3, S, S]
+        x = (self._plain(images) if self.global_only else  # [b, 1+G, 3, S, S]
+             self.render_rings(images, out_dtype=self.dtype, include_plain=True, **self.ring_kw))
         g1 = x.shape[1]
         x = x.reshape(b * g1, *x.shape[2:])
         t1 = time.perf_counter()
@@ -154,6 +205,8 @@ class _Encoder:
         self.times["render"] += t1 - t0
         self.times["encode"] += t2 - t1
         out = {PROMPT: unit[:, 1:], PROMPT_NORM: norms[:, 1:], GLOBAL: unit[:, 0], GLOBAL_NORM: norms[:, 0]}
+        if self.global_only:
+            del out[PROMPT], out[PROMPT_NORM]
         if self.features is not None:
             from fastcbm.features import resize_to_grid
 
@@ -161,6 +214,10 @@ class _Encoder:
                 f = resize_to_grid(self.features(images).float(), self.grid_hw)
             out[FEATURES] = f.to(torch.float16).cpu().numpy()
             self.times["features"] += time.perf_counter() - t2
+        if self.cefam is not None:
+            t3 = time.perf_counter()
+            out[Z_CAT] = self.cefam(images).to(torch.float16).cpu().numpy()
+            self.times["cefam"] += time.perf_counter() - t3
         return out
 
 
@@ -172,6 +229,8 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
                loader: str = "auto", max_encode_batch: int | None = None,
                features: str | Callable[[torch.Tensor], torch.Tensor] | None = None, features_name: str | None = None,
                features_pretrained: bool | str | None = True, features_layer: str | None = None,
+               cefam_classifier: str | None = None, cefam_layers: Sequence[str] | None = None,
+               cefam_pretrained: bool | str | None = True,
                verify: str = "checksum", draft: bool = False, progress: bool = True) -> CacheReader:
     """Encode every image of ``data`` with ring prompts into the cache at ``out`` and return a reader for it.
 
@@ -182,7 +241,9 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
     ``centers`` ("inset" | "paper"). ``dtype``: encoder precision ("auto": bf16 autocast on GPU, fp32 on CPU).
     ``features``: optional backbone whose feature maps are stored as [N, C, gy, gx] fp16 — a name for
     ``fastcbm.models.load_backbone`` (with ``features_pretrained``, ``features_layer``; see :func:`backbone_feature_fn`)
-    or a callable uint8 [B,3,S,S] → [B,C,h,w]. ``verify``: how finished shards are checked on resume ("checksum" or "size").
+    or a callable uint8 [B,3,S,S] → [B,C,h,w]. ``cefam_classifier``: also store that classifier's pooled stages
+    ``z_cat`` [N, Z] fp16 (``cefam_layers``, default its feature layers; see :func:`cefam_stage_fn`); ``grid=0``
+    stores no ring prompts, only the global embedding (the cheap mode for CE-FAM). ``verify``: how finished shards are checked on resume ("checksum" or "size").
 
     Unreadable images are skipped, counted and listed in the manifest. Reopening ``out`` with other settings raises
     :class:`~fastcbm.cache.CacheMismatchError`; a full disk raises :class:`~fastcbm.cache.CacheDiskFullError`.
@@ -220,24 +281,33 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
     from fastcbm.prompts import default_ring_geometry
     from fastcbm.prompts.reference import normalize_grid
 
-    gy, gx = normalize_grid(grid)
-    if radius is None:
+    global_only = not isinstance(grid, bool) and grid in (0, (0, 0), [0, 0])  # no ring prompts: E0 (and z_cat)
+    if global_only and features is not None:
+        raise ValueError("features: SALF-CBM feature maps are stored on the prompt grid; --features needs --grid >= 1")
+    if cefam_layers is not None and not cefam_classifier:
+        raise ValueError("cefam_layers: needs cefam_classifier (--cefam-classifier NAME)")
+    gy, gx = (0, 0) if global_only else normalize_grid(grid)
+    if radius is None and not global_only:
         radius = default_ring_geometry(size)[0]
     feature_fn = (backbone_feature_fn(features, pretrained=features_pretrained, layer=features_layer, device=dev)
                   if isinstance(features, str) else features)
     if feature_fn is not None and features_name is None:
         features_name = features if isinstance(features, str) else getattr(feature_fn, "name", type(feature_fn).__name__)
 
-    encoder = _Encoder(model, grid=(gy, gx), radius=float(radius), width=float(width), centers=centers, mean=mean,
+    cefam_fn = (cefam_stage_fn(cefam_classifier, pretrained=cefam_pretrained, layers=cefam_layers, device=dev,
+                               size=size) if cefam_classifier else None)
+    encoder = _Encoder(model, grid=(gy, gx), radius=None if global_only else float(radius), width=float(width),
+                       centers=centers, mean=mean,
                        std=std, device=dev, dtype=cdtype, max_encode_batch=max_encode_batch, features=feature_fn,
-                       grid_hw=(gy, gx))
+                       grid_hw=(gy, gx), cefam=cefam_fn)
     arrays = encoder.probe(size)  # validates the prompt settings and finds D before any work
     arrays[INPUT_INDEX] = ArraySpec("int64", ())
 
     files = [os.path.abspath(f) for f in list_images(data)]
     settings = {
         "model": {"name": model_name, "pretrained": pretrained},
-        "prompts": {"grid": [gy, gx], "radius": float(radius), "width": float(width), "centers": centers,
+        "prompts": {"grid": [gy, gx], "radius": None if global_only else float(radius), "width": float(width),
+                    "centers": centers,
                     "image_size": size, "mean": list(mean), "std": list(std), "ring_rgb": [255, 0, 0]},
         "encoder_dtype": str(cdtype).replace("torch.", ""),
         "features": features_name,
@@ -245,15 +315,20 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
         "decode": {"resize": "shorter side, bicubic", "crop": "center", "jpeg_draft": bool(draft)},
     }
     extra = {"embedding": "unit rows fp16; norms fp32 (before normalisation)", "num_prompts": gy * gx,
-             "embed_dim": arrays[PROMPT].row_shape[1]}
+             "embed_dim": arrays[GLOBAL].row_shape[0]}
+    if cefam_fn is not None:  # only then: caches made without it keep their settings (and fingerprints) unchanged
+        settings["cefam"] = cefam_fn.source  # type: ignore[attr-defined]
     import torch.distributed as dist
 
     def barrier() -> None:
         if world > 1:
             dist.barrier()
 
+    lock = None
     try:
         if rank == 0:
+            # one writer per cache folder: a second `fastcbm precompute` on it is refused while this one lives
+            lock = CacheLock(out).acquire()
             cache = ShardedCache(out, settings=settings, inputs=files, arrays=arrays, shard_size=shard_size,
                                  extra=extra)
             cache.cleanup_tmp()
@@ -277,11 +352,30 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
                             m["num_skipped"], len(files), Path(out) / "manifest.json")
         barrier()
     finally:
+        if lock is not None:
+            lock.release()
         if owns_pg and dist.is_initialized():
             dist.destroy_process_group()
     reader = CacheReader(out)
+    if len(reader) == 0:
+        first = reader.skipped[0] if reader.skipped else {"path": "?", "reason": "?"}
+        what = data if isinstance(data, (str, os.PathLike)) else "the given list"
+        raise ValueError(f"data: none of the {len(files)} inputs of {what} could be read as an image (e.g. "
+                         f"{first['path']}: {first['reason']}); the cache at {out} holds 0 images")
     reader.stats = encoder.stats  # type: ignore[attr-defined]
     return reader
+
+
+def _drop_nonfinite(res: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Remove the rows whose floating outputs hold NaN/inf; returns the kept arrays and the dropped input indices."""
+    ok = np.ones(len(res[INPUT_INDEX]), dtype=bool)
+    for a in res.values():
+        if a.dtype.kind == "f" and a.size:
+            ok &= np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
+    if ok.all():
+        return res, []
+    bad = res[INPUT_INDEX][~ok].tolist()
+    return {name: a[ok] for name, a in res.items()}, bad
 
 
 def _run_shards(cache: ShardedCache, files: list[str], shards: list[int], encoder: _Encoder, *, size: int,
@@ -307,7 +401,7 @@ def _run_shards(cache: ShardedCache, files: list[str], shards: list[int], encode
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_images, unit="img", desc=f"precompute {cache.root.name}", smoothing=0.05)
-    g1 = 1 + cache.arrays[PROMPT].row_shape[0]
+    g1 = 1 + (cache.arrays[PROMPT].row_shape[0] if PROMPT in cache.arrays else 0)
     acc: dict[str, list[np.ndarray]] = {}
     skipped: list[dict] = []
     done_in_shard = 0
@@ -336,6 +430,10 @@ def _run_shards(cache: ShardedCache, files: list[str], shards: list[int], encode
             if batch.ok:
                 res = encoder(batch.images)
                 res[INPUT_INDEX] = np.asarray(batch.ok, dtype=np.int64)
+                res, bad = _drop_nonfinite(res)
+                for i in bad:  # never store NaN/inf: the row is skipped, counted and listed like a bad image
+                    log.warning("skipping %s: the encoder produced NaN/inf values", files[i])
+                    batch.skipped.append((i, "non-finite embedding or features (NaN/inf) from the encoder"))
                 for name, a in res.items():
                     acc.setdefault(name, []).append(a)
             for i, reason in batch.skipped:

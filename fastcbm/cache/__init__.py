@@ -6,8 +6,9 @@
 
 from fastcbm.cache.reader import CacheReader
 from fastcbm.cache.similarities import load_similarities, prompt_similarities, write_similarities
-from fastcbm.cache.store import (ArraySpec, CacheDiskFullError, CacheIncompleteError, CacheMismatchError,
-                                 ShardedCache, load_manifest)
+from fastcbm.cache.store import (ArraySpec, CacheCorruptError, CacheDiskFullError, CacheIncompleteError,
+                                 CacheLock, CacheLockedError, CacheMismatchError, ShardedCache, load_manifest)
 
 __all__ = ["CacheReader", "ShardedCache", "ArraySpec", "CacheMismatchError", "CacheDiskFullError",
-           "CacheIncompleteError", "load_manifest", "prompt_similarities", "write_similarities", "load_similarities"]
+           "CacheIncompleteError", "CacheCorruptError", "CacheLock", "CacheLockedError", "load_manifest",
+           "prompt_similarities", "write_similarities", "load_similarities"]

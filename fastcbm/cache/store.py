@@ -10,9 +10,15 @@ Shards are defined over the *input list*: shard k covers input files [k·shard_s
 are the readable images of that range, in order (unreadable ones are recorded as skipped). Because a shard's content
 depends only on its own inputs, shards can be written in any order, by any rank, and resumed after a kill.
 
-A shard is written into ``shards/00000.tmp-<pid>/``, every file fsynced, then the directory is renamed to
+A shard is written into ``shards/00000.tmp-<host>-<pid>/``, every file fsynced, then the directory is renamed to
 ``shards/00000`` with ``os.replace``: a shard directory either exists complete or not at all. Half-written ``.tmp``
-directories are removed on the next open.
+directories of *dead* writers (same host, pid gone) are removed on the next open; a live writer's are never touched.
+
+Integrity (see the README, "What fastcbm promises about your data"): every ``shard.json`` records the settings it was
+made with (and their fingerprint), a fingerprint of its own input paths, the shape/dtype/size/sha256 of every array
+file and a checksum of the record itself; ``manifest.json`` carries a checksum of its own content. A resume compares
+each finished shard's settings with the requested ones and refuses to mix; a damaged shard is recomputed; a damaged
+manifest is rebuilt from the shards. One writer per cache directory: :class:`CacheLock` (``flock`` on ``.lock``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -32,7 +41,7 @@ import numpy as np
 log = logging.getLogger("fastcbm.cache")
 
 FORMAT = "fastcbm-prompt-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-shard settings, record and manifest checksums
 MANIFEST = "manifest.json"
 SHARD_META = "shard.json"
 _HASH_CHUNK = 1 << 22
@@ -48,6 +57,129 @@ class CacheDiskFullError(OSError):
 
 class CacheIncompleteError(ValueError):
     """The cache has not been finished (some shards are missing)."""
+
+
+class CacheCorruptError(ValueError):
+    """A file of a finished cache is damaged (truncated, checksum mismatch, NaN/inf rows, unreadable manifest)."""
+
+
+class CacheLockedError(OSError):
+    """Another live process is writing this cache directory."""
+
+
+def canonical_sha256(obj: Any) -> str:
+    """sha256 of a JSON value in canonical form (sorted keys, no whitespace): fingerprints of settings/records."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _hostname() -> str:
+    # dots/slashes never reach a file name; the pid follows the last '-'
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname() or "host")[:64]
+
+
+def tmp_suffix() -> str:
+    """``tmp-<host>-<pid>``: names every temporary file/dir of this process, so cleanup can tell dead writers'."""
+    return f"tmp-{_hostname()}-{os.getpid()}"
+
+
+_TMP_RE = re.compile(r"\.tmp-(?:(?P<host>[A-Za-z0-9_]+)-)?(?P<pid>\d+)$")
+
+
+def tmp_writer_alive(name: str) -> bool:
+    """Whether the writer that owns temporary file/dir ``name`` may still be running. Unknown owners (another host,
+    an unparsable name) count as alive: we never remove what we cannot prove dead."""
+    m = _TMP_RE.search(name)
+    if m is None:
+        return True
+    host, pid = m.group("host"), int(m.group("pid"))
+    if host is not None and host != _hostname():
+        return True
+    if pid == os.getpid():
+        return False  # our own leftovers (a previous attempt in this process) are never in use at cleanup time
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:  # pragma: no cover
+        return True
+    return True
+
+
+class CacheLock:
+    """Exclusive writer lock of a cache directory: ``flock`` on ``CACHE/.lock`` (released by the kernel when the
+    process dies, so a killed run never leaves a stale lock). The file holds ``host pid start-time`` for the message a
+    second writer gets. Not reliable on network file systems without ``flock`` support (NFS < v4)."""
+
+    NAME = ".lock"
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.path = self.root / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> "CacheLock":
+        import fcntl
+
+        for _ in range(20):
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise _os_error_line(exc, f"cannot write the cache directory {self.root}") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    holder = os.read(fd, 200).decode(errors="replace").split()
+                finally:
+                    os.close(fd)
+                who = (f"pid {holder[1]} on host {holder[0]}, started {holder[2]}" if len(holder) >= 3
+                       else "pid unknown")
+                raise CacheLockedError(
+                    f"another fastcbm precompute ({who}) is writing the cache at {self.root}; wait for it to finish "
+                    "(then rerun to resume) or use another --out") from None
+            try:  # the holder we waited on may have removed the file: then our lock is on a dead inode, retry
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:  # pragma: no cover - only under extreme churn
+            raise CacheLockedError(f"could not lock the cache at {self.root} (the lock file keeps changing)")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{_hostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file (a finished cache holds no lock file) and unlock."""
+        if self._fd is not None:
+            import fcntl
+
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self) -> "CacheLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _os_error_line(exc: OSError, what: str) -> OSError:
+    """An OSError whose message is one line naming what failed and why (e.g. a read-only folder)."""
+    reason = exc.strerror or str(exc)
+    return type(exc)(f"{what}: {reason}" + (f" ({exc.filename})" if exc.filename else ""))
 
 
 @dataclass(frozen=True)
@@ -73,17 +205,25 @@ class ShardRecord:
     start: int  # first input index covered
     stop: int  # one past the last input index covered
     rows: int
-    files: dict[str, dict[str, Any]]  # array name -> {"file", "sha256", "bytes"}
+    files: dict[str, dict[str, Any]]  # array name -> {"file", "sha256", "bytes", "shape", "dtype"}
     skipped: list[dict[str, Any]] = field(default_factory=list)  # [{"index", "path", "reason"}]
+    settings: dict[str, Any] | None = None  # what the shard was made with: settings, arrays, shard_size, format
+    fingerprint: str | None = None  # canonical_sha256(settings)
+    inputs_sha256: str | None = None  # canonical_sha256(the input paths of [start, stop))
 
     def to_json(self) -> dict:
-        return {"index": self.index, "start": self.start, "stop": self.stop, "rows": self.rows,
-                "files": self.files, "skipped": self.skipped}
+        d = {"index": self.index, "start": self.start, "stop": self.stop, "rows": self.rows,
+             "files": self.files, "skipped": self.skipped}
+        if self.fingerprint is not None:
+            d.update({"fingerprint": self.fingerprint, "inputs_sha256": self.inputs_sha256,
+                      "settings": self.settings})
+        return d
 
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> "ShardRecord":
         return ShardRecord(int(d["index"]), int(d["start"]), int(d["stop"]), int(d["rows"]), dict(d["files"]),
-                           list(d.get("skipped", [])))
+                           list(d.get("skipped", [])), d.get("settings"), d.get("fingerprint"),
+                           d.get("inputs_sha256"))
 
 
 def shard_dirname(index: int) -> str:
@@ -135,15 +275,55 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` so readers see the old or the new file, never a partial one."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def atomic_write_json(path: Path, obj: Any, *, checksum: bool = False) -> None:
+    """Write JSON to ``path`` so readers see the old or the new file, never a partial one. ``checksum`` adds a
+    ``"checksum"`` field (sha256 of the canonical JSON of everything else; see :func:`read_checked_json`). A failed
+    write (e.g. disk full) removes its temporary file."""
+    if checksum:
+        obj = {**{k: v for k, v in obj.items() if k != "checksum"}, "checksum": canonical_sha256(
+            {k: v for k, v in obj.items() if k != "checksum"})}
+    tmp = path.with_name(f"{path.name}.{tmp_suffix()}")
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
     _fsync_dir(path.parent)
+
+
+def read_checked_json(path: Path, what: str) -> dict:
+    """A JSON object written with ``atomic_write_json(checksum=True)``; :class:`CacheCorruptError` naming ``path``
+    when it is truncated, not JSON, not an object, or fails its checksum. A file without a checksum is accepted."""
+    try:
+        obj = json.loads(path.read_text())
+    except UnicodeDecodeError as exc:
+        raise CacheCorruptError(f"{what} {path} is damaged (not text: {exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise CacheCorruptError(f"{what} {path} is damaged or truncated (invalid JSON at line {exc.lineno} column "
+                                f"{exc.colno}: {exc.msg})") from None
+    if not isinstance(obj, dict):
+        raise CacheCorruptError(f"{what} {path} is damaged (a JSON {type(obj).__name__}, not an object)")
+    if "checksum" in obj and obj["checksum"] != canonical_sha256({k: v for k, v in obj.items() if k != "checksum"}):
+        raise CacheCorruptError(f"{what} {path} fails its checksum (the file was modified or damaged)")
+    return obj
+
+
+def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a .npy file's header; ValueError when it is not a readable .npy header."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+    return tuple(int(s) for s in shape), np.dtype(dtype)
 
 
 def _diff(expected: Any, found: Any, prefix: str = "") -> list[str]:
@@ -164,7 +344,9 @@ class ShardedCache:
     """Writer side of a cache directory: create or reopen it, find finished shards, write shards atomically.
 
     ``settings`` identifies what the cache contains (model, prompt settings, ...): reopening a cache with different
-    settings, input files, shard size or array layout raises :class:`CacheMismatchError` listing the fields.
+    settings, input files, shard size or array layout raises :class:`CacheMismatchError` listing the fields — whether
+    the difference is found in ``manifest.json`` or in a finished shard's own record (a deleted manifest does not let
+    a rerun with other settings mix shards). Writers should hold :class:`CacheLock` (``fastcbm precompute`` does).
     """
 
     def __init__(self, root: str | os.PathLike, *, settings: Mapping[str, Any], inputs: Sequence[str],
@@ -181,6 +363,11 @@ class ShardedCache:
         self.arrays = dict(arrays)
         self.shard_size = int(shard_size)
         self.num_shards = max(1, -(-len(self.inputs) // self.shard_size)) if self.inputs else 0
+        # what every shard records and a resume compares (the input paths are fingerprinted per shard)
+        self.shard_settings = {"format_version": FORMAT_VERSION, "settings": self.settings,
+                               "arrays": {k: v.to_json() for k, v in self.arrays.items()},
+                               "shard_size": self.shard_size}
+        self.fingerprint = canonical_sha256(self.shard_settings)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "fastcbm_version": __version__,
             "settings": self.settings, "arrays": {k: v.to_json() for k, v in self.arrays.items()},
@@ -188,19 +375,33 @@ class ShardedCache:
             "complete": False, **dict(extra or {}), "inputs": self.inputs,
         }
         path = self.root / MANIFEST
+        existing = None
         if path.exists():
-            existing = json.loads(path.read_text())
-            self._check_compatible(existing, manifest)
-        elif create:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.shard_dir.mkdir(exist_ok=True)
             try:
-                atomic_write_json(path, manifest)
+                existing = read_checked_json(path, "the cache manifest")
+            except (CacheCorruptError, OSError) as exc:
+                if not create:
+                    raise
+                # every shard carries its own settings and checksums: the manifest can be rebuilt safely
+                log.warning("%s; rebuilding it from the finished shards (each is checked against the requested "
+                            "settings)", exc)
+        if existing is not None:
+            self._check_compatible(existing, manifest)
+        elif not create:
+            raise FileNotFoundError(f"no cache at {self.root} ({MANIFEST} missing)")
+        if create:
+            self._check_existing_shards()  # before a (new) manifest claims the directory for these settings
+        if existing is None:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self.shard_dir.mkdir(exist_ok=True)
+                atomic_write_json(path, manifest, checksum=True)
             except OSError as exc:
                 raise self._disk_error(exc, "the manifest") from exc
-        else:
-            raise FileNotFoundError(f"no cache at {self.root} ({MANIFEST} missing)")
-        self.shard_dir.mkdir(exist_ok=True)
+        try:
+            self.shard_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise _os_error_line(exc, f"cannot write the cache directory {self.root}") from exc
         self.manifest = manifest
 
     # -- compatibility -------------------------------------------------------------------------------------------
@@ -220,48 +421,120 @@ class ShardedCache:
                 f"the cache at {self.root} was made with other settings; refusing to mix. Differing fields:\n  "
                 + "\n  ".join(diffs) + "\nUse another --out directory (or delete this one) to start afresh.")
 
+    def _inputs_sha(self, index: int) -> str:
+        lo, hi = self.shard_range(index)
+        return canonical_sha256(self.inputs[lo:hi])
+
+    def _shard_mismatch(self, index: int, rec: ShardRecord) -> str | None:
+        """Why an intact shard record was made for other settings/inputs than this cache's, or None."""
+        if rec.fingerprint is None or not isinstance(rec.settings, Mapping):
+            return (f"shard {index} was written by an older fastcbm that did not record its settings, so it cannot "
+                    "be checked against this run")
+        if rec.fingerprint != self.fingerprint:
+            diffs = _diff(self.shard_settings, rec.settings)
+            return f"shard {index} was made with other settings ({'; '.join(diffs[:4]) or 'fingerprint differs'})"
+        if rec.inputs_sha256 != self._inputs_sha(index) or (rec.start, rec.stop) != self.shard_range(index):
+            return f"shard {index} was made from other input files (its input range or paths differ)"
+        return None
+
+    def _refuse(self, problems: list[str]) -> CacheMismatchError:
+        return CacheMismatchError(
+            f"the cache at {self.root} holds shards made with other settings or inputs; refusing to mix: "
+            + "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            + ". Use another --out directory (or delete this one) to start afresh.")
+
+    def _check_existing_shards(self) -> None:
+        if not self.shard_dir.is_dir():
+            return
+        problems = []
+        for d in sorted(self.shard_dir.iterdir()):
+            if not d.name.isdigit():
+                continue
+            k = int(d.name)
+            rec = self.read_record(k)
+            if rec is None:
+                continue  # damaged: pending_shards recomputes it
+            why = (f"shard {k} lies beyond this run's {self.num_shards} shards" if k >= self.num_shards
+                   else self._shard_mismatch(k, rec))
+            if why:
+                problems.append(why)
+        if problems:
+            raise self._refuse(problems)
+
     # -- shards --------------------------------------------------------------------------------------------------
     def shard_range(self, index: int) -> tuple[int, int]:
         return index * self.shard_size, min((index + 1) * self.shard_size, len(self.inputs))
 
-    def cleanup_tmp(self) -> None:
-        """Remove half-written shard directories left by a killed run (only those of dead writers' pids are safe
-        to remove; with several ranks, call this before they start)."""
-        for p in self.shard_dir.glob("*.tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
+    def cleanup_tmp(self) -> list[Path]:
+        """Remove temporary shard directories and manifest files left by *dead* writers (a killed run): names carry
+        ``tmp-<host>-<pid>``; a file of a live process, of another host or with an unknown owner is kept.
+        Returns what was removed."""
+        removed = []
+        candidates = list(self.shard_dir.glob("*.tmp-*")) + list(self.root.glob(f"{MANIFEST}.tmp-*"))
+        for p in candidates:
+            if tmp_writer_alive(p.name):
+                log.info("cache %s: keeping %s (its writer may still be running)", self.root, p.name)
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+            removed.append(p)
+        return removed
 
     def read_record(self, index: int) -> ShardRecord | None:
+        """The shard's record, or None when it is missing, unreadable, or fails its own checksum."""
         meta = self.shard_dir / shard_dirname(index) / SHARD_META
         if not meta.exists():
             return None
         try:
-            return ShardRecord.from_json(json.loads(meta.read_text()))
-        except (ValueError, KeyError, TypeError):
+            d = read_checked_json(meta, "shard record")
+            rec = ShardRecord.from_json(d)
+            if rec.index != index:
+                return None
+            return rec
+        except (ValueError, KeyError, TypeError, OSError):
             return None
 
     def verify_shard(self, index: int, *, checksums: bool = True) -> str | None:
-        """None if shard ``index`` is complete and intact, else the reason it is not ("missing", ...)."""
+        """None if shard ``index`` is complete and intact, else the reason it is not ("missing", ...). A shard made
+        with other settings or inputs raises :class:`CacheMismatchError` (it is not damaged: never silently
+        replaced)."""
         d = self.shard_dir / shard_dirname(index)
         if not d.exists():
             return "missing"
         rec = self.read_record(index)
         if rec is None:
-            return f"unreadable {SHARD_META}"
-        if (rec.start, rec.stop) != self.shard_range(index) or set(rec.files) != set(self.arrays):
-            return "covers other inputs or arrays than this cache expects"
+            return f"unreadable or damaged {SHARD_META}"
+        why = self._shard_mismatch(index, rec)
+        if why:
+            raise self._refuse([why])
+        if set(rec.files) != set(self.arrays):
+            return "covers other arrays than this cache expects"
         for name, info in rec.files.items():
             f = d / info["file"]
             if not f.exists():
                 return f"{info['file']} is missing"
             if f.stat().st_size != info["bytes"]:
                 return f"{info['file']} has {f.stat().st_size} bytes, expected {info['bytes']}"
+            spec = self.arrays[name]
+            try:
+                shape, dtype = npy_header(f)
+            except (ValueError, OSError, EOFError) as exc:
+                return f"{info['file']} has no readable .npy header ({exc})"
+            if shape != (rec.rows, *spec.row_shape) or dtype != np.dtype(spec.dtype):
+                return (f"{info['file']} holds {list(shape)} {dtype}, expected {[rec.rows, *spec.row_shape]} "
+                        f"{spec.dtype}")
             if checksums and file_sha256(f) != info["sha256"]:
                 return f"{info['file']} fails its sha256 checksum"
         return None
 
     def pending_shards(self, shards: Iterable[int] | None = None, *, checksums: bool = True) -> list[int]:
         """Shards that still need computing; a finished shard that fails verification is removed (with a warning)
-        and counted as pending."""
+        and counted as pending. A shard made with other settings raises :class:`CacheMismatchError`."""
         out = []
         for k in (range(self.num_shards) if shards is None else shards):
             problem = self.verify_shard(k, checksums=checksums)
@@ -280,7 +553,7 @@ class ShardedCache:
                 exc.errno, f"no space left on the device holding the cache directory {self.root} while writing "
                 f"{what} ({exc.strerror}). The {done} finished shard(s) stay valid: free some space and run the same "
                 f"command again to resume.")
-        return exc
+        return _os_error_line(exc, f"cannot write {what} of the cache at {self.root}")
 
     def write_shard(self, index: int, arrays: Mapping[str, np.ndarray], skipped: Sequence[Mapping] = ()) -> ShardRecord:
         """Write shard ``index`` atomically. ``arrays`` maps every declared array name to an array of shape
@@ -297,16 +570,18 @@ class ShardedCache:
                                  f"{spec.dtype}, got {list(a.shape)} {a.dtype}")
         start, stop = self.shard_range(index)
         final = self.shard_dir / shard_dirname(index)
-        tmp = self.shard_dir / f"{shard_dirname(index)}.tmp-{os.getpid()}"
+        tmp = self.shard_dir / f"{shard_dirname(index)}.{tmp_suffix()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir(parents=True)
             files = {}
             for name in sorted(arrays):
                 sha, nbytes = _write_array(tmp / f"{name}.npy", arrays[name])
-                files[name] = {"file": f"{name}.npy", "sha256": sha, "bytes": nbytes}
-            rec = ShardRecord(index, start, stop, next(iter(rows.values()), 0), files, [dict(s) for s in skipped])
-            atomic_write_json(tmp / SHARD_META, rec.to_json())
+                files[name] = {"file": f"{name}.npy", "sha256": sha, "bytes": nbytes,
+                               "shape": [int(s) for s in arrays[name].shape], "dtype": self.arrays[name].dtype}
+            rec = ShardRecord(index, start, stop, next(iter(rows.values()), 0), files, [dict(s) for s in skipped],
+                              self.shard_settings, self.fingerprint, self._inputs_sha(index))
+            atomic_write_json(tmp / SHARD_META, rec.to_json(), checksum=True)
             _fsync_dir(tmp)
             if final.exists():  # a damaged leftover (pending_shards removes those; be safe anyway)
                 shutil.rmtree(final)
@@ -322,15 +597,21 @@ class ShardedCache:
 
     def finalize(self, extra: Mapping[str, Any] | None = None) -> dict:
         """Merge the shard records into the manifest and mark the cache complete (every shard must be there)."""
-        missing = [k for k in range(self.num_shards) if self.read_record(k) is None]
+        records = {k: self.read_record(k) for k in range(self.num_shards)}
+        missing = [k for k, r in records.items() if r is None]
         if missing:
             raise CacheIncompleteError(f"cannot finalize {self.root}: shards {missing[:10]} missing")
+        problems = [why for k, r in records.items() if r is not None and (why := self._shard_mismatch(k, r))]
+        if problems:
+            raise self._refuse(problems)
         shards, skipped, row = [], [], 0
         for k in range(self.num_shards):
-            rec = self.read_record(k)
+            rec = records[k]
             assert rec is not None
-            shards.append({**rec.to_json(), "row_start": row, "dir": f"shards/{shard_dirname(k)}"})
-            shards[-1].pop("skipped")
+            entry = {**rec.to_json(), "row_start": row, "dir": f"shards/{shard_dirname(k)}"}
+            entry.pop("skipped")
+            entry.pop("settings", None)  # the manifest holds them once; the fingerprint stays per shard
+            shards.append(entry)
             skipped += rec.skipped
             row += rec.rows
         manifest = dict(self.manifest)
@@ -339,7 +620,7 @@ class ShardedCache:
                          "shards": shards})
         manifest["inputs"] = manifest.pop("inputs")  # keep the long list last: the header stays readable
         try:
-            atomic_write_json(self.root / MANIFEST, manifest)
+            atomic_write_json(self.root / MANIFEST, manifest, checksum=True)
         except OSError as exc:
             raise self._disk_error(exc, "the manifest") from exc
         self.manifest = manifest
@@ -347,12 +628,19 @@ class ShardedCache:
 
 
 def load_manifest(root: str | os.PathLike) -> dict:
+    """The checked manifest of the cache at ``root``: FileNotFoundError / :class:`CacheCorruptError` (truncated, not
+    JSON, checksum) / ValueError (not a fastcbm cache), each one line naming the file."""
     path = Path(root) / MANIFEST
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"no fastcbm cache at {root} (not a directory)")
     if not path.exists():
         raise FileNotFoundError(f"no fastcbm cache at {root} ({MANIFEST} missing)")
-    manifest = json.loads(path.read_text())
+    manifest = read_checked_json(path, "the cache manifest")
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{root} is not a fastcbm prompt cache (format={manifest.get('format')!r})")
+        raise ValueError(f"{root} is not a fastcbm prompt cache (format={manifest.get('format')!r} in {path})")
+    for key in ("arrays", "settings"):
+        if not isinstance(manifest.get(key), dict):
+            raise CacheCorruptError(f"the cache manifest {path} is damaged ({key!r} missing or not an object)")
     return manifest
 
 
