@@ -221,3 +221,80 @@ def test_part_miou_upsamples_maps():
 def test_part_miou_bad_ids():
     with pytest.raises(ValueError, match="concept_ids"):
         M.part_miou(torch.rand(2, 2, 2), torch.ones(2, 2, 2, dtype=torch.bool), torch.tensor([0, 5]), ["a"])
+
+
+# ---- evaluation data and the end-to-end evaluation ----------------------------------------------------------------
+def test_testbed_descriptor_mask():
+    from fastcbm.deal.evaluate import testbed_descriptor_mask
+
+    a = torch.tensor([True, True, False, False])
+    b = torch.tensor([True, False, True, False])
+    c = torch.tensor([False, False, False, True])
+    masks = {"blue": a, "circle": b, "grey background": c}
+    assert testbed_descriptor_mask(masks, "blue").tolist() == a.tolist()
+    assert testbed_descriptor_mask(masks, "Blue circle").tolist() == [True, False, False, False]
+    assert testbed_descriptor_mask(masks, "on a grey background").tolist() == c.tolist()
+    assert testbed_descriptor_mask(masks, "bluish fins") is None
+
+
+def _png(path, array):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_mask_folder_reader_aligns_masks_with_the_crop(tmp_path):
+    import numpy as np
+
+    from fastcbm.deal.evaluate import folder_set
+    from fastcbm.models.testbed import preprocess_pil
+
+    # a 40×32 (w×h) image: resized to 80×64, centre-cropped at x = 8..72. Its left half (x < 20) is a concept.
+    img = np.zeros((32, 40, 3), dtype=np.uint8)
+    img[:, :20] = 255
+    mask = np.zeros((32, 40), dtype=np.uint8)
+    mask[:, :20] = 255
+    _png(tmp_path / "images" / "bird" / "img1.png", img)
+    _png(tmp_path / "images" / "fish" / "img2.png", img[:, ::-1].copy())
+    _png(tmp_path / "masks" / "img1" / "left_wing.png", mask)
+    data = folder_set(tmp_path, preprocess_pil, 64)
+    assert data.class_names == ["bird", "fish"] and data.labels.tolist() == [0, 1]
+    assert data.images.shape == (2, 3, 64, 64)
+    m = data.masks[0]["left wing"]  # underscores read as spaces
+    assert m.shape == (64, 64) and bool(m[:, :30].all()) and not bool(m[:, 34:].any())
+    bright = data.images[0].mean(0) > 0
+    assert float((bright == m).float().mean()) > 0.95  # the mask sits on the image's own pixels
+    assert data.masks[1] == {}
+
+
+def test_mask_folder_flat_layout_needs_labels(tmp_path):
+    import numpy as np
+
+    from fastcbm.deal.evaluate import folder_set
+    from fastcbm.models.testbed import preprocess_pil
+
+    _png(tmp_path / "images" / "a1.png", np.zeros((16, 16, 3), dtype=np.uint8))
+    _png(tmp_path / "masks" / "a1" / "beak.png", np.full((16, 16), 255, dtype=np.uint8))
+    with pytest.raises(FileNotFoundError, match="labels.csv"):
+        folder_set(tmp_path, preprocess_pil, 64)
+    (tmp_path / "labels.csv").write_text("name,class\na1,sparrow\n")
+    data = folder_set(tmp_path, preprocess_pil, 64)
+    assert data.class_names == ["sparrow"] and bool(data.masks[0]["beak"].all())
+
+
+def test_evaluate_testbed_end_to_end():
+    from fastcbm.deal.evaluate import evaluate, testbed_set
+    from fastcbm.models import load_clip
+
+    model, _, tok = load_clip("testbed")
+    data = testbed_set(6)
+    concepts = {c: [c.split()[1], c.split()[0], "dot"] for c in data.class_names}  # shape, colour, dot
+    out = evaluate(model, tok, data, concepts, k=2, batch_size=4, localizability_images=3, curve_steps=4,
+                   testbed_masks=True, progress=False)
+    assert out["images"] == 6 and out["localizability_pairs"] == 6
+    assert 0 < out["disentanglability"] <= 0.881 and out["mean_separation"] >= 0
+    assert 0 <= out["localizability"] <= 1 and 0 <= out["insertion_auc"] <= 1
+    assert 0 <= out["part_miou"] <= 1 and out["part_pairs"] == 12  # every scene has its class's shape and colour
+    with pytest.raises(ValueError, match="descriptors, 4 needed"):
+        evaluate(model, tok, data, concepts, k=4, progress=False)

@@ -1,0 +1,238 @@
+"""``fastcbm deal evaluate``: the DEAL metrics of a CLIP on a data set (:mod:`fastcbm.deal.metrics` for the formulas).
+
+Data sources (all give normalised images in the model's input space, labels and, where available, concept masks):
+
+- ``"testbed"``: fresh synthetic scenes (seeds the testbed models never saw) with their ground-truth concept masks.
+  A descriptor's mask is the intersection of the masks of the testbed concepts it names ("blue" → blue pixels,
+  "blue circle" → pixels both blue and circle-shaped); descriptors that name none get no mask.
+- an ImageFolder ``DIR/<class>/<image>``: no masks (no part mIoU).
+- a mask folder (CUB-Part / PartImageNet style), recognised by ``DIR/images`` next to ``DIR/masks``::
+
+      DIR/images/<class>/<name>.jpg        (or DIR/images/<name>.jpg with DIR/labels.csv holding "name,class" rows)
+      DIR/masks/<name>/<concept>.png       one binary mask per concept present (non-zero = concept)
+
+  ``<name>`` is the image file's stem (unique over the set); ``<concept>`` is the concept's text with spaces or
+  underscores. A mask belongs to a class descriptor when the two names match (case and ``_``/space insensitive).
+  Masks get the images' resize + centre crop (nearest neighbour).
+
+Per image the explained texts are its true class (row 0) and the class's first K descriptors (rows 1..K), as in the
+authors' notebooks; localizability scores each concept map against the descriptor's own text embedding.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastcbm.deal import metrics as M
+
+log = logging.getLogger("fastcbm.deal")
+
+
+@dataclass
+class EvalSet:
+    """images: normalised float ``[N, 3, S, S]``; labels: long ``[N]``; class_names: label → name; masks: per image a
+    dict concept name → bool ``[S, S]`` (None: no masks); names: image identifiers."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    masks: list[dict[str, torch.Tensor]] | None = None
+    names: list[str] | None = None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def _key(name: str) -> str:
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+# ---- data sources ----------------------------------------------------------------------------------------------
+def testbed_set(n: int = 200, seed: int | None = None) -> EvalSet:
+    """Fresh testbed scenes (default seed: the testbed's evaluation seed + 11) with per-concept masks."""
+    from fastcbm.data import synthetic as S
+    from fastcbm.models import testbed as T
+    from fastcbm.testbed.evaluate import EVAL_SEED
+
+    batch = S.generate(n, seed=EVAL_SEED + 11 if seed is None else seed)
+    names = S.concept_names()
+    cm = batch.concept_masks  # [N, K_all, S, S]
+    masks = [{name: cm[i, j] for j, name in enumerate(names)} for i in range(n)]
+    return EvalSet(images=T.normalize(batch.images), labels=batch.labels.clone(), class_names=S.class_names(),
+                   masks=masks, names=[f"scene{i}" for i in range(n)])
+
+
+def testbed_descriptor_mask(masks: dict[str, torch.Tensor], descriptor: str) -> torch.Tensor | None:
+    """Intersection of the masks of the testbed concepts named in ``descriptor`` (whole words; "grey background"
+    counts as one concept), or None when it names none."""
+    words = f" {_key(descriptor)} "
+    hits = [m for name, m in masks.items() if f" {name} " in words]
+    if not hits:
+        return None
+    out = hits[0].clone()
+    for m in hits[1:]:
+        out &= m
+    return out
+
+
+def _image_size(model) -> int:
+    cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+    size = cfg.get("size") or getattr(model.visual, "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _load_images(files: list[Path], preprocess) -> torch.Tensor:
+    from PIL import Image
+
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                out.append(preprocess(img.convert("RGB")))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"data: cannot read the image {f}: {exc}") from None
+    return torch.stack(out)
+
+
+def folder_set(root: str | os.PathLike, preprocess, size: int) -> EvalSet:
+    """An ImageFolder (``root/<class>/<image>``) or a mask folder (``root/images`` + ``root/masks``; module doc)."""
+    from fastcbm.data.folder import IMAGE_EXTENSIONS
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data: {root} is not a directory (expected an ImageFolder, a mask folder or "
+                                "'testbed')")
+    mask_layout = (root / "images").is_dir() and (root / "masks").is_dir()
+    img_root = root / "images" if mask_layout else root
+    exts = tuple(IMAGE_EXTENSIONS)
+    files = sorted((p for p in img_root.rglob("*") if p.is_file() and p.suffix.lower() in exts),
+                   key=lambda p: p.relative_to(img_root).as_posix())
+    if not files:
+        raise ValueError(f"--data: no images under {img_root}")
+    flat = all(p.parent == img_root for p in files)
+    if flat:
+        labels_csv = root / "labels.csv"
+        if not labels_csv.is_file():
+            raise FileNotFoundError(f"--data: the images sit directly in {img_root}; put them in class folders "
+                                    f"({img_root}/<class>/<image>) or list 'name,class' rows in {labels_csv}")
+        with open(labels_csv, newline="") as f:
+            table = {r[0].strip(): r[1].strip() for r in csv.reader(f) if len(r) >= 2 and r[0].strip() != "name"}
+        missing = [p.stem for p in files if p.stem not in table]
+        if missing:
+            raise ValueError(f"--data: {labels_csv} has no class for {len(missing)} image(s), e.g. {missing[0]!r}")
+        cls_of = [table[p.stem] for p in files]
+    else:
+        cls_of = [p.relative_to(img_root).parts[0] for p in files]
+    class_names = sorted(set(cls_of))
+    labels = torch.tensor([class_names.index(c) for c in cls_of])
+    images = _load_images(files, preprocess)
+    masks = _read_masks(root / "masks", files, size) if mask_layout else None
+    return EvalSet(images=images, labels=labels, class_names=class_names, masks=masks, names=[p.stem for p in files])
+
+
+def _read_masks(mask_root: Path, files: list[Path], size: int) -> list[dict[str, torch.Tensor]]:
+    import numpy as np
+    from PIL import Image
+
+    from fastcbm.data.folder import resize_crop_geometry
+
+    stems = [p.stem for p in files]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"--data: image names must be unique for {mask_root}/<name>/ (duplicate stems)")
+    out = []
+    for stem in stems:
+        d = mask_root / stem
+        masks: dict[str, torch.Tensor] = {}
+        for f in sorted(d.glob("*.png")) if d.is_dir() else []:
+            with Image.open(f) as m:
+                m = m.convert("L")
+                nw, nh, left, top = resize_crop_geometry(*m.size, size)
+                m = m.resize((nw, nh), Image.NEAREST).crop((left, top, left + size, top + size))
+                masks[_key(f.stem)] = torch.from_numpy(np.asarray(m) > 0)
+        out.append(masks)
+    if not any(out):
+        raise ValueError(f"--data: no masks found under {mask_root} (expected {mask_root}/<image name>/<concept>.png)")
+    return out
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------------
+def evaluate(model, tokenizer, data: EvalSet, concepts: dict[str, list[str]], *, k: int = 5, batch_size: int = 32,
+             steps: int = 5, curve_steps: int = 20, localizability_images: int | None = None,
+             testbed_masks: bool = False, progress: bool = True) -> dict:
+    """All DEAL metrics of ``model`` on ``data``; returns a JSON-ready dict.
+
+    concepts: ``{class: [descriptors]}`` (the first ``k`` of each class are explained; classes need at least k).
+    localizability_images: insertion runs on the first this-many images only (it costs ~20 image-tower passes per
+    concept); None = all. testbed_masks: match descriptors to masks with :func:`testbed_descriptor_mask`.
+    """
+    from tqdm import tqdm
+
+    from fastcbm.deal.explain import encode_texts, explanations
+
+    for c in data.class_names:
+        if len(concepts.get(c, [])) < k:
+            raise ValueError(f"concepts: the class {c!r} has {len(concepts.get(c, []))} descriptors, {k} needed")
+    model.eval()
+    device = next(model.parameters()).device
+    n = len(data)
+    n_loc = n if localizability_images is None else min(n, localizability_images)
+    desc = {c: list(concepts[c][:k]) for c in data.class_names}
+    with torch.no_grad():
+        sentences = M.descriptor_sentences(data.class_names, desc)
+        desc_emb = [encode_texts(model, tokenizer, [s])[0] for s in sentences]
+        cls_emb = encode_texts(model, tokenizer, [[M.CLASS_TEMPLATE.format(cls=c) for c in data.class_names]])[0]
+    seps, ins, img_emb = [], [], []
+    parts = M.PartIoU(sorted({d for c in data.class_names for d in desc[c]})) if data.masks is not None else None
+    bar = tqdm(range(0, n, batch_size), desc="deal evaluate", unit="batch", disable=not progress)
+    for start in bar:
+        sl = slice(start, min(start + batch_size, n))
+        x = data.images[sl].to(device)
+        labels = data.labels[sl].tolist()
+        rows = [[data.class_names[y], *desc[data.class_names[y]]] for y in labels]
+        with torch.no_grad():
+            text_emb = encode_texts(model, tokenizer, rows)
+            img_emb.append(model.encode_image(x).float().cpu())
+        maps = explanations(model, x, text_emb, create_graph=False).detach()
+        seps.append(M.separation_per_image(maps[:, 1:]).cpu())
+        m_loc = max(0, min(sl.stop, n_loc) - start)
+        if m_loc:
+            ins.append(M.insertion_scores(model, x[:m_loc], text_emb[:m_loc, 1:], maps[:m_loc, 1:], steps=steps,
+                                          curve_steps=curve_steps))
+        if parts is not None:
+            _update_parts(parts, maps[:, 1:].cpu(), data.masks[sl], rows, testbed_masks)
+    sep = torch.cat(seps)
+    out = {"images": n, "k": k,
+           **M.accuracy_with_concepts(torch.cat(img_emb), data.labels, desc_emb, cls_emb),
+           "disentanglability": M.disentanglability_from_separation(float(sep.mean())),
+           "mean_separation": float(sep.mean()),
+           "map_size": list(maps.shape[-2:])}
+    if ins:
+        loc = M.summarize_insertion(ins)
+        out.update(localizability=loc["localizability"], insertion_auc=loc["insertion_auc"],
+                   localizability_pairs=loc["pairs"], localizability_skipped=loc["skipped"])
+    if parts is not None:
+        p = parts.compute()
+        out.update({"part_miou": p["part_miou"], "part_pairs": p["pairs"], "part_iou_per_concept": p["per_concept"]})
+    return out
+
+
+def _update_parts(parts: M.PartIoU, maps: torch.Tensor, masks: list[dict[str, torch.Tensor]],
+                  rows: list[list[str]], testbed: bool) -> None:
+    sel_maps, sel_masks, ids = [], [], []
+    index = {name: i for i, name in enumerate(parts.names)}
+    for b, (row, mk) in enumerate(zip(rows, masks)):
+        for j, d in enumerate(row[1:]):
+            m = testbed_descriptor_mask(mk, d) if testbed else mk.get(_key(d))
+            if m is None or not bool(m.any()):
+                continue
+            sel_maps.append(maps[b, j])
+            sel_masks.append(m)
+            ids.append(index[d])
+    if sel_maps:
+        parts.update(torch.stack(sel_maps), torch.stack(sel_masks), torch.tensor(ids))
