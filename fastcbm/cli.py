@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "fastcbm.commands.cefam",
     "fastcbm.commands.demo",
     "fastcbm.commands.explain",
+    "fastcbm.commands.export",
     "fastcbm.commands.info",
     "fastcbm.commands.metrics",
     "fastcbm.commands.precompute",
