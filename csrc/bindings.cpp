@@ -11,10 +11,12 @@ namespace py = pybind11;
 void register_metrics_cpu(py::module_& m);
 void register_prompts_cpu(py::module_& m);
 void register_cubic_loss_cpu(py::module_& m);
+void register_cam_cpu(py::module_& m);
 #else
 void register_metrics_cuda(py::module_& m);
 void register_prompts_cuda(py::module_& m);
 void register_cubic_loss_cuda(py::module_& m);
+void register_cam_cuda(py::module_& m);
 #endif
 
 PYBIND11_MODULE(FASTCBM_MODULE_NAME, m) {
@@ -47,9 +49,11 @@ PYBIND11_MODULE(FASTCBM_MODULE_NAME, m) {
   register_metrics_cpu(m);
   register_prompts_cpu(m);
   register_cubic_loss_cpu(m);
+  register_cam_cpu(m);
 #else
   register_metrics_cuda(m);
   register_prompts_cuda(m);
   register_cubic_loss_cuda(m);
+  register_cam_cuda(m);
 #endif
 }

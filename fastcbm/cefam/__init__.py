@@ -1,9 +1,11 @@
 """CE-FAM (concept explanation via fusion of activation maps): a translator from a classifier's pooled stages into
 CLIP space, concept regions by Grad-CAM of concept scores, association and contribution scores, evaluation."""
 
+from fastcbm.cefam.regions import ConceptGrads, concept_grads, concept_regions
 from fastcbm.cefam.model import CEFAM, CEFAMConfig, load_cefam
 from fastcbm.cefam.train import train_translator
 from fastcbm.cefam.translator import Translator, concept_scores, pool_stages, stage_activations
 
 __all__ = ["Translator", "concept_scores", "pool_stages", "stage_activations"]
 __all__ += ["CEFAM", "CEFAMConfig", "load_cefam", "train_translator"]
+__all__ += ["concept_regions", "concept_grads", "ConceptGrads"]
