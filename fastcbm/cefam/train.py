@@ -29,18 +29,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastcbm.cefam.model import CONFIG_FILE, TRANSLATOR_FILE, CEFAM, CEFAMConfig
+from fastcbm.cache.reader import Z_CAT  # pooled classifier stages [N, Z] fp16 (precompute --cefam-classifier)
+from fastcbm.cefam.model import CEFAM, CONFIG_FILE, TRANSLATOR_FILE, CEFAMConfig
 
 log = logging.getLogger("fastcbm.cefam")
 
-Z_CAT = "z_cat"  # cache array: pooled classifier stages [N, Z] fp16 (written by fastcbm precompute --cefam-classifier)
 CHECKPOINT_FILE = "checkpoint.safetensors"
 REPORT_FILE = "train_report.json"
 
 # Recommended settings for the testbed demo (600 scenes, bundled CNN layer1..layer4 + testbed CLIP): measured on a
 # shared, loaded 2-core CPU machine, see the module's quality check in the README (fastcbm demo --method cefam).
-DEMO_TRAIN: dict[str, Any] = dict(max_epochs=150, batch_size=64, lr=0.1, plateau_patience=6, early_stop=10,
-                                  val_fraction=0.1, seed=0)
+DEMO_TRAIN: dict[str, Any] = {"max_epochs": 150, "batch_size": 64, "lr": 0.1, "plateau_patience": 6,
+                              "early_stop": 10, "val_fraction": 0.1, "seed": 0, "threads": 1}
 DEMO_SCENES = 600
 
 
@@ -190,7 +190,8 @@ def train_translator(cache: str | os.PathLike, out: str | os.PathLike | None, *,
                      plateau_patience: int = 6, early_stop: int = 10, max_epochs: int = 150, batch_size: int = 256,
                      val_fraction: float = 0.1, seed: int = 0, resume: bool = True, overwrite: bool = False,
                      templates: Sequence[str] = ("{}",), device: str | torch.device = "auto", progress: bool = True,
-                     on_epoch: Callable[[int, dict], None] | None = None) -> tuple[CEFAM, dict]:
+                     threads: int | None = None, on_epoch: Callable[[int, dict], None] | None = None
+                     ) -> tuple[CEFAM, dict]:
     """Train a translator on a cache made with ``fastcbm precompute --cefam-classifier NAME``.
 
     ``classifier``: must equal the cache's classifier when given (default: read from the manifest). ``layers``: the
@@ -198,9 +199,16 @@ def train_translator(cache: str | os.PathLike, out: str | os.PathLike | None, *,
     concept file (:func:`fastcbm.concepts.load_concepts`) or list for the L_sim term, encoded with the cache's CLIP
     and ``templates``. Validation rows: a seeded ``val_fraction`` of the cache. ``out``: folder for the model
     (``config.json`` + ``translator.safetensors``), ``train_report.json`` and, while training, the checkpoint that a
-    rerun resumes from (``resume``). ``on_epoch(epoch, row)`` is called after each epoch's checkpoint.
+    rerun resumes from (``resume``). ``on_epoch(epoch, row)`` is called after each epoch's checkpoint. ``threads``:
+    torch threads while training (None: unchanged; 1 is fastest for small translators on a shared CPU).
     Returns ``(model, report)``; the model holds the weights of the best validation epoch.
     """
+    if threads is not None:  # rerun this call inside torch_threads (which restores the caller's count)
+        kwargs = {k: v for k, v in locals().items() if k not in ("cache", "out", "threads")}
+        from fastcbm.utils import torch_threads
+
+        with torch_threads(threads):
+            return train_translator(cache, out, threads=None, **kwargs)
     from fastcbm.cache import CacheReader
     from fastcbm.cefam.translator import Translator, default_hidden
     from fastcbm.distributed import resolve_device
@@ -236,8 +244,9 @@ def train_translator(cache: str | os.PathLike, out: str | os.PathLike | None, *,
             raise ValueError("concepts: the concept list is empty")
     clip_info = reader.settings["model"]
     clip, _, tokenizer = load_clip(clip_info["name"], clip_info.get("pretrained"), device=str(dev))
-    s = float(clip.logit_scale.exp()) if hasattr(clip, "logit_scale") else 100.0
-    b = float(clip.logit_bias) if getattr(clip, "logit_bias", None) is not None else 0.0
+    with torch.no_grad():
+        s = float(clip.logit_scale.exp()) if hasattr(clip, "logit_scale") else 100.0
+        b = float(clip.logit_bias) if getattr(clip, "logit_bias", None) is not None else 0.0
     text = None
     if concept_names:
         from fastcbm.concepts import encode_texts
@@ -297,7 +306,7 @@ def train_translator(cache: str | os.PathLike, out: str | os.PathLike | None, *,
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                sums += np.array([float(loss), float(mse), float(sim)]) * len(z)
+                sums += np.array([float(loss.detach()), float(mse.detach()), float(sim.detach())]) * len(z)
             if warmup and epoch + 1 == warmup_epochs:
                 state["lr"] = warmup_lr  # the warm-up's peak is the rate the plateau schedule starts from
             translator.eval()
@@ -349,7 +358,7 @@ def train_translator(cache: str | os.PathLike, out: str | os.PathLike | None, *,
     best_row = next((r for r in hist if r["epoch"] == state["best_epoch"]), {})
     report = {
         "cache": str(reader.root), "classifier": src["classifier"], "layers": layers, "widths": widths,
-        "images": {"train": int(len(tr_rows)), "val": int(len(va_rows))}, "concepts": len(concept_names),
+        "images": {"train": len(tr_rows), "val": len(va_rows)}, "concepts": len(concept_names),
         "logit_scale": s, "bias": b, "epochs_run": state["epoch"], "stopped": state["stopped"] or "interrupted",
         "best_epoch": state["best_epoch"],
         "best": {k: best_row.get(k) for k in ("val_loss", "val_mse", "val_sim", "val_cos")},

@@ -20,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="CLIP model name for fastcbm.models.load_clip (e.g. ViT-B-16)")
     p.add_argument("--pretrained", default=None, help="pretrained tag (open_clip) or checkpoint")
     p.add_argument("--out", required=True, help="cache directory (created, or resumed if it exists)")
-    p.add_argument("--grid", type=int, default=7, help="rings per axis (G = grid²), default 7")
+    p.add_argument("--grid", type=int, default=7, help="rings per axis (G = grid²), default 7; 0: no ring prompts, "
+                   "only the global embedding (the cheap mode for CE-FAM; SALF-CBM needs prompts)")
+    p.add_argument("--no-prompts", action="store_true", help="same as --grid 0")
     p.add_argument("--radius", type=float, default=None, help="ring radius in px (default 32·S/224)")
     p.add_argument("--width", type=float, default=2.0, help="ring line width in px (default 2)")
     p.add_argument("--centers", choices=("inset", "paper"), default="inset")
@@ -41,6 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="backbone module whose output is stored (default: its last feature layer, e.g. layer4)")
     p.add_argument("--features-random-init", action="store_true",
                    help="use a randomly initialised --features backbone (testing; no weight download)")
+    p.add_argument("--cefam-classifier", default=None, metavar="NAME",
+                   help="also store this classifier's pooled stage activations z_cat (CE-FAM's translator input; a "
+                        "fastcbm.models.load_backbone name: testbed, resnet50, ...); needed by 'fastcbm cefam train'")
+    p.add_argument("--cefam-layers", default=None, metavar="L1,L2,...",
+                   help="comma-separated stages pooled into z_cat, in this order (default: the classifier's feature "
+                        "layers, e.g. layer1,layer2,layer3,layer4)")
+    p.add_argument("--cefam-random-init", action="store_true",
+                   help="use a randomly initialised --cefam-classifier (testing; no weight download)")
     p.add_argument("--jpeg-draft", action="store_true",
                    help="let the JPEG decoder downscale by a power of two first (several times faster decoding of "
                         "large photos for small encoders; slightly different pixels, recorded in the manifest)")
@@ -71,6 +81,13 @@ def run_precompute(args: argparse.Namespace) -> int:
 
     if args.features_layer and not args.features:
         raise ValueError("--features-layer needs --features BACKBONE")
+    if args.cefam_layers and not args.cefam_classifier:
+        raise ValueError("--cefam-layers needs --cefam-classifier NAME")
+    if args.no_prompts:
+        args.grid = 0
+    if args.grid < 0:
+        raise ValueError(f"--grid must be >= 0 (0: no ring prompts), got {args.grid}")
+    cefam_layers = [s.strip() for s in args.cefam_layers.split(",") if s.strip()] if args.cefam_layers else None
     try:
         reader = precompute(args.data, args.model, args.out, pretrained=args.pretrained, grid=args.grid,
                             radius=args.radius, width=args.width, centers=args.centers, batch_size=args.batch_size,
@@ -78,6 +95,8 @@ def run_precompute(args: argparse.Namespace) -> int:
                             num_workers=args.num_workers, loader=args.loader, max_encode_batch=args.max_encode_batch,
                             features=args.features, features_pretrained=None if args.features_random_init else True,
                             features_layer=args.features_layer, draft=args.jpeg_draft, verify=args.verify,
+                            cefam_classifier=args.cefam_classifier, cefam_layers=cefam_layers,
+                            cefam_pretrained=None if args.cefam_random_init else True,
                             progress=not args.no_progress)
     except CacheDiskFullError as exc:
         print(f"fastcbm precompute: error: {exc}", file=sys.stderr)

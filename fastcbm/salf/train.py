@@ -64,6 +64,9 @@ def _labels_for(reader, labels, class_names):
 
 
 def _source(settings: dict, cache_root: Path) -> dict:
+    if list((settings.get("prompts") or {}).get("grid") or []) == [0, 0]:
+        raise ValueError(f"cache {cache_root} holds global embeddings only (precompute --grid 0): SALF-CBM needs ring "
+                         "prompts; run fastcbm precompute with --grid N (default 7) --features BACKBONE into a new --out")
     src = settings.get("features_source")
     if not src:
         name = settings.get("features")
