@@ -1,0 +1,257 @@
+"""Differentiable concept explanations of a CLIP image tower (DEAL, DESIGN.md §3 "DEAL, with gradients that actually
+flow").
+
+For image b and text k the score is s_bk = cos(e_b, t_bk) with e_b the image embedding. The K+1 texts of an image (row
+0 the category, rows 1..K its concepts) differ only in t, so the tower runs ONCE per image: we keep the last stage's
+activation A (ResNet towers: ``visual.layer4``) or the last block's attention probabilities A (ViT towers) with their
+graph, and compute the K+1 vector-Jacobian products ∂s_k/∂A through the head only (attention pool / last block + pool),
+batched with ``torch.autograd.grad(..., is_grads_batched=True, create_graph=True)``. With ``create_graph=True`` the
+maps are differentiable functions of the tower's weights, so regularisers on them train the tower — unlike the authors'
+released code, which detaches the gradients (``detach=True`` here reproduces that: the maps then carry no graph).
+
+- ResNet (open_clip ``ModifiedResNet``, e.g. the bundled testbed CLIP): Grad-CAM on ``layer4``:
+  map_k = ReLU(Σ_c α_kc A_c), α_kc = spatial mean of ∂s_k/∂A_c.  Shape ``[B, K+1, h, w]`` at layer4's resolution.
+- ViT (open_clip ``VisionTransformer``): the last block's attention is recomputed explicitly from its weights
+  (``nn.MultiheadAttention`` is called with ``need_weights=False``); relevance R = mean_heads ReLU(∂s_k/∂A ⊙ A) and the
+  map is R's CLS row over the patch tokens, as ``[h, w]`` (the patch grid).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("batched", "expand", "loop")
+
+
+def tower_kind(model: nn.Module) -> str:
+    """``"resnet"`` or ``"vit"`` for an open_clip CLIP's image tower; ValueError for anything else."""
+    visual = getattr(model, "visual", None)
+    if visual is not None and all(hasattr(visual, a) for a in ("stem", "layer4", "attnpool")):
+        return "resnet"
+    if visual is not None and hasattr(visual, "transformer") and hasattr(visual, "_embeds"):
+        return "vit"
+    raise ValueError(f"model: DEAL explanations need an open_clip CLIP with a ModifiedResNet or VisionTransformer "
+                     f"image tower, got {type(visual).__name__ if visual is not None else type(model).__name__}")
+
+
+# ---- towers split at the explained activation --------------------------------------------------------------------
+def resnet_trunk(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``layer4`` output ``[B, C, h, w]`` of an open_clip ModifiedResNet."""
+    x = visual.stem(images.to(visual.conv1.weight.dtype))
+    return visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+
+
+def vit_trunk(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Tokens entering the last block ``[B, N, W]`` (batch first) of an open_clip VisionTransformer."""
+    x = visual._embeds(images)
+    tr = visual.transformer
+    if not tr.batch_first:
+        x = x.transpose(0, 1)
+    for blk in tr.resblocks[:-1]:
+        x = blk(x)
+    return x.transpose(0, 1) if not tr.batch_first else x
+
+
+def last_block_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities ``[B, H, N, N]`` of an open_clip ``ResidualAttentionBlock`` on batch-first ``x``
+    ``[B, N, W]``, recomputed from its weights (the module itself never returns them)."""
+    attn = block.attn
+    if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim or hasattr(block, "ln_1_kv"):
+        raise ValueError("model: the ViT's last block must be open_clip's ResidualAttentionBlock (packed "
+                         "nn.MultiheadAttention self-attention); custom attention blocks are not supported")
+    B, N, W = x.shape
+    H = attn.num_heads
+    h = block.ln_1(x)
+    q, k, _ = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q = q.view(B, N, H, W // H).transpose(1, 2)
+    k = k.view(B, N, H, W // H).transpose(1, 2)
+    return torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(W // H), dim=-1)
+
+
+def vit_head(visual: nn.Module, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Image embedding ``[B, D]`` from the tokens entering the last block ``x`` ``[B, N, W]`` and that block's attention
+    probabilities ``probs`` ``[B, H, N, N]``: the rest of the block, then open_clip's pool and projection."""
+    block = visual.transformer.resblocks[-1]
+    attn = block.attn
+    B, N, W = x.shape
+    H = attn.num_heads
+    h = block.ln_1(x)
+    v = F.linear(h, attn.in_proj_weight[2 * W:], None if attn.in_proj_bias is None else attn.in_proj_bias[2 * W:])
+    o = (probs @ v.view(B, N, H, W // H).transpose(1, 2)).transpose(1, 2).reshape(B, N, W)
+    x = x + block.ls_1(attn.out_proj(o))
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    pooled, _ = visual._pool(x)
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj
+    return pooled
+
+
+def resnet_head(pool: nn.Module, act: torch.Tensor) -> torch.Tensor:
+    """open_clip ``AttentionPool2d`` on ``act`` ``[B, C, h, w]`` → ``[B, D]``, written out with plain ops: the module
+    calls ``F.multi_head_attention_forward``, whose fused CPU attention kernel has no double backward (which
+    ``create_graph=True`` needs). Only the mean token's query is computed: the pool returns that token alone."""
+    B, C, h, w = act.shape
+    H = pool.num_heads
+    x = act.reshape(B, C, h * w).transpose(1, 2)  # [B, hw, C]
+    x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + pool.positional_embedding.to(x.dtype)  # [B, hw+1, C]
+    q = pool.q_proj(x[:, :1])  # [B, 1, C]
+    k = pool.k_proj(x)
+    v = pool.v_proj(x)
+    hd = C // H
+    q = q.view(B, 1, H, hd).transpose(1, 2)
+    k = k.view(B, -1, H, hd).transpose(1, 2)
+    v = v.view(B, -1, H, hd).transpose(1, 2)
+    probs = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(hd), dim=-1)  # [B, H, 1, hw+1]
+    o = (probs @ v).transpose(1, 2).reshape(B, C)
+    return pool.c_proj(o)
+
+
+def split_tower(model: nn.Module, images: torch.Tensor):
+    """Run the tower once up to the explained activation.
+
+    Returns ``(kind, A, head)`` with ``A`` the explained activation (ResNet: layer4 output ``[B, C, h, w]``; ViT: last
+    block attention ``[B, H, N, N]``) and ``head(A) -> image embedding [B, D]`` (the rest of the tower, a function of A
+    only, so VJPs through it see only the last stage / block)."""
+    kind = tower_kind(model)
+    visual = model.visual
+    if kind == "resnet":
+        act = resnet_trunk(visual, images)
+        return kind, act, (lambda a: resnet_head(visual.attnpool, a))
+    x = vit_trunk(visual, images)
+    probs = last_block_attention(visual.transformer.resblocks[-1], x)
+    # "expand" mode feeds T copies of A per image (image-major): the tokens follow
+    return kind, probs, (lambda p: vit_head(visual, x.repeat_interleave(p.shape[0] // x.shape[0], dim=0), p))
+
+
+# ---- explanations ------------------------------------------------------------------------------------------------
+def _scores(emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """cos(emb_b, t_bk): ``[B, D]`` × ``[B, T, D]`` → ``[B, T]``."""
+    return torch.einsum("bd,btd->bt", F.normalize(emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1))
+
+
+def score_grads(act: torch.Tensor, head, text_emb: torch.Tensor, *, create_graph: bool = True,
+                mode: str = "batched") -> torch.Tensor:
+    """∂s_bk/∂A_b for every text: ``[B, T, *A.shape[1:]]``.
+
+    ``mode="batched"``: one ``autograd.grad`` with T batched cotangents (vmap over the backward of the head only);
+    ``"expand"``: the head runs on T views of A (still one tower pass; for heads vmap cannot batch); ``"loop"``: one
+    backward per text (reference)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    B, T = text_emb.shape[:2]
+    if mode == "expand":
+        rep = act.unsqueeze(1).expand(B, T, *act.shape[1:]).reshape(B * T, *act.shape[1:])
+        s = _scores(head(rep), text_emb.reshape(B * T, 1, -1))  # [B·T, 1]
+        (g,) = torch.autograd.grad(s.sum(), rep, create_graph=create_graph)
+        return g.view(B, T, *act.shape[1:])
+    s = _scores(head(act), text_emb)  # [B, T]
+    if mode == "loop":
+        grads = [torch.autograd.grad(s[:, k].sum(), act, retain_graph=True, create_graph=create_graph)[0]
+                 for k in range(T)]
+        return torch.stack(grads, dim=1)
+    # s[b, k] depends on A[b] only, so the cotangent e_k (for every b at once) gives every image's ∂s_k/∂A_b
+    eye = torch.eye(T, dtype=s.dtype, device=s.device).unsqueeze(1).expand(T, B, T)
+    (g,) = torch.autograd.grad(s, act, grad_outputs=eye, is_grads_batched=True, create_graph=create_graph)
+    return g.transpose(0, 1)
+
+
+def _minmax(maps: torch.Tensor) -> torch.Tensor:
+    flat = maps.flatten(-2)
+    lo = flat.min(dim=-1, keepdim=True).values
+    hi = flat.max(dim=-1, keepdim=True).values
+    return ((flat - lo) / (hi - lo + 1e-8)).view_as(maps)
+
+
+def explanations(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor, *, create_graph: bool = True,
+                 normalize: bool = True, detach: bool = False, mode: str = "batched") -> torch.Tensor:
+    """Concept explanation maps ``[B, K+1, h, w]`` of ``model``'s image tower.
+
+    images: normalised ``[B, 3, S, S]``; text_emb: ``[B, K+1, D]`` (row 0 the category, rows 1..K the concepts; any
+    norm). ``create_graph=True`` keeps the maps differentiable w.r.t. the tower's weights (and ``text_emb``).
+    ``normalize``: min-max each map (+1e-8). ``detach=True``: the authors' released form (gradient and activation
+    detached): the maps carry no gradient to any weight. ``mode``: see :func:`score_grads`. ``h, w``: layer4's
+    resolution (ResNet) or the patch grid (ViT)."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, S, S], got {tuple(images.shape)}")
+    if text_emb.dim() != 3 or text_emb.shape[0] != images.shape[0]:
+        raise ValueError(f"text_emb must be [B, K+1, D] with B = {images.shape[0]} (one row of texts per image), "
+                         f"got {tuple(text_emb.shape)}")
+    with torch.enable_grad():
+        if not images.requires_grad and not any(p.requires_grad for p in model.visual.parameters()):
+            # frozen tower (evaluation): A still needs a graph to differentiate the scores
+            images = images.detach().requires_grad_(True)
+        kind, act, head = split_tower(model, images)
+        grads = score_grads(act, head, text_emb, create_graph=create_graph and not detach, mode=mode)
+        if detach or not create_graph:
+            grads = grads.detach()
+        a = act.detach() if detach else act
+        if kind == "resnet":
+            alpha = grads.mean(dim=(-2, -1))  # [B, T, C]
+            maps = F.relu(torch.einsum("btc,bchw->bthw", alpha, a.to(alpha.dtype)))
+        else:
+            rel = F.relu(grads * a.unsqueeze(1)).mean(dim=2)  # [B, T, N, N]: mean over heads
+            cls = rel[:, :, 0, 1:]  # the CLS row over the patch tokens
+            gh, gw = _grid(model.visual, cls.shape[-1])
+            maps = cls.reshape(*cls.shape[:2], gh, gw)
+    return _minmax(maps) if normalize else maps
+
+
+def _grid(visual: nn.Module, n: int) -> tuple[int, int]:
+    gs = getattr(visual, "grid_size", None)
+    if gs is not None and gs[0] * gs[1] == n:
+        return int(gs[0]), int(gs[1])
+    side = int(round(math.sqrt(n)))
+    if side * side != n:
+        raise ValueError(f"model: cannot lay {n} patch tokens out as a grid")
+    return side, side
+
+
+def encode_texts(model: nn.Module, tokenizer, texts: Sequence[Sequence[str]], *, normalize: bool = True,
+                 check_length: bool = True) -> torch.Tensor:
+    """Text embeddings ``[B, K+1, D]`` for ``texts`` (B rows of K+1 strings each; all rows the same length).
+
+    ``check_length``: raise a ValueError naming the text when it does not fit the tokenizer's context (the testbed
+    tokenizer would silently truncate it)."""
+    rows = [list(r) for r in texts]
+    if not rows:
+        raise ValueError("texts: empty")
+    T = len(rows[0])
+    if any(len(r) != T for r in rows):
+        raise ValueError(f"texts: every image needs the same number of texts (K+1), got lengths "
+                         f"{sorted({len(r) for r in rows})}")
+    flat = [t for r in rows for t in r]
+    uniq = list(dict.fromkeys(flat))
+    tokens = tokenize_checked(tokenizer, uniq) if check_length else tokenizer(uniq)
+    device = next(model.parameters()).device
+    emb = model.encode_text(tokens.to(device))
+    if normalize:
+        emb = F.normalize(emb, dim=-1)
+    index = torch.tensor([uniq.index(t) for t in flat], device=emb.device) if len(uniq) != len(flat) else None
+    out = emb if index is None else emb[index]
+    return out.view(len(rows), T, -1)
+
+
+def tokenize_checked(tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """``tokenizer(texts)`` ``[N, ctx]``, with a ValueError naming the first text that does not fit the context.
+
+    Truncating tokenizers (the testbed's, open_clip's) cut an overlong text silently; we tokenize once more with a
+    4× longer context and count the non-padding tokens (padding id 0, as both use)."""
+    texts = list(texts)
+    tokens = tokenizer(texts)
+    ctx = tokens.shape[-1]
+    try:
+        long = tokenizer(texts, context_length=4 * ctx)
+    except TypeError:  # a tokenizer without a context argument: cannot check
+        return tokens
+    lengths = (long != 0).sum(dim=-1)
+    for i, text in enumerate(texts):
+        if int(lengths[i]) > ctx:
+            raise ValueError(f"caption too long for the tokenizer's context: {int(lengths[i])} > {ctx} tokens: "
+                             f"{text[:120]!r}; use fewer or shorter descriptors (--k) or a model with a longer "
+                             "context")
+    return tokens
