@@ -25,32 +25,12 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "deploy.csv"
-# (model key, backbone name, input size, concepts M, classes K): ResNet-50 with an ImageNet-sized head
-MODELS = {
-    "testbed": ("testbed", 64, 64, 10),
-    "resnet50": ("resnet50", 224, 512, 1000),
-}
 
 
 def make_model(backbone_name: str, m: int, k: int, seed: int = 0):
-    """A SALF-CBM with random bottleneck and head weights (latency does not depend on training)."""
-    from fastcbm.features import extract_feature_maps
-    from fastcbm.heads import LinearHead
-    from fastcbm.models import load_backbone
-    from fastcbm.salf.model import SALFCBM, SALFConfig
+    from fastcbm.deploy.testing import random_salf
 
-    torch.manual_seed(seed)
-    bb = load_backbone(backbone_name)
-    layer = bb.feature_layers[-1]
-    with torch.no_grad():
-        c = extract_feature_maps(bb.model, torch.zeros(1, 3, 64, 64), layer).shape[1]
-    head = LinearHead(m, k)
-    with torch.no_grad():
-        head.weight.normal_().mul_((torch.rand(k, m) < 0.05).float())  # sparse like a trained head (~5 % nnz)
-        head.standardizer.std.uniform_(0.5, 2.0)
-    cfg = SALFConfig(backbone=backbone_name, grid=(7, 7), feature_layer=layer, concepts=[f"c{i}" for i in range(m)],
-                     class_names=[f"k{i}" for i in range(k)])
-    return SALFCBM(bb.model, bb.kind, cfg, torch.randn(m, c) * 0.02, head), bb
+    return random_salf(backbone_name, m, k, seed=seed)
 
 
 def timed(fn, repeats: int, sync=None, warmup: int = 1) -> list[float]:
@@ -116,7 +96,9 @@ def run(quick: bool, device: str, note: str = "", threads: int | None = None) ->
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
     with tempfile.TemporaryDirectory(prefix="fastcbm-bench-deploy-") as tmp:
         for key, batches in plan:
-            name, size, m, k = MODELS[key]
+            from fastcbm.deploy.testing import BENCH_MODELS
+
+            name, size, m, k = BENCH_MODELS[key]
             model, bb = make_model(name, m, k)
             graphs = {"explained": ExplainedSALF(model, mean=bb.mean, std=bb.std).eval(),
                       "logits": ExplainedSALF(model, mean=bb.mean, std=bb.std, outputs=("logits",)).eval()}
