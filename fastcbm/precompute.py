@@ -92,7 +92,7 @@ def backbone_feature_fn(name: str, *, pretrained: bool | str | None = True, laye
 def cefam_stage_fn(name: str, *, pretrained: bool | str | None = True, layers: Sequence[str] | None = None,
                    device: torch.device | str = "cpu", size: int = 224) -> Callable[[torch.Tensor], torch.Tensor]:
     """CE-FAM's translator input for ``precompute(cefam_classifier=...)``: the global average pool of each stage in
-    ``layers`` (default: the classifier's feature layers, e.g. layer1..layer4) of ``load_backbone(name, pretrained)``,
+    ``layers`` (default: a CNN's feature layers, e.g. layer1..layer4; a ViT's last block) of ``load_backbone(name, pretrained)``,
     concatenated in that order, on uint8 images ``[B, 3, S, S]`` resized and normalised for the classifier →
     ``[B, Z]`` fp32. ``.source`` records classifier, pretrained, layers, widths, kind and num_prefix_tokens (what
     ``fastcbm cefam train`` and the saved model rebuild); ``size`` is the probe image's side."""
@@ -101,7 +101,8 @@ def cefam_stage_fn(name: str, *, pretrained: bool | str | None = True, layers: S
     from fastcbm.models import load_backbone
 
     backbone = load_backbone(name, pretrained=pretrained, device=str(device))
-    layers = list(layers or backbone.feature_layers)
+    # default: every stage of a CNN; a ViT's last block (its reshaped patch tokens), as the issue describes
+    layers = list(layers or (backbone.feature_layers[-1:] if backbone.kind == "vit" else backbone.feature_layers))
     modules = dict(backbone.model.named_modules())
     missing = [n for n in layers if n not in modules]
     if missing or len(set(layers)) != len(layers):

@@ -230,3 +230,33 @@ def test_bad_arguments(caches):
     with pytest.raises(ValueError, match="empty"):
         train_translator_run(cache, None, concepts=[])
     assert np.isfinite(cache.z_cat().float().numpy()).all()
+
+
+def test_cli_precompute_global_only_with_a_vit_classifier(caches, tmp_path, capsys):
+    """fastcbm precompute --no-prompts --cefam-classifier testbed-vit: z_cat = the last block's pooled patch tokens."""
+    from fastcbm.cache import CacheReader
+    from fastcbm.cli import main
+    from fastcbm.data.export import scene_index
+    from fastcbm.models import load_backbone
+
+    root, batch, _, prompted = caches
+    listing = tmp_path / "few.txt"
+    listing.write_text("\n".join(prompted.files[:4]) + "\n")
+    base = ["precompute", "--data", str(listing), "--model", "testbed", "--out", str(tmp_path / "c"), "--device",
+            "cpu", "--num-workers", "0", "--no-progress"]
+    assert main(base + ["--cefam-layers", "blocks.3"]) == 2
+    assert "--cefam-layers needs --cefam-classifier" in capsys.readouterr().err
+    assert main(base + ["--grid", "0", "--features", "testbed"]) == 2
+    assert "--grid >= 1" in capsys.readouterr().err
+    assert main(base + ["--no-prompts", "--cefam-classifier", "testbed-vit"]) == 0
+    reader = CacheReader(tmp_path / "c")
+    assert reader.settings["cefam"]["layers"] == ["blocks.3"] and reader.settings["cefam"]["kind"] == "vit"
+    vit = load_backbone("testbed-vit")
+    order = torch.tensor([scene_index(f) for f in reader.files])
+    from fastcbm.cefam import pool_stages, stage_activations
+    from fastcbm.features import normalize_for_backbone
+
+    with torch.no_grad():
+        x = normalize_for_backbone(batch.images[order], vit, torch.device("cpu"))
+        want = pool_stages(stage_activations(vit.model, x, ["blocks.3"], "vit")[1], ["blocks.3"])
+    assert_close(reader.z_cat().float(), want, atol=2e-3, rtol=2e-3, what="ViT z_cat")

@@ -47,8 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also store this classifier's pooled stage activations z_cat (CE-FAM's translator input; a "
                         "fastcbm.models.load_backbone name: testbed, resnet50, ...); needed by 'fastcbm cefam train'")
     p.add_argument("--cefam-layers", default=None, metavar="L1,L2,...",
-                   help="comma-separated stages pooled into z_cat, in this order (default: the classifier's feature "
-                        "layers, e.g. layer1,layer2,layer3,layer4)")
+                   help="comma-separated stages pooled into z_cat, in this order (default: a CNN's feature layers, "
+                        "e.g. layer1,layer2,layer3,layer4; a ViT's last block)")
     p.add_argument("--cefam-random-init", action="store_true",
                    help="use a randomly initialised --cefam-classifier (testing; no weight download)")
     p.add_argument("--jpeg-draft", action="store_true",
