@@ -46,8 +46,45 @@ def test_export_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert err.count("\n") == 0 and "TensorRT is not available" in err
 
 
-def test_export_clip_tower(tmp_path, capsys):
+def test_export_clip_tower_arguments(tmp_path, capsys, monkeypatch):
+    """--model routes to export_clip_onnx (its numerics are tested in test_deploy; here only the wiring)."""
+    import fastcbm.deploy
+
+    calls = []
+    monkeypatch.setattr(fastcbm.deploy, "export_clip_onnx", lambda *a, **kw: calls.append((a, kw)))
     out = tmp_path / "clip.onnx"
-    assert main(["export", "--model", "testbed", "--out", str(out), "--max-batch", "2"]) == 0
-    meta = read_metadata(out)
-    assert meta["kind"] == "clip_image" and meta["model"] == "testbed" and meta["input_size"] == 64
+    assert main(["export", "--model", "ViT-B-16", "--pretrained", "openai", "--out", str(out), "--max-batch", "2",
+                 "--precision", "fp16"]) == 0
+    assert calls == [(("ViT-B-16", out), {"pretrained": "openai", "input_dtype": "normalized", "precision": "fp16",
+                                          "max_batch": 2, "opset": 17})]
+    assert json.loads(capsys.readouterr().out) == {"onnx": str(out)}
+
+
+def test_explain_from_engine_matches_model_folder(tmp_path, capsys):
+    """``fastcbm explain --engine`` serves the explanation ``fastcbm explain --model`` gives, labelled from the
+    graph's metadata alone."""
+    from PIL import Image
+
+    model, _ = make_salf(m=6, k=3, seed=6)
+    model.save(tmp_path / "model")
+    onnx_path = tmp_path / "model.onnx"
+    assert main(["export", str(tmp_path / "model"), "--out", str(onnx_path), "--max-batch", "2"]) == 0
+    capsys.readouterr()
+    rng = torch.Generator().manual_seed(0)
+    Image.fromarray(torch.randint(0, 256, (80, 96, 3), dtype=torch.uint8, generator=rng).numpy()).save(
+        tmp_path / "img.png")
+    assert main(["explain", str(tmp_path / "img.png"), "--model", str(tmp_path / "model"), "--top-k", "3"]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    html = tmp_path / "r.html"
+    assert main(["explain", str(tmp_path / "img.png"), "--engine", str(onnx_path), "--top-k", "3",
+                 "--html", str(html)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["backend"] == "onnxruntime-cpu" and html.is_file()
+    assert got["predicted"] == ref["predicted"] and abs(got["probability"] - ref["probability"]) <= 2e-4
+    assert [c["concept"] for c in got["top_concepts"]] == [c["concept"] for c in ref["top_concepts"]]
+    for a, b in zip(got["top_concepts"], ref["top_concepts"]):
+        assert abs(a["contribution"] - b["contribution"]) <= 2e-4 and abs(a["activation"] - b["activation"]) <= 2e-4
+    assert main(["explain", str(tmp_path / "img.png"), "--engine", str(onnx_path), "--region", "1", "2"]) == 2
+    assert "--region needs --model" in capsys.readouterr().err
+    assert main(["explain", str(tmp_path / "img.png")]) == 2
+    assert "give --model DIR" in capsys.readouterr().err
