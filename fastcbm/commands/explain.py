@@ -11,7 +11,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("explain", help="explain one image with a trained concept model")
     p.add_argument("image", type=Path, help="image file (any format PIL reads)")
     p.add_argument("--method", choices=["salf"], default="salf")
-    p.add_argument("--model", type=Path, required=True, help="folder written by SALFCBM.save (e.g. the demo's model/)")
+    p.add_argument("--model", type=Path, help="folder written by SALFCBM.save (e.g. the demo's model/)")
+    p.add_argument("--engine", type=Path, help="serve the explanation from an exported graph instead: an .onnx or "
+                   ".engine file from 'fastcbm export' (fastcbm.deploy)")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"], default="auto",
+                   help="with --engine: what runs it (auto: TensorRT, then onnxruntime)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--region", type=int, nargs="+", metavar="N",
                    help="Explain Anything: a point 'y x' or a box 'y0 x0 y1 x1' in image pixels")
@@ -20,6 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "engine", None) is not None:  # served from an exported graph: fastcbm.deploy owns this path
+        from fastcbm.deploy.serve import run_explain_engine
+
+        return run_explain_engine(args)
+    if args.model is None:
+        raise ValueError("give --model DIR (a saved SALF-CBM) or --engine FILE (an exported graph)")
     import torch
 
     from fastcbm.data.folder import BadImageError, decode_image
