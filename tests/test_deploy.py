@@ -279,3 +279,27 @@ def test_runtime_engine_without_tensorrt_is_one_line(tmp_path, monkeypatch):
         load(eng)
     with pytest.raises(ValueError, match="only backend 'tensorrt'"):
         load(eng, backend="onnxruntime")
+
+
+def test_precompute_with_onnxruntime_engine(tmp_path):
+    """``precompute(engine="onnxruntime")`` encodes with the exported tower: the cache equals the torch one up to the
+    fp16 storage rounding, and the manifest says which engine wrote it."""
+    from PIL import Image
+
+    from fastcbm.precompute import precompute
+    from tests.test_precompute import tiny_clip
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 36 + i, 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
+    clip = tiny_clip()
+    kw = {"grid": 2, "batch_size": 4, "shard_size": 8, "device": "cpu", "num_workers": 0, "progress": False,
+          "model_name": "tiny"}
+    files = sorted(str(p) for p in tmp_path.glob("*.png"))
+    ref = precompute(files, clip, tmp_path / "torch", **kw)
+    got = precompute(files, clip, tmp_path / "ort", engine="onnxruntime", **kw)
+    assert got.manifest["encoder_engine"] == "onnxruntime-cpu"
+    assert_close(got.prompt_embeddings(), ref.prompt_embeddings(), atol=2e-3, rtol=0, what="prompt embeddings")
+    assert_close(got.global_norms(), ref.global_norms(), atol=0, rtol=1e-4, what="global norms")
+    with pytest.raises(ValueError, match="engine must be"):
+        precompute(files, clip, tmp_path / "bad", engine="tvm", **kw)
