@@ -231,7 +231,7 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
                features: str | Callable[[torch.Tensor], torch.Tensor] | None = None, features_name: str | None = None,
                features_pretrained: bool | str | None = True, features_layer: str | None = None,
                cefam_classifier: str | None = None, cefam_layers: Sequence[str] | None = None,
-               cefam_pretrained: bool | str | None = True,
+               cefam_pretrained: bool | str | None = True, engine: str = "torch",
                verify: str = "checksum", draft: bool = False, progress: bool = True) -> CacheReader:
     """Encode every image of ``data`` with ring prompts into the cache at ``out`` and return a reader for it.
 
@@ -245,6 +245,8 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
     or a callable uint8 [B,3,S,S] → [B,C,h,w]. ``cefam_classifier``: also store that classifier's pooled stages
     ``z_cat`` [N, Z] fp16 (``cefam_layers``, default its feature layers; see :func:`cefam_stage_fn`); ``grid=0``
     stores no ring prompts, only the global embedding (the cheap mode for CE-FAM). ``verify``: how finished shards are checked on resume ("checksum" or "size").
+    ``engine``: what runs the image tower: "torch", or an exported graph (:mod:`fastcbm.deploy`) on "onnxruntime" /
+    "tensorrt" (recorded in the manifest as ``encoder_engine``).
 
     Unreadable images are skipped, counted and listed in the manifest. Reopening ``out`` with other settings raises
     :class:`~fastcbm.cache.CacheMismatchError`; a full disk raises :class:`~fastcbm.cache.CacheDiskFullError`.
@@ -297,6 +299,11 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
 
     cefam_fn = (cefam_stage_fn(cefam_classifier, pretrained=cefam_pretrained, layers=cefam_layers, device=dev,
                                size=size) if cefam_classifier else None)
+    if engine != "torch":  # an exported image tower runs the encoder (fastcbm.deploy): onnxruntime or TensorRT
+        from fastcbm.deploy.encoder import engine_encoder
+
+        model = engine_encoder(model, preprocess, engine, device=dev, max_batch=max_encode_batch, dtype=cdtype,
+                               model_name=model_name)
     encoder = _Encoder(model, grid=(gy, gx), radius=None if global_only else float(radius), width=float(width),
                        centers=centers, mean=mean,
                        std=std, device=dev, dtype=cdtype, max_encode_batch=max_encode_batch, features=feature_fn,
@@ -317,6 +324,8 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
     }
     extra = {"embedding": "unit rows fp16; norms fp32 (before normalisation)", "num_prompts": gy * gx,
              "embed_dim": arrays[GLOBAL].row_shape[0]}
+    if engine != "torch":  # bytes equal torch's to ~1e-5 before fp16 rounding: recorded, not a setting to match
+        extra["encoder_engine"] = model.engine
     if cefam_fn is not None:  # only then: caches made without it keep their settings (and fingerprints) unchanged
         settings["cefam"] = cefam_fn.source  # type: ignore[attr-defined]
     import torch.distributed as dist

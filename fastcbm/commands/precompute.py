@@ -56,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "large photos for small encoders; slightly different pixels, recorded in the manifest)")
     p.add_argument("--verify", choices=("checksum", "size"), default="checksum",
                    help="how finished shards are checked when resuming")
+    p.add_argument("--engine", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
+                   help="what runs the image tower: PyTorch, or an exported ONNX graph on onnxruntime / a TensorRT "
+                        "engine (cached by GPU, TensorRT version and graph hash); see fastcbm export")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_precompute)
 
@@ -97,7 +100,7 @@ def run_precompute(args: argparse.Namespace) -> int:
                             features_layer=args.features_layer, draft=args.jpeg_draft, verify=args.verify,
                             cefam_classifier=args.cefam_classifier, cefam_layers=cefam_layers,
                             cefam_pretrained=None if args.cefam_random_init else True,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, engine=args.engine)
     except CacheDiskFullError as exc:
         print(f"fastcbm precompute: error: {exc}", file=sys.stderr)
         return 1
