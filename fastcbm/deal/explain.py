@@ -131,7 +131,8 @@ def split_tower(model: nn.Module, images: torch.Tensor):
 # ---- explanations ------------------------------------------------------------------------------------------------
 def _scores(emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     """cos(emb_b, t_bk): ``[B, D]`` × ``[B, T, D]`` → ``[B, T]``."""
-    return torch.einsum("bd,btd->bt", F.normalize(emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1))
+    dtype = torch.promote_types(torch.promote_types(emb.dtype, text_emb.dtype), torch.float32)  # fp16/bf16 → fp32
+    return torch.einsum("bd,btd->bt", F.normalize(emb.to(dtype), dim=-1), F.normalize(text_emb.to(dtype), dim=-1))
 
 
 def score_grads(act: torch.Tensor, head, text_emb: torch.Tensor, *, create_graph: bool = True,
@@ -181,6 +182,7 @@ def explanations(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
     if text_emb.dim() != 3 or text_emb.shape[0] != images.shape[0]:
         raise ValueError(f"text_emb must be [B, K+1, D] with B = {images.shape[0]} (one row of texts per image), "
                          f"got {tuple(text_emb.shape)}")
+    tower_kind(model)  # a clear error for anything but an open_clip CLIP
     with torch.enable_grad():
         if not images.requires_grad and not any(p.requires_grad for p in model.visual.parameters()):
             # frozen tower (evaluation): A still needs a graph to differentiate the scores

@@ -1,0 +1,188 @@
+"""DEAL's differentiable explanations: the recomputed heads equal open_clip's modules, batched == per-text loop, the
+regularisers' gradient reaches the tower's weights (checked against finite differences in float64) and the authors'
+detached form sends exactly none."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastcbm.deal import explain as E
+from tests.conftest import assert_close
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_vit_clip(dtype=torch.float32):
+    from fastcbm.compat import import_open_clip
+
+    import_open_clip()
+    from open_clip.model import CLIP
+
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
+                 text_cfg=dict(context_length=16, vocab_size=50, width=32, heads=2, layers=1))
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def testbed_clip():
+    from fastcbm.models import load_clip
+
+    model, _, tokenizer = load_clip("testbed")
+    return model, tokenizer
+
+
+def _inputs(model, B=2, T=4, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
+    D = model.text_projection.shape[1] if isinstance(model.text_projection, torch.Tensor) else 16
+    return (torch.randn(B, 3, S, S, generator=g, dtype=dtype), torch.randn(B, T, D, generator=g, dtype=dtype))
+
+
+def test_resnet_head_equals_open_clip_attnpool(testbed_clip):
+    model, _ = testbed_clip
+    x, _ = _inputs(model)
+    kind, act, head = E.split_tower(model, x)
+    assert kind == "resnet" and act.shape[-2:] == (2, 2)
+    with torch.no_grad():
+        assert_close(head(act), model.encode_image(x), atol=1e-4, rtol=1e-4, what="resnet head")
+        assert_close(head(act), model.visual.attnpool(act), atol=1e-4, rtol=1e-4, what="attnpool")
+
+
+def test_vit_last_block_recompute_equals_module():
+    model = tiny_vit_clip(torch.float64)
+    x, _ = _inputs(model, dtype=torch.float64)
+    kind, probs, head = E.split_tower(model, x)
+    assert kind == "vit" and probs.shape == (2, 2, 17, 17)
+    assert_close(probs.sum(-1), torch.ones(2, 2, 17), atol=1e-12, rtol=0, what="rows sum to one")
+    # the module's own attention weights (need_weights=True, averaged over heads) equal ours
+    tokens = E.vit_trunk(model.visual, x)
+    blk = model.visual.transformer.resblocks[-1]
+    h = blk.ln_1(tokens)
+    _, w = blk.attn(h, h, h, need_weights=True, average_attn_weights=False)
+    assert_close(probs, w, atol=1e-12, rtol=0, what="attention probabilities")
+    assert_close(head(probs), model.encode_image(x), atol=1e-10, rtol=0, what="vit head")
+
+
+@pytest.mark.parametrize("tower", ["resnet", "vit"])
+@pytest.mark.parametrize("mode", ["batched", "expand"])
+def test_batched_equals_per_text_loop(tower, mode, testbed_clip):
+    model = testbed_clip[0] if tower == "resnet" else tiny_vit_clip()
+    x, t = _inputs(model, B=3, T=5)
+    ref = E.explanations(model, x, t, mode="loop", normalize=False)
+    got = E.explanations(model, x, t, mode=mode, normalize=False)
+    assert ref.shape == (3, 5, 2, 2) if tower == "resnet" else (3, 5, 4, 4)
+    assert float(ref.detach().abs().max()) > 0
+    assert_close(got, ref, atol=1e-6, rtol=1e-4, what=f"{tower} {mode} maps")
+    # and their gradients w.r.t. the weights (second order through the head)
+    p = [q for q in model.visual.parameters()]
+    g_ref = torch.autograd.grad((ref ** 2).sum(), p, allow_unused=True)
+    g_got = torch.autograd.grad((got ** 2).sum(), p, allow_unused=True)
+    for a, b in zip(g_got, g_ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close(a, b, atol=1e-5, rtol=1e-3, what=f"{tower} {mode} weight grads")
+
+
+def test_maps_are_min_max_normalised(testbed_clip):
+    model = testbed_clip[0]
+    x, t = _inputs(model)
+    maps = E.explanations(model, x, t)
+    flat = maps.detach().flatten(2)
+    assert float(flat.min()) >= 0 and float(flat.max()) <= 1
+    nonconst = flat.amax(-1) > 0
+    assert bool(nonconst.any())
+    assert_close(flat.amax(-1)[nonconst], torch.ones(int(nonconst.sum())), atol=1e-4, rtol=0, what="max = 1 (less the +1e-8)")
+
+
+def _reg(maps):
+    # a regulariser shaped like DEAL's: products between concept maps + squared difference to the category map
+    c = maps[:, 1:]
+    sep = (c.unsqueeze(1) * c.unsqueeze(2)).sum()
+    con = ((c.sum(1) - maps[:, 0]) ** 2).sum()
+    return sep + 0.5 * con
+
+
+def _fd_check(model, x, t, names, normalize):
+    params = dict(model.named_parameters())
+    loss = _reg(E.explanations(model, x, t, normalize=normalize))
+    grads = torch.autograd.grad(loss, [params[n] for n in names])
+    g = torch.Generator().manual_seed(1)
+    for name, grad in zip(names, grads):
+        assert float(grad.abs().max()) > 0, f"{name}: no gradient"
+        p = params[name]
+        for _ in range(2):
+            idx = int(torch.randint(p.numel(), (1,), generator=g))
+            flat = p.data.view(-1)
+            old = float(flat[idx])
+            eps = 1e-6
+            with torch.no_grad():
+                flat[idx] = old + eps
+                up = float(_reg(E.explanations(model, x, t, normalize=normalize, create_graph=False)))
+                flat[idx] = old - eps
+                dn = float(_reg(E.explanations(model, x, t, normalize=normalize, create_graph=False)))
+                flat[idx] = old
+            fd = (up - dn) / (2 * eps)
+            assert abs(fd - float(grad.view(-1)[idx])) <= 1e-5 + 1e-4 * abs(fd), (name, idx, fd, float(grad.view(-1)[idx]))
+
+
+def test_gradient_reaches_resnet_weights_matches_finite_differences():
+    from fastcbm.models import load_clip
+
+    model = load_clip("testbed")[0].double()
+    x, t = _inputs(model, dtype=torch.float64)
+    _fd_check(model, x, t, ["visual.layer1.0.conv1.weight", "visual.layer4.0.conv3.weight",
+                            "visual.attnpool.q_proj.weight"], normalize=True)
+
+
+def test_gradient_reaches_vit_weights_matches_finite_differences():
+    model = tiny_vit_clip(torch.float64)
+    x, t = _inputs(model, dtype=torch.float64)
+    _fd_check(model, x, t, ["visual.conv1.weight", "visual.transformer.resblocks.1.attn.in_proj_weight",
+                            "visual.transformer.resblocks.1.mlp.c_fc.weight"], normalize=True)
+
+
+@pytest.mark.parametrize("tower", ["resnet", "vit"])
+def test_detached_form_sends_exactly_zero_gradient(tower, testbed_clip):
+    model = testbed_clip[0] if tower == "resnet" else tiny_vit_clip()
+    x, t = _inputs(model)
+    params = list(model.visual.parameters())
+    ours = torch.autograd.grad(_reg(E.explanations(model, x, t)), params, allow_unused=True)
+    assert any(g is not None and float(g.abs().max()) > 0 for g in ours)
+    detached = E.explanations(model, x, t, detach=True)
+    assert not detached.requires_grad  # no graph at all: the regulariser cannot reach any weight
+    # inside a loss that does train the tower, the detached regulariser adds exactly zero gradient
+    emb = model.encode_image(x)
+    base = emb.pow(2).sum()
+    g_base = torch.autograd.grad(base, params, allow_unused=True, retain_graph=True)
+    g_both = torch.autograd.grad(base + _reg(detached), params, allow_unused=True)
+    for a, b in zip(g_base, g_both):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_bad_inputs(testbed_clip):
+    model = testbed_clip[0]
+    x, t = _inputs(model)
+    with pytest.raises(ValueError, match="text_emb must be"):
+        E.explanations(model, x, t[:1])
+    with pytest.raises(ValueError, match="images must be"):
+        E.explanations(model, x[:, :2], t)
+    with pytest.raises(ValueError, match="mode must be"):
+        E.explanations(model, x, t, mode="fast")
+    with pytest.raises(ValueError, match="open_clip CLIP"):
+        E.explanations(torch.nn.Linear(2, 2), x, t)
+
+
+def test_encode_texts_and_length_check(testbed_clip):
+    model, tok = testbed_clip
+    emb = E.encode_texts(model, tok, [["blue circle", "blue", "circle"], ["green square", "green", "blue"]])
+    assert emb.shape == (2, 3, 128)
+    assert_close(emb.norm(dim=-1), torch.ones(2, 3), atol=1e-5, rtol=0, what="unit")
+    assert_close(emb[0, 1], emb[1, 2], atol=0, rtol=0, what="same text, same row")
+    fits = " ".join(["blue"] * (tok.context_length - 2))
+    E.tokenize_checked(tok, [fits])  # exactly fills the context
+    with pytest.raises(ValueError, match="caption too long"):
+        E.encode_texts(model, tok, [[fits + " circle"]])
+    with pytest.raises(ValueError, match="same number of texts"):
+        E.encode_texts(model, tok, [["a", "b"], ["a"]])
