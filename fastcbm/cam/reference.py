@@ -30,6 +30,8 @@ def fuse_reference(weights: torch.Tensor, acts: torch.Tensor, size: tuple[int, i
     """The definition (see the module docstring); inputs already validated by :func:`fastcbm.cam.fuse`."""
     dtype = compute_dtype(weights.dtype)
     b, c, h, w = acts.shape
+    if b * weights.shape[1] == 0:
+        return torch.zeros((b, weights.shape[1], *(size or (h, w))), dtype=weights.dtype, device=weights.device)
     raw = torch.bmm(weights.to(dtype), acts.to(dtype).reshape(b, c, h * w))  # [B, T, h*w]
     maps = F.relu(raw).reshape(b, weights.shape[1], h, w)
     if size is not None and tuple(size) != (h, w):
