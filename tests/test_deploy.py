@@ -303,3 +303,37 @@ def test_precompute_with_onnxruntime_engine(tmp_path):
     assert_close(got.global_norms(), ref.global_norms(), atol=0, rtol=1e-4, what="global norms")
     with pytest.raises(ValueError, match="engine must be"):
         precompute(files, clip, tmp_path / "bad", engine="tvm", **kw)
+
+
+# -- GPU (skipped here; bench/gpu_check.sh runs them) --------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_runners_keep_cuda_tensors(tmp_path):
+    """TensorRT (where installed) and onnxruntime's CUDA provider (where installed): CUDA tensors in and out, fp32
+    engine within 1e-4 of PyTorch, fp16 engine close, CUDA-graph replays equal to the first run."""
+    import onnxruntime as ort
+
+    model, bb = make_salf(seed=7)
+    path = export_onnx(model, tmp_path / "m.onnx", backbone=bb, max_batch=8)
+    images = torch.randint(0, 256, (7, 3, 64, 64), dtype=torch.uint8)
+    ref = reference(model, bb, images)
+    x = images.cuda()
+    runners = []
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        runners.append(load(path, backend="onnxruntime", device="cuda"))
+    try:
+        T.import_tensorrt()
+        runners.append(load(path, backend="tensorrt", cache_dir=tmp_path / "cache"))
+    except T.TensorRTUnavailableError:
+        pass
+    if not runners:
+        pytest.skip("neither TensorRT nor onnxruntime-gpu is installed")
+    for runner in runners:
+        first = runner(x)
+        again = runner(x)
+        third = runner(x)  # TensorRT: replayed from the CUDA graph captured on the second call
+        for name in OUTPUTS:
+            assert first[name].is_cuda, (runner.backend, name)
+            assert_close(first[name], ref[name], atol=1e-4, rtol=0, what=f"{runner.backend} {name}")
+            assert torch.equal(third[name], again[name]), (runner.backend, name)
+        with pytest.raises(ValueError, match="above the maximum of 8"):
+            runner(torch.zeros(9, 3, 64, 64, dtype=torch.uint8, device="cuda"))

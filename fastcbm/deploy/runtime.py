@@ -302,4 +302,6 @@ def load(path: str | os.PathLike, backend: str = "auto", *, device: str | None =
             return TensorRTRunner(path, device=gpu_index, cuda_graphs=cuda_graphs, cache_dir=trt_cache)
         except TensorRTUnavailableError as exc:
             log.info("%s", exc)
+        except RuntimeError as exc:  # a graph TensorRT cannot parse or build: auto still serves it
+            log.warning("TensorRT failed (%s); using onnxruntime", str(exc).splitlines()[0][:200])
     return OnnxRuntimeRunner(path, device=device, threads=threads)
