@@ -210,55 +210,22 @@ def folder_labels(files: Sequence[str], class_names: Sequence[str] | None = None
     if missing:
         raise ValueError(f"labels: {len(missing)} images are in folders that are not classes, e.g. {missing[0]} "
                          f"(classes: {names[:5]}{'...' if len(names) > 5 else ''})")
-    return torch.tensor([index[d] for d in dirs], dtype=torch.long), names
+    from fastcbm.data.labels import LabelRows, folder_report
+
+    return LabelRows(torch.tensor([index[d] for d in dirs], dtype=torch.long), names, folder_report(files, names))
 
 
 def csv_labels(path: str | os.PathLike, files: Sequence[str], class_names: Sequence[str] | None = None
                ) -> tuple[torch.Tensor, list[str]]:
-    """Labels from a CSV/TSV file of ``path,class`` rows → (labels long [N] for ``files``, class names). Paths are
-    relative to the CSV's folder, absolute, or bare file names. An optional header row (first cell
-    ``file``/``path``/``image``/``filename``) may name a ``class`` column to use instead of the second (the testbed's
-    ``labels.csv`` is ``file,label,class``). Every file must have a label.
+    """Labels from a CSV/TSV file of ``path,class`` rows → (labels long [N] for ``files``, class names), with
+    ``.report`` saying how every row was matched. Paths are relative to the CSV's folder or absolute; a bare file name
+    matches an image elsewhere only when exactly one image has that name. Conflicting rows, ambiguous names, rows that
+    match no image and unlabelled images are refused, naming the rows (:func:`fastcbm.data.labels.match_csv_labels`).
+    An optional header row (first cell ``file``/``path``/``image``/``filename``) may name a ``class`` column to use
+    instead of the second (the testbed's ``labels.csv`` is ``file,label,class``).
 
     Without ``class_names`` the classes are numbered in order of first appearance; with them (e.g. the training
     split's, for a validation CSV), a class that is not listed raises ``ValueError`` naming it."""
-    import csv
+    from fastcbm.data.labels import match_csv_labels
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"labels: {path} not found")
-    lines = path.read_text().splitlines()
-    if not lines:
-        raise ValueError(f"labels: {path} is empty")
-    rows = list(csv.reader(lines, dialect="excel-tab" if "\t" in lines[0] else "excel"))
-    column = 1
-    if rows and rows[0] and rows[0][0].strip().lower() in ("file", "path", "image", "filename"):
-        header = [h.strip().lower() for h in rows[0]]
-        column = header.index("class") if "class" in header else 1
-        rows = rows[1:]
-    by_path: dict[str, str] = {}
-    by_name: dict[str, str] = {}
-    for i, row in enumerate(rows, 1):
-        if not row or row[0].startswith("#"):
-            continue
-        if len(row) <= column:
-            raise ValueError(f"labels: {path} row {i}: expected 'path,class', got {row!r}")
-        p = Path(row[0].strip())
-        full = p if p.is_absolute() else path.parent / p
-        by_path[os.path.abspath(full)] = row[column].strip()
-        by_name[p.name] = row[column].strip()
-    names: list[str] = [] if class_names is None else list(class_names)
-    index = {c: i for i, c in enumerate(names)}
-    labels = []
-    for f in files:
-        cls = by_path.get(os.path.abspath(f), by_name.get(Path(f).name))
-        if cls is None:
-            raise ValueError(f"labels: {path} has no label for {f}")
-        if cls not in index:
-            if class_names is not None:
-                raise ValueError(f"labels: {path} gives {f} the class {cls!r}, which is not among the classes "
-                                 f"({names[:5]}{'...' if len(names) > 5 else ''})")
-            index[cls] = len(names)
-            names.append(cls)
-        labels.append(index[cls])
-    return torch.tensor(labels, dtype=torch.long), names
+    return match_csv_labels(path, files, class_names)
