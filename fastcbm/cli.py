@@ -18,6 +18,7 @@ from fastcbm import __version__
 COMMAND_MODULES = (
     "fastcbm.commands.bench",
     "fastcbm.commands.cefam",
+    "fastcbm.commands.deal",
     "fastcbm.commands.demo",
     "fastcbm.commands.explain",
     "fastcbm.commands.export",

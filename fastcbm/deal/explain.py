@@ -136,12 +136,13 @@ def _scores(emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
 
 
 def score_grads(act: torch.Tensor, head, text_emb: torch.Tensor, *, create_graph: bool = True,
-                mode: str = "batched") -> torch.Tensor:
+                mode: str = "batched", emb: torch.Tensor | None = None) -> torch.Tensor:
     """∂s_bk/∂A_b for every text: ``[B, T, *A.shape[1:]]``.
 
     ``mode="batched"``: one ``autograd.grad`` with T batched cotangents (vmap over the backward of the head only);
     ``"expand"``: the head runs on T views of A (still one tower pass; for heads vmap cannot batch); ``"loop"``: one
-    backward per text (reference)."""
+    backward per text (reference). ``emb``: ``head(act)`` when the caller already has it (batched and loop modes
+    reuse it)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     B, T = text_emb.shape[:2]
@@ -150,14 +151,15 @@ def score_grads(act: torch.Tensor, head, text_emb: torch.Tensor, *, create_graph
         s = _scores(head(rep), text_emb.reshape(B * T, 1, -1))  # [B·T, 1]
         (g,) = torch.autograd.grad(s.sum(), rep, create_graph=create_graph)
         return g.view(B, T, *act.shape[1:])
-    s = _scores(head(act), text_emb)  # [B, T]
+    s = _scores(head(act) if emb is None else emb, text_emb)  # [B, T]
     if mode == "loop":
         grads = [torch.autograd.grad(s[:, k].sum(), act, retain_graph=True, create_graph=create_graph)[0]
                  for k in range(T)]
         return torch.stack(grads, dim=1)
     # s[b, k] depends on A[b] only, so the cotangent e_k (for every b at once) gives every image's ∂s_k/∂A_b
     eye = torch.eye(T, dtype=s.dtype, device=s.device).unsqueeze(1).expand(T, B, T)
-    (g,) = torch.autograd.grad(s, act, grad_outputs=eye, is_grads_batched=True, create_graph=create_graph)
+    (g,) = torch.autograd.grad(s, act, grad_outputs=eye, is_grads_batched=True, create_graph=create_graph,
+                               retain_graph=True if emb is not None else None)  # the caller still needs emb's graph
     return g.transpose(0, 1)
 
 
@@ -169,7 +171,8 @@ def _minmax(maps: torch.Tensor) -> torch.Tensor:
 
 
 def explanations(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor, *, create_graph: bool = True,
-                 normalize: bool = True, detach: bool = False, mode: str = "batched") -> torch.Tensor:
+                 normalize: bool = True, detach: bool = False, mode: str = "batched",
+                 return_embedding: bool = False):
     """Concept explanation maps ``[B, K+1, h, w]`` of ``model``'s image tower.
 
     images: normalised ``[B, 3, S, S]``; text_emb: ``[B, K+1, D]`` (row 0 the category, rows 1..K the concepts; any
@@ -188,7 +191,8 @@ def explanations(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
             # frozen tower (evaluation): A still needs a graph to differentiate the scores
             images = images.detach().requires_grad_(True)
         kind, act, head = split_tower(model, images)
-        grads = score_grads(act, head, text_emb, create_graph=create_graph and not detach, mode=mode)
+        emb = head(act) if return_embedding else None
+        grads = score_grads(act, head, text_emb, create_graph=create_graph and not detach, mode=mode, emb=emb)
         if detach or not create_graph:
             grads = grads.detach()
         a = act.detach() if detach else act
@@ -200,7 +204,8 @@ def explanations(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
             cls = rel[:, :, 0, 1:]  # the CLS row over the patch tokens
             gh, gw = _grid(model.visual, cls.shape[-1])
             maps = cls.reshape(*cls.shape[:2], gh, gw)
-    return _minmax(maps) if normalize else maps
+    maps = _minmax(maps) if normalize else maps
+    return (maps, emb) if return_embedding else maps
 
 
 def _grid(visual: nn.Module, n: int) -> tuple[int, int]:

@@ -12,6 +12,7 @@ Register more with :func:`register_clip` / :func:`register_backbone`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,6 +62,10 @@ def load_clip(name: str = "testbed", pretrained: str | None = None, device: str 
     """``(model, preprocess, tokenizer)`` for a CLIP model; ``model.encode_image`` / ``encode_text`` as open_clip."""
     if name in _CLIP_LOADERS:
         model, preprocess, tokenizer = _CLIP_LOADERS[name](pretrained)
+    elif os.path.isfile(os.path.join(str(name), "config.json")):  # a `fastcbm deal train` output folder
+        from fastcbm.deal.train import load_deal_clip
+
+        model, preprocess, tokenizer = load_deal_clip(name)
     else:
         from fastcbm.models.external import load_open_clip
 

@@ -33,7 +33,8 @@ CONTEXT_LENGTH = 24
 class WordTokenizer:
     """Word-level tokenizer over the testbed vocabulary, called like open_clip's: ``tokenizer(texts) -> [B, ctx]``.
 
-    Unknown words map to ``<unk>``; texts longer than the context are truncated (``<eot>`` is kept)."""
+    Commas and full stops separate words (DEAL's captions read "blue circle. It may contain ..."); unknown words map
+    to ``<unk>``; texts longer than the context are truncated (``<eot>`` is kept)."""
 
     def __init__(self, vocab: list[str] = VOCAB, context_length: int = CONTEXT_LENGTH):
         self.vocab = list(vocab)
@@ -47,7 +48,7 @@ class WordTokenizer:
         out = torch.zeros(len(texts), ctx, dtype=torch.long)
         unk = self.index["<unk>"]
         for i, text in enumerate(texts):
-            ids = [self.index.get(w, unk) for w in text.lower().replace(",", " ").split()][: ctx - 2]
+            ids = [self.index.get(w, unk) for w in text.lower().replace(",", " ").replace(".", " ").split()][: ctx - 2]
             ids = [self.index["<sot>"], *ids, self.index["<eot>"]]
             out[i, : len(ids)] = torch.tensor(ids)
         return out
