@@ -4,6 +4,7 @@ concepts → standardised → sparse linear head. Saved as safetensors (tensors)
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -120,36 +121,86 @@ class SALFCBM(nn.Module):
     # -- persistence ----------------------------------------------------------------------------------------------
     def save(self, path: str | Path, include_backbone: bool = False) -> None:
         """Write ``path/model.safetensors`` and ``path/config.json`` (backbone weights only if asked: by default it
-        is rebuilt from its name, which keeps files small)."""
+        is rebuilt from its name, which keeps files small). ``config.json`` records the sha256 and size of the tensor
+        file, checked by :meth:`load`; both files get the same permissions (0644 under the usual umask)."""
         from safetensors.torch import save_file
 
+        from fastcbm.cache.store import canonical_sha256, file_sha256
+
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"out: {path} is an existing file, not a folder for the model")
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
                    if include_backbone or not k.startswith("backbone.")}
-        save_file(tensors, str(path / "model.safetensors"))
+        tensor_file = path / "model.safetensors"
+        save_file(tensors, str(tensor_file))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tensor_file, 0o666 & ~umask)  # safetensors writes through a private temp file (0600)
         meta = {"format": "fastcbm.salf", "version": FORMAT_VERSION, "kind": self.kind,
                 "num_prefix_tokens": self.num_prefix_tokens, "include_backbone": include_backbone,
+                "tensors": {"file": tensor_file.name, "sha256": file_sha256(tensor_file),
+                            "bytes": tensor_file.stat().st_size},
                 "config": self.config.to_json()}
+        meta["checksum"] = canonical_sha256(meta)  # config.json checks itself too (concept/class names, ...)
         (path / "config.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, path: str | Path, backbone: nn.Module | None = None, map_location: str = "cpu") -> SALFCBM:
-        """Load a model saved with :meth:`save`. The backbone is rebuilt by name unless given."""
-        from safetensors.torch import load_file
-
+        """Load a model saved with :meth:`save`. The backbone is rebuilt by name unless given. Every problem with the
+        files (checksum, damaged safetensors, unknown version, missing keys or tensors) is a one-line ValueError."""
         path = Path(path)
         meta = _read_meta(path)
-        config = SALFConfig.from_json(meta["config"])
-        tensors = load_file(str(path / "model.safetensors"), device=map_location)
+        cfg_file = path / "config.json"
+        try:
+            config = SALFConfig.from_json(meta["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{cfg_file}: the 'config' entry is missing or invalid ({type(exc).__name__}: {exc})"
+                             ) from None
+        tensors = _load_tensors(path, meta, map_location)
+        missing = sorted({"weight", "head.weight", "head.bias", "head.standardizer.mean", "head.standardizer.std"}
+                         - set(tensors))
+        if missing:
+            raise ValueError(f"{path / 'model.safetensors'}: tensors {missing} are missing (not a complete SALF-CBM)")
         if backbone is None:
             from fastcbm.models import load_backbone
 
             backbone = load_backbone(config.backbone, pretrained=config.backbone_pretrained).model
-        if meta.get("include_backbone"):
-            backbone.load_state_dict({k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")})
-        head = LinearHead.from_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
-        return cls(backbone, meta["kind"], config, tensors["weight"], head, meta.get("num_prefix_tokens", 1))
+        try:
+            if meta.get("include_backbone"):
+                backbone.load_state_dict({k[len("backbone."):]: v for k, v in tensors.items()
+                                          if k.startswith("backbone.")})
+            head = LinearHead.from_state_dict({k[len("head."):]: v for k, v in tensors.items()
+                                               if k.startswith("head.")})
+            return cls(backbone, meta["kind"], config, tensors["weight"], head, meta.get("num_prefix_tokens", 1))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: the saved tensors do not fit the saved config "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
+
+
+def _load_tensors(path: Path, meta: dict, map_location: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``model.safetensors`` after checking its recorded size and sha256 (models saved before the
+    checksum existed are loaded unchecked)."""
+    from safetensors.torch import load_file
+
+    from fastcbm.cache.store import file_sha256
+
+    tensor_file = path / "model.safetensors"
+    rec = meta.get("tensors")
+    if rec is not None:
+        if not isinstance(rec, dict) or not {"sha256", "bytes"} <= set(rec):
+            raise ValueError(f"{path / 'config.json'}: the 'tensors' entry is damaged ({rec!r})")
+        size = tensor_file.stat().st_size
+        if size != rec["bytes"]:
+            raise ValueError(f"{tensor_file}: {size} bytes, config.json records {rec['bytes']} (truncated or replaced)")
+        if file_sha256(tensor_file) != rec["sha256"]:
+            raise ValueError(f"{tensor_file} fails the sha256 checksum recorded in config.json (damaged or modified)")
+    try:
+        return load_file(str(tensor_file), device=map_location)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
+        raise ValueError(f"{tensor_file} is not a readable safetensors file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})") from None
 
 
 def _read_meta(path: Path) -> dict:
@@ -162,10 +213,24 @@ def _read_meta(path: Path) -> dict:
         meta = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{cfg_file}: invalid JSON ({exc})") from exc
-    if meta.get("format") != "fastcbm.salf":
-        raise ValueError(f"{cfg_file}: not a SALF-CBM config (format={meta.get('format')!r})")
-    if meta.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{cfg_file}: format version {meta['version']} is newer than this fastcbm supports")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{cfg_file}: not a text file ({exc.reason})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "fastcbm.salf":
+        fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{cfg_file}: not a SALF-CBM config (format={fmt!r})")
+    if "checksum" in meta:
+        from fastcbm.cache.store import canonical_sha256
+
+        if meta["checksum"] != canonical_sha256({k: v for k, v in meta.items() if k != "checksum"}):
+            raise ValueError(f"{cfg_file} fails its checksum (edited or damaged)")
+    version = meta.get("version")
+    if type(version) is not int:  # "1", null, 1.0, true: not a version this code wrote
+        raise ValueError(f"{cfg_file}: 'version' must be an integer, got {version!r}")
+    if version > FORMAT_VERSION or version < 1:
+        raise ValueError(f"{cfg_file}: format version {version} is not supported by this fastcbm (it reads 1 to "
+                         f"{FORMAT_VERSION})")
+    if meta.get("kind") not in ("cnn", "vit"):
+        raise ValueError(f"{cfg_file}: 'kind' must be 'cnn' or 'vit', got {meta.get('kind')!r}")
     return meta
 
 
