@@ -12,8 +12,8 @@ from tests.conftest import HAS_CUDA, assert_close, runnable_backends
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BACKENDS = runnable_backends(FUSE_BACKENDS)
-TOL = {torch.float32: dict(atol=2e-6, rtol=2e-6), torch.float16: dict(atol=2e-3, rtol=2e-3),
-       torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+TOL = {torch.float32: {"atol": 2e-6, "rtol": 2e-6}, torch.float16: {"atol": 2e-3, "rtol": 2e-3},
+       torch.bfloat16: {"atol": 1e-2, "rtol": 1e-2}}
 
 
 def inputs(b: int, t: int, c: int, h: int, w: int, dtype=torch.float32, contiguous: bool = True, seed: int = 0,

@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from fastcbm.cefam import Translator
-from fastcbm.cefam.association import association_scores, channel_ranking, concept_contributions
+from fastcbm.cefam.association import (
+    association_scores,
+    channel_ranking,
+    concept_contributions,
+)
 from fastcbm.cefam.regions import concept_grads
 from fastcbm.cefam.translator import concept_scores, pool_stages, stage_activations
 from fastcbm.models import load_backbone
@@ -83,7 +87,7 @@ def test_contribution_batched_equals_loop_and_hand(cnn, variant, drop_negative):
     images, translator, text = setup(cnn, layers, 4, 8)
     grads = concept_grads(cnn, translator, images, text, layers)
     chosen = torch.tensor([[0, 3, 1, 2], [3, 3, 2, 0]])
-    kw = dict(top_k=3, variant=variant, drop_negative=drop_negative, grads=grads)
+    kw = {"top_k": 3, "variant": variant, "drop_negative": drop_negative, "grads": grads}
     batched = concept_contributions(cnn, translator, images, text, layers, chosen, **kw)
     loop = concept_contributions(cnn, translator, images, text, layers, chosen, method="loop", **kw)
     assert batched.shape == (2, 4)
@@ -104,7 +108,7 @@ def test_contribution_batched_equals_loop_and_hand(cnn, variant, drop_negative):
             module = dict(model.named_modules())[stage]
             own = variant == "official" and stage != "layer4"
             for k in range(1, 4):
-                def hook(_m, _inp, out, k=k):
+                def hook(_m, _inp, out, k=k, idx=idx, own=own):
                     new = out.clone()
                     for ch in idx[:k]:
                         new[0, ch] = out[0, ch].mean() if own else out.mean()

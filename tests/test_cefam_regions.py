@@ -26,10 +26,10 @@ def setup(backbone, layers, t: int, d: int, size: int, batch: int = 2, seed: int
 
 
 def rel_close(got: dict, ref: dict, what: str, rel: float = 1e-5) -> None:
-    for n in ref:
-        scale = ref[n].abs().max().item()
+    for n, expected in ref.items():
+        scale = expected.abs().max().item()
         assert scale > 0, f"{what} {n}: reference is all zero, the test would prove nothing"
-        assert_close(got[n], ref[n], atol=rel * scale, rtol=rel, what=f"{what} {n}")
+        assert_close(got[n], expected, atol=rel * scale, rtol=rel, what=f"{what} {n}")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_region_is_gradcam_of_the_concept_score(testbed):
     images, translator, text = setup(testbed, layers, 2, 8, testbed.input_size, batch=1)
     model = testbed.model.eval()
     with torch.enable_grad():
-        logits, acts = stage_activations(model, images.requires_grad_(True), layers)
+        _, acts = stage_activations(model, images.requires_grad_(True), layers)
         h = translator(pool_stages(acts, layers))
         score = 100.0 * torch.cosine_similarity(h, text[1:2], dim=-1).sum()
         (grad,) = torch.autograd.grad(score, acts["layer3"])
@@ -129,3 +129,18 @@ def test_bad_inputs(testbed):
     with pytest.raises(ValueError, match="classifier must be"):
         concept_regions(object(), translator, images, text, layers)
     assert isinstance(testbed.model, nn.Module)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_batched_equals_cpu_loop(backend):
+    """On a GPU: batched regions with the CUDA / Triton fuse epilogue equal the CPU loop reference."""
+    backbone = load_backbone("testbed")
+    layers = backbone.feature_layers
+    images, translator, text = setup(backbone, layers, 40, 16, backbone.input_size)
+    loop = concept_regions(backbone, translator, images, text, layers, method="loop")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    backbone.model.cuda()
+    got = concept_regions(backbone, translator.cuda(), images.cuda(), text.cuda(), layers, backend=backend)
+    rel_close({n: v.cpu() for n, v in got.items()}, loop, f"gpu {backend}", rel=1e-4)

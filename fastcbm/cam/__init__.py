@@ -4,4 +4,4 @@ resize and min-max normalisation (used by CE-FAM's per-concept regions). See :fu
 from fastcbm.cam.ops import FUSE_BACKENDS, fuse
 from fastcbm.cam.reference import fuse_reference, minmax_normalize
 
-__all__ = ["fuse", "fuse_reference", "minmax_normalize", "FUSE_BACKENDS"]
+__all__ = ["FUSE_BACKENDS", "fuse", "fuse_reference", "minmax_normalize"]

@@ -28,7 +28,7 @@ _COMPILED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _check(weights: torch.Tensor, acts: torch.Tensor, size) -> tuple[int, int] | None:
     if not isinstance(weights, torch.Tensor) or not isinstance(acts, torch.Tensor):
-        raise ValueError("fuse: weights and acts must be torch tensors")
+        raise ValueError("fuse: weights and acts must be torch tensors")  # noqa: TRY004 (input error)
     if weights.dim() != 3:
         raise ValueError(f"fuse: weights must be [B, T, C], got shape {tuple(weights.shape)}")
     if acts.dim() != 4:
@@ -100,7 +100,9 @@ def fuse(weights: torch.Tensor, acts: torch.Tensor, *, size: tuple[int, int] | N
         out = torch.empty((b * t, oh, ow), dtype=torch.float32)
         _ext.cpu_ext().cam_epilogue(raw.numpy(), out.numpy(), bool(normalize))
     elif chosen == "triton":
-        from fastcbm.kernels import cam as tk  # lazy: `import fastcbm` never imports triton
+        from fastcbm.kernels import (
+            cam as tk,  # lazy: `import fastcbm` never imports triton
+        )
 
         out = tk.epilogue(raw, (oh, ow), normalize)
     else:
@@ -110,4 +112,4 @@ def fuse(weights: torch.Tensor, acts: torch.Tensor, *, size: tuple[int, int] | N
     return out.reshape(b, t, oh, ow).to(weights.dtype)
 
 
-__all__ = ["fuse", "FUSE_BACKENDS"]
+__all__ = ["FUSE_BACKENDS", "fuse"]

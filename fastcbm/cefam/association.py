@@ -25,12 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcbm.cefam.regions import (ConceptGrads, StageHooks, check_inputs, concept_grads, eval_mode,
-                                   resolve_classifier)
+from fastcbm.cefam.regions import (
+    ConceptGrads,
+    StageHooks,
+    check_inputs,
+    concept_grads,
+    eval_mode,
+    resolve_classifier,
+)
 from fastcbm.cefam.translator import concept_scores
 
 VARIANTS = ("official", "paper")
-_STEP_BUDGET = 1 << 24  # elements per batched chunk (64 MB in fp32)
+_STEP_BUDGET = 1 << 24  # elements per batched association chunk (64 MB in fp32)
+_CONTRIB_BUDGET = 1 << 25  # stage-output elements per batched contribution forward (e.g. 41 ResNet-50 layer1 copies)
 
 
 def _check_common(top_k: int, variant: str) -> None:
@@ -230,7 +237,7 @@ def concept_contributions(classifier, translator: nn.Module, images: torch.Tenso
                     pk = torch.cat([_probs(model, image, n, flat[s:s + 1], kind, prefix, per_channel, int(target[i]))
                                     for s in range(flat.shape[0])])
                 else:
-                    chunk = max(1, _STEP_BUDGET // max(1, grads.maps[n][0].numel() * 4))
+                    chunk = max(1, _CONTRIB_BUDGET // max(1, grads.maps[n][0].numel()))
                     pk = torch.cat([_probs(model, image, n, flat[s:s + chunk], kind, prefix, per_channel,
                                            int(target[i])) for s in range(0, flat.shape[0], chunk)])
                 out[i, ts] = _relative_drop(p0, pk.reshape(-1, k))

@@ -38,7 +38,7 @@ def resolve_classifier(classifier, kind: str | None, num_prefix_tokens: int | No
     (``kind`` defaults to ``"cnn"`` then; explicit arguments override the Backbone's)."""
     model = getattr(classifier, "model", classifier)
     if not isinstance(model, nn.Module):
-        raise ValueError(f"classifier must be a fastcbm Backbone or an nn.Module, got {type(classifier).__name__}")
+        raise ValueError(f"classifier must be a fastcbm Backbone or an nn.Module, got {type(classifier).__name__}")  # noqa: TRY004
     kind = kind if kind is not None else getattr(classifier, "kind", "cnn")
     if kind not in ("cnn", "vit"):
         raise ValueError(f"kind must be 'cnn' or 'vit', got {kind!r}")
@@ -100,7 +100,7 @@ class StageHooks:
         self.outputs: dict[str, torch.Tensor] = {}
         self.order: list[str] = []
 
-    def __enter__(self) -> StageHooks:
+    def __enter__(self) -> StageHooks:  # noqa: PYI034
         for name, module in self._modules:
             self._handles.append(module.register_forward_hook(self._hook(name)))
         return self
@@ -108,8 +108,8 @@ class StageHooks:
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
             if isinstance(output, (tuple, list)):
-                raise ValueError(f"stage {name!r} returns a {type(output).__name__}; CE-FAM needs stages that output "
-                                 "one tensor")
+                raise ValueError(f"stage {name!r} returns a {type(output).__name__}; CE-FAM needs stages that "  # noqa: TRY004
+                                 "output one tensor")
             if name in self._replace:
                 output = self._replace[name](output)
             if self._track and torch.is_grad_enabled() and not output.requires_grad:
