@@ -48,6 +48,19 @@ def timed(fn, repeats: int, sync=None, warmup: int = 1) -> list[float]:
     return out
 
 
+def timed_pair(bare, explained, x, repeats: int, sync=None) -> dict[str, list[float]]:
+    """Interleaved timings of the logits-only and the explained graph (alternating which goes first), so drifting
+    load on a shared machine hits both alike and their ratio stays meaningful."""
+    out: dict[str, list[float]] = {"logits": [], "explained": []}
+    fns = {"logits": bare, "explained": explained}
+    for fn in fns.values():  # warm-up
+        fn(x)
+    for i in range(repeats):
+        for name in (("logits", "explained") if i % 2 == 0 else ("explained", "logits")):
+            out[name] += timed(lambda name=name: fns[name](x), 1, sync, warmup=0)
+    return out
+
+
 def p50_p99(times: list[float]) -> tuple[float, float]:
     s = sorted(times)
     return statistics.median(s), s[min(len(s) - 1, round(0.99 * (len(s) - 1)))]
@@ -110,7 +123,7 @@ def run(quick: bool, device: str, note: str = "", threads: int | None = None) ->
             for batch in batches:
                 images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=dev)
                 heavy = key == "resnet50" and dev.type == "cpu"  # ~0.1 s per image on 2 cores
-                repeats = (5 if heavy else 20) if quick else (8 if heavy and batch > 1 else 50)
+                repeats = (5 if heavy else 20) if quick else (5 if heavy and batch > 1 else 30)
                 base = None
                 for backend, r in runners.items():
                     if isinstance(r, str):
@@ -118,12 +131,9 @@ def run(quick: bool, device: str, note: str = "", threads: int | None = None) ->
                                      "backend": backend, "outputs": "explained", "skipped": r})
                         print(f"{key:<9} b={batch:<3} {backend:<12} skipped: {r}")
                         continue
-                    res = {}
-                    for variant in ("logits", "explained"):  # logits first, so the explained run is not the warmer
-                        x = images if backend != "onnxruntime" or dev.type == "cuda" else images.cpu().numpy()
-                        fn = r[variant]
-                        p50, p99 = p50_p99(timed(lambda fn=fn, x=x: fn(x), repeats, sync))
-                        res[variant] = (p50, p99)
+                    x = images if backend != "onnxruntime" or dev.type == "cuda" else images.cpu().numpy()
+                    times = timed_pair(r["logits"], r["explained"], x, repeats, sync)
+                    res = {v: p50_p99(t) for v, t in times.items()}
                     p50, p99 = res["explained"]
                     if backend == "eager":
                         base = p50
