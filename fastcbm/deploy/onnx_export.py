@@ -132,7 +132,8 @@ def _export(graph: torch.nn.Module, path: str | os.PathLike, *, meta: dict, inpu
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = torch.uint8 if input_dtype == "uint8" else torch.float32
-    example = torch.zeros((2, 3, input_size, input_size), dtype=dtype)  # batch 2: a batch of 1 would be frozen
+    device = next(iter(graph.buffers()), torch.zeros(0)).device  # trace where the model lives (CPU or GPU)
+    example = torch.zeros((2, 3, input_size, input_size), dtype=dtype, device=device)  # batch 2: 1 would be frozen
     names = list(graph.outputs)
     tmp = path.with_name(path.name + ".tmp")
     auto = exporter == "auto"

@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                     "input_size": size, "concepts": m, "classes": k}
     repeats = 50 if args.quick else 200
     dev = torch.device("cuda")
+    onnx_paths = {p: export_onnx(model, args.out / f"salf-{name}-{p}.onnx", backbone=bb, max_batch=32, precision=p)
+                  for p in ("fp32", "fp16")}  # both exported before the model moves to the GPU
     eager = ExplainedSALF(model, mean=bb.mean, std=bb.std).eval().to(dev)
-    for precision in ("fp32", "fp16"):
-        onnx_path = export_onnx(model, args.out / f"salf-{name}-{precision}.onnx", backbone=bb, max_batch=32,
-                                precision=precision)
+    for precision, onnx_path in onnx_paths.items():
         t0 = time.perf_counter()
         engine = build_engine(onnx_path, args.out / f"salf-{name}-{precision}.engine", max_batch=32, opt_batch=1,
                               cache_dir=cache)
