@@ -63,3 +63,16 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+    except OSError as exc:  # read-only folders (EROFS), full disks, a cache's writer lock, I/O errors: one line
+        if args.verbose >= 2:
+            raise
+        print(f"fastcbm {args.command}: error: {_os_error_text(exc)}", file=sys.stderr)
+        return 1
+
+
+def _os_error_text(exc: OSError) -> str:
+    """``[Errno 30] Read-only file system: 'x'`` → ``Read-only file system: x`` (custom messages kept as they are)."""
+    if exc.strerror and exc.filename:
+        where = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
+        return f"{exc.strerror}: {where}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

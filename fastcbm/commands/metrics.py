@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 from pathlib import Path
 
 
@@ -22,35 +23,58 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_array(path: Path, what: str):
-    """One array from .npy / .npz (a single array, or the key named ``what``) / .pt (a tensor or a one-tensor dict)."""
+    """One array from .npy / .npz (a single array, or the key named ``what``) / .pt (a tensor or a one-tensor dict).
+    Anything else — strings, complex or object arrays, a text file named .npy, a garbage .pt — is a one-line
+    ValueError naming the file."""
     import numpy as np
     import torch
 
+    if path.is_dir():
+        raise ValueError(f"--{what}: {path} is a directory, not a .npy/.npz/.pt file")
     if not path.is_file():
         raise FileNotFoundError(f"--{what}: no such file: {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz", ".pt"):
+        raise ValueError(f"--{what}: unsupported file type {suffix!r} (use .npy, .npz or .pt)")
     try:
         if suffix == ".npy":
-            return torch.from_numpy(np.load(path, allow_pickle=False))
-        if suffix == ".npz":
+            arr = np.load(path, allow_pickle=False)
+        elif suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 keys = list(z.keys())
                 key = what if what in keys else (keys[0] if len(keys) == 1 else None)
                 if key is None:
                     raise ValueError(f"--{what}: {path} holds arrays {keys}; name one {what!r} or keep just one")
-                return torch.from_numpy(z[key])
-        if suffix == ".pt":
+                arr = z[key]
+        else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(obj, dict):
                 obj = obj.get(what, next(iter(obj.values())) if len(obj) == 1 else None)
             if not isinstance(obj, torch.Tensor):
                 raise ValueError(f"--{what}: {path} must hold a tensor (or a dict with one tensor or key {what!r})")
+            if obj.is_complex() or obj.is_quantized:
+                raise ValueError(f"--{what}: {path} holds {obj.dtype} values; expected real numbers or bools")
             return obj
-    except (OSError, EOFError, RuntimeError, ValueError) as exc:
-        if isinstance(exc, ValueError) and str(exc).startswith(f"--{what}"):
+    except ValueError as exc:
+        if str(exc).startswith(f"--{what}"):
             raise
-        raise ValueError(f"--{what}: could not read {path}: {exc}") from exc
-    raise ValueError(f"--{what}: unsupported file type {suffix!r} (use .npy, .npz or .pt)")
+        raise ValueError(f"--{what}: could not read {path} as {suffix} ({_first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - pickle/zip/torch errors on hostile files: one line, not a traceback
+        raise ValueError(f"--{what}: could not read {path} as {suffix} ({type(exc).__name__}: {_first_line(exc)})"
+                         ) from None
+    if arr.dtype.kind not in "biuf":  # strings (U/S), complex (c), objects (O), datetimes, structured (V)
+        raise ValueError(f"--{what}: {path} holds {arr.dtype} values ({_KINDS.get(arr.dtype.kind, 'not numbers')}); "
+                         "expected real numbers or bools")
+    return torch.from_numpy(np.ascontiguousarray(arr.astype(np.float32) if arr.dtype == np.float16 else arr))
+
+
+_KINDS = {"U": "strings", "S": "byte strings", "c": "complex numbers", "O": "Python objects", "V": "records",
+          "M": "dates", "m": "time deltas"}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def to_masks(masks):
@@ -69,10 +93,20 @@ def run(args: argparse.Namespace) -> int:
 
     from fastcbm.metrics import epg, hit_rate, nra
 
+    if not math.isfinite(args.threshold):
+        raise ValueError(f"--threshold must be a finite number, got {args.threshold}")
+    if args.out is not None:  # checked before any work: a bad --out must not cost the evaluation
+        from fastcbm.checks import check_output_file
+
+        check_output_file(args.out, "--out")
     maps = load_array(args.maps, "maps")
     masks = to_masks(load_array(args.masks, "masks"))
     if not maps.is_floating_point():
         maps = maps.to(torch.float32)  # integer maps (e.g. uint8 heatmaps) are ranked by value
+    bad = ~torch.isfinite(maps.reshape(maps.shape[0], -1)).all(dim=1) if maps.dim() >= 1 and maps.numel() else None
+    if bad is not None and bool(bad.any()):
+        raise ValueError(f"--maps: {args.maps} has NaN/inf values in {int(bad.sum())} map(s), first at index "
+                         f"{int(bad.nonzero()[0])}")
     device = torch.device(args.device)
     maps, masks = maps.to(device), masks.to(device)
     nra_values = nra(maps, masks, variant=args.variant, backend=args.backend)

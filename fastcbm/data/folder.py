@@ -48,15 +48,26 @@ def list_images(data: str | os.PathLike | Sequence[str | os.PathLike],
     if root.is_file():
         if root.suffix.lower() in tuple(e.lower() for e in extensions):
             return [str(root)]
-        out = []
-        for line in root.read_text().splitlines():
+        try:
+            text = root.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"data: {root} is neither an image nor a text file listing image paths (it is binary; "
+                             f"image extensions: {', '.join(extensions)})") from None
+        out, first_line = [], None
+        for line in text.splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             p = Path(line)
+            first_line = first_line or line
             out.append(str(p if p.is_absolute() else root.parent / p))
         if not out:
             raise ValueError(f"data: the list file {root} names no images")
+        # a list whose lines are not image paths (a CSV, a concept list, ...) would give a 0-image cache: refuse
+        if not any(os.path.isfile(f) for f in out[:10_000]):
+            hint = " (it looks like a CSV: give one path per line)" if "," in first_line or "\t" in first_line else ""
+            raise ValueError(f"data: none of the {len(out)} lines of the list file {root} names an existing file "
+                             f"(line 1: {first_line[:80]!r}){hint}")
         return out
     raise FileNotFoundError(f"data: {root} is neither a directory nor a list file")
 
