@@ -59,10 +59,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fastcbm {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
     except OSError as exc:  # read-only folders (EROFS), full disks, a cache's writer lock, I/O errors: one line
         if args.verbose >= 2:
             raise
@@ -76,3 +72,7 @@ def _os_error_text(exc: OSError) -> str:
         where = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
         return f"{exc.strerror}: {where}"
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

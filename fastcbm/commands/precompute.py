@@ -75,31 +75,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     s.add_argument("--device", default=None)
     s.add_argument("--template", default="{}", help="text template for each concept, e.g. 'a photo of {}'")
-    s.set_defaults(func=run_similarities)
     s.add_argument("--verify", action="store_true",
                    help="check every cache file (sizes, headers, sha256, NaN/inf) before writing anything; without "
                         "it each file is checked the first time it is read")
+    s.set_defaults(func=run_similarities)
 
 
 def run_precompute(args: argparse.Namespace) -> int:
     from fastcbm.cache.store import CacheDiskFullError
     from fastcbm.precompute import precompute
 
-    if args.features_layer and not args.features:
     from fastcbm.checks import check_output_dir
 
+    if args.features_layer and not args.features:
         raise ValueError("--features-layer needs --features BACKBONE")
-    if args.cefam_layers and not args.cefam_classifier:
     if args.features_random_init and not args.features:
         raise ValueError("--features-random-init needs --features BACKBONE")
+    if args.cefam_layers and not args.cefam_classifier:
         raise ValueError("--cefam-layers needs --cefam-classifier NAME")
     if args.no_prompts:
         args.grid = 0
     if args.grid < 0:
         raise ValueError(f"--grid must be >= 0 (0: no ring prompts), got {args.grid}")
     cefam_layers = [s.strip() for s in args.cefam_layers.split(",") if s.strip()] if args.cefam_layers else None
-    try:
     check_output_dir(args.out, "--out")  # an existing file, an unwritable folder: one line before loading models
+    try:
         reader = precompute(args.data, args.model, args.out, pretrained=args.pretrained, grid=args.grid,
                             radius=args.radius, width=args.width, centers=args.centers, batch_size=args.batch_size,
                             shard_size=args.shard_size, device=args.device, dtype=args.dtype,
@@ -112,12 +112,12 @@ def run_precompute(args: argparse.Namespace) -> int:
     except CacheDiskFullError as exc:
         print(f"fastcbm precompute: error: {exc}", file=sys.stderr)
         return 1
-    m = reader.manifest
     except OSError as exc:  # read-only folder (EROFS), another writer's lock, I/O errors: one line, not a traceback
         if getattr(args, "verbose", 0) >= 2:
             raise
         print(f"fastcbm precompute: error: {exc}", file=sys.stderr)
         return 1
+    m = reader.manifest
     print(f"cache {args.out}: {m['num_images']} images x {reader.num_prompts} prompts x {reader.dim} dims "
           f"({m['num_skipped']} skipped) in {len(m['shards'])} shards")
     return 0
@@ -162,19 +162,19 @@ def run_similarities(args: argparse.Namespace) -> int:
     from fastcbm.cache import CacheReader, write_similarities
     from fastcbm.models import load_clip
 
-    reader = CacheReader(args.cache)
     from fastcbm.cache import CacheCorruptError
     from fastcbm.checks import check_output_dir
 
     if args.chunk < 1:
         raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
     check_output_dir(args.out, "--out")
-    cached = reader.settings["model"]
+    reader = CacheReader(args.cache)
     if args.verify:
         problems = reader.verify()
         if problems:
             raise CacheCorruptError(f"--cache {args.cache} is damaged: {len(problems)} problem(s), first: "
                                     f"{problems[0]}")
+    cached = reader.settings["model"]
     if (cached.get("name"), cached.get("pretrained")) != (args.model, args.pretrained):
         raise ValueError(f"--model/--pretrained: the cache was made with model {cached.get('name')!r} pretrained "
                          f"{cached.get('pretrained')!r}, not {args.model!r} {args.pretrained!r}: its embeddings "
