@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="cefam_command", metavar="<sub-command>")
     p.set_defaults(func=lambda args: _no_subcommand(p))
     register_train(sub)
+    from fastcbm.commands.cefam_eval import register_evaluate
+
+    register_evaluate(sub)
 
 
 def _no_subcommand(parser: argparse.ArgumentParser) -> int:

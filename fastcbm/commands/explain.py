@@ -10,7 +10,7 @@ from pathlib import Path
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("explain", help="explain one image with a trained concept model")
     p.add_argument("image", type=Path, help="image file (any format PIL reads)")
-    p.add_argument("--method", choices=["salf"], default="salf")
+    p.add_argument("--method", choices=["salf", "cefam"], default="salf")
     p.add_argument("--model", type=Path, help="folder written by SALFCBM.save (e.g. the demo's model/)")
     p.add_argument("--engine", type=Path, help="serve the explanation from an exported graph instead: an .onnx or "
                    ".engine file from 'fastcbm export' (fastcbm.deploy)")
@@ -20,6 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--region", type=int, nargs="+", metavar="N",
                    help="Explain Anything: a point 'y x' or a box 'y0 x0 y1 x1' in image pixels")
     p.add_argument("--html", type=Path, help="also write an HTML report with the heatmaps")
+    p.add_argument("--concepts", type=Path, help="cefam: concept list, one per line (default: the testbed vocabulary "
+                   "for a testbed classifier)")
+    p.add_argument("--template", action="append", help="cefam: text template for --concepts, e.g. 'a photo of a {}'")
+    p.add_argument("--png", type=Path, help="cefam: also write a PNG strip (the image, then each concept's region)")
     p.set_defaults(func=run)
 
 
@@ -28,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
         from fastcbm.deploy.serve import run_explain_engine
 
         return run_explain_engine(args)
+    if args.method == "cefam":  # CE-FAM: fastcbm.cefam.explain owns this path
+        from fastcbm.commands.cefam_eval import run_explain as run_cefam
+
+        return run_cefam(args)
     if args.model is None:
         raise ValueError("give --model DIR (a saved SALF-CBM) or --engine FILE (an exported graph)")
     import torch
