@@ -167,3 +167,18 @@ def test_bad_inputs(cnn):
         association_scores(cnn, translator, images, text, ["layer1", "nope"])
     with pytest.raises(ValueError, match="translator takes"):
         association_scores(cnn, translator, images, text, ["layer1"])
+
+
+@pytest.mark.gpu
+def test_gpu_batched_equals_cpu_loop():
+    backbone = load_backbone("testbed")
+    layers = backbone.feature_layers
+    images, translator, text = setup(backbone, layers, 6, 8)
+    chosen = torch.tensor([[0, 1, 2, 3, 3, 0], [2, 3, 1, 0, 0, 1]])
+    assoc = association_scores(backbone, translator, images, text, layers, top_k=4, method="loop")
+    contrib = concept_contributions(backbone, translator, images, text, layers, chosen, top_k=4, method="loop")
+    backbone.model.cuda()
+    args = (backbone, translator.cuda(), images.cuda(), text.cuda(), layers)
+    assert_close(association_scores(*args, top_k=4).cpu(), assoc, atol=1e-9, rtol=1e-6, what="gpu association")
+    assert_close(concept_contributions(*args, chosen.cuda(), top_k=4).cpu(), contrib, atol=1e-9, rtol=1e-6,
+                 what="gpu contribution")

@@ -76,7 +76,7 @@ def _step_scores(h: torch.Tensor, text_emb: torch.Tensor, concept: torch.Tensor,
     s = concept_scores(h.reshape(-1, h.shape[-1]), text_emb, logit_scale, bias).reshape(*h.shape[:-1], -1)
     if variant == "official":
         s = s.softmax(dim=-1)
-    return s.gather(-1, concept.expand(h.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    return s.gather(-1, concept.to(s.device).expand(h.shape[:-1]).unsqueeze(-1)).squeeze(-1)
 
 
 def _association_batched(translator, grads, text_emb, top_k, variant, logit_scale, bias) -> torch.Tensor:
