@@ -13,6 +13,7 @@ import logging
 import sys
 
 from fastcbm import __version__
+from fastcbm.compat import WeightsUnavailableError
 
 # command modules, in the order `fastcbm --help` lists them
 COMMAND_MODULES = (
@@ -20,6 +21,7 @@ COMMAND_MODULES = (
     "fastcbm.commands.cefam",
     "fastcbm.commands.deal",
     "fastcbm.commands.demo",
+    "fastcbm.commands.evaluate",
     "fastcbm.commands.explain",
     "fastcbm.commands.export",
     "fastcbm.commands.info",
@@ -40,12 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    for sub in subparsers.choices.values():  # `fastcbm train ... -vv` works too (added to the global count)
+        try:
+            sub.add_argument("-v", "--verbose", action="count", default=0, dest="sub_verbose",
+                             help="more logging (-v info, -vv debug and tracebacks)")
+        except argparse.ArgumentError:  # a command that defines its own -v keeps it
+            pass
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.verbose += getattr(args, "sub_verbose", 0) or 0
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "func", None) is None:
@@ -53,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, WeightsUnavailableError) as exc:
         # user errors: one clear line, no traceback (use -vv for one)
         if args.verbose >= 2:
             raise

@@ -10,8 +10,10 @@ with that error, and only declare the schemas, never implementations: calling ``
 from __future__ import annotations
 
 import importlib
-import sys
+import importlib.abc
+import importlib.util
 import logging
+import sys
 from types import ModuleType
 
 _MISSING_OP_MARKER = "torchvision::"
@@ -84,3 +86,87 @@ def import_timm() -> ModuleType:
         return importlib.import_module("timm")
     except ImportError as exc:
         raise ImportError(f"timm is not installed ({exc}); pip install 'fastcbm[clip]'") from exc
+
+
+class _ReadyLoader(importlib.abc.Loader):
+    """Hands the import system a module that :func:`import_torchvision` has already imported."""
+
+    def __init__(self, module: ModuleType):
+        self.module = module
+        self.spec = module.__spec__
+
+    def create_module(self, spec):
+        return self.module
+
+    def exec_module(self, module):
+        module.__spec__ = self.spec  # the import system overwrote it with ours: give back torchvision's own
+
+
+class _TorchvisionFinder(importlib.abc.MetaPathFinder):
+    """Routes the first ``import torchvision`` through :func:`import_torchvision` (one-shot, removes itself)."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "torchvision":
+            return None
+        remove_torchvision_hook()
+        try:
+            module = import_torchvision()
+        except Exception:
+            return None  # let the ordinary import run and raise its own error
+        return importlib.util.spec_from_loader("torchvision", _ReadyLoader(module))
+
+
+_finder: _TorchvisionFinder | None = None
+
+
+def install_torchvision_hook() -> None:
+    """After this, a plain ``import torchvision`` anywhere works on CPU torch with the CUDA torchvision wheel (the
+    shim above is applied on the first import, and only if that import needs it). Costs nothing until then;
+    ``import fastcbm`` installs it."""
+    global _finder
+    if "torchvision" in sys.modules or _finder is not None:
+        return
+    _finder = _TorchvisionFinder()
+    sys.meta_path.insert(0, _finder)
+
+
+def remove_torchvision_hook() -> None:
+    global _finder
+    if _finder is not None and _finder in sys.meta_path:
+        sys.meta_path.remove(_finder)
+    _finder = None
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be fetched (typically: offline). The CLI prints its message as one line."""
+
+
+_DOWNLOAD_LOGGERS = ("huggingface_hub", "urllib3", "timm", "open_clip", "filelock")
+
+
+class quiet_downloads:
+    """Silence the per-retry warnings of the download stacks (huggingface_hub retries each file with a warning per
+    attempt when offline) unless debug logging (``-vv``) is on: a failure then surfaces as one
+    :class:`WeightsUnavailableError` line instead of pages of retries."""
+
+    def __enter__(self):
+        import warnings
+
+        self._levels = {}
+        if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+            return self
+        for name in _DOWNLOAD_LOGGERS:
+            lg = logging.getLogger(name)
+            self._levels[name] = lg.level
+            lg.setLevel(logging.ERROR)
+        self._warn = warnings.catch_warnings()
+        self._warn.__enter__()
+        warnings.simplefilter("ignore")
+        return self
+
+    def __exit__(self, *exc):
+        if self._levels:
+            self._warn.__exit__(*exc)
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+        return False

@@ -195,17 +195,27 @@ def filter_concepts(
     class_sim_cutoff: float = 0.85,
     concept_sim_cutoff: float = 0.9,
     image_embeddings: torch.Tensor | None = None,
-    presence_cutoff: float | None = None,
+    presence_cutoff: float | str | None = None,
     top_k: int = 5,
+    sentence_encoder: Callable[[list[str]], torch.Tensor] | None = None,
+    duplicate_rule: str = "total_similarity",
+    class_text_matches: bool = True,
 ) -> tuple[list[str], FilterReport]:
     """Filter a concept list as label-free CBMs do, in their order; returns ``(kept, report)``.
 
     1. length: drop concepts longer than ``max_length`` characters;
-    2. class similarity: drop a concept whose cosine similarity to any class name exceeds ``class_sim_cutoff``;
-    3. concept similarity: of a pair above ``concept_sim_cutoff``, drop the later one (greedy in list order, compared
-       with the concepts kept so far);
-    4. presence (only with ``presence_cutoff``): drop a concept whose mean top-``top_k`` similarity to
-       ``image_embeddings`` ``[N, D]`` (unit rows, same space as the text) is below the cut-off.
+    2. class matches (``class_text_matches``): a concept that *is* a class name ("tiger", "a tiger", "The tiger",
+       "TIGER", "Tiger": the "a/an/the" and case variants label-free CBM removes as text) is dropped first;
+    3. class similarity: drop a concept whose similarity to any class name is ≥ ``class_sim_cutoff``;
+    4. concept similarity: of a pair with similarity ≥ ``concept_sim_cutoff`` drop the one with the smaller total
+       similarity to all concepts (label-free CBM's released code keeps the more general one; ties drop the later);
+       ``duplicate_rule="later"`` drops the later one instead (greedy in list order);
+    5. presence (only with ``presence_cutoff``, a number or a preset name of :data:`PRESENCE_CUTOFFS`): drop a
+       concept whose mean top-``top_k`` similarity to ``image_embeddings`` ``[N, D]`` (unit rows, same space as the
+       text) is ≤ the cut-off.
+
+    Similarity (stages 3-4) is label-free CBM's (mpnet + 3·CLIP)/4 when ``sentence_encoder`` (e.g.
+    :func:`load_sentence_encoder`: all-mpnet-base-v2) is given, else the ``text_encoder``'s cosine alone.
 
     Exact repeats in ``concepts`` are removed first (keeping the first; the report is keyed by name).
     ``text_encoder(list[str]) -> [n, D]`` embeds texts (e.g. a CLIP text tower; see :func:`encode_texts`); its
@@ -215,6 +225,10 @@ def filter_concepts(
     bad = [i for i, c in enumerate(names) if not isinstance(c, str)]
     if bad:
         raise ValueError(f"concepts must be strings; entry {bad[0]} is {type(names[bad[0]]).__name__}")
+    if duplicate_rule not in ("total_similarity", "later"):
+        raise ValueError(f"duplicate_rule must be 'total_similarity' or 'later', got {duplicate_rule!r}")
+    if isinstance(presence_cutoff, str):
+        presence_cutoff = presence_preset(presence_cutoff)
     unique = list(dict.fromkeys(names))  # the report is keyed by name: exact repeats go first (the first stays)
     if len(unique) < len(names):
         log.info("filter_concepts: removed %d exact repeat(s) before filtering", len(names) - len(unique))
@@ -244,42 +258,81 @@ def filter_concepts(
             drop(c, "length", f"{len(c)} characters > {max_length}")
         else:
             alive.append(c)
+    # 2. a concept that is a class name, as text
+    if alive and class_names and class_text_matches:
+        matches = {}
+        for cls in class_names:
+            for v in _class_variants(cls):
+                matches.setdefault(v, cls)
+        keep_alive = []
+        for c in alive:
+            if c in matches:
+                drop(c, "class_similarity", f"is the class name {matches[c]!r} (text match)")
+            else:
+                keep_alive.append(c)
+        alive = keep_alive
     emb = _encode(text_encoder, alive, "concepts") if alive else None
-    # 2. similarity to a class name
+    sent = _encode(sentence_encoder, alive, "concepts") if alive and sentence_encoder is not None else None
+
+    def similarity(a_clip, b_clip, a_sent, b_sent) -> torch.Tensor:
+        sims = a_clip @ b_clip.T
+        if a_sent is not None:  # label-free CBM: (mpnet + 3·CLIP)/4
+            sims = (a_sent.to(sims.device) @ b_sent.to(sims.device).T + 3 * sims) / 4
+        return sims
+
+    # 3. similarity to a class name
     if alive and class_names and class_sim_cutoff is not None:
         cls_emb = _encode(text_encoder, class_names, "class names").to(emb.device)
-        sims = emb @ cls_emb.T  # [n, K]
+        cls_sent = _encode(sentence_encoder, class_names, "class names") if sent is not None else None
+        sims = similarity(emb, cls_emb, sent, cls_sent)  # [n, K]
         best, arg = sims.max(1)
         keep = []
         for i, c in enumerate(alive):
-            if float(best[i]) > class_sim_cutoff:
-                drop(c, "class_similarity", f"similarity {float(best[i]):.3f} > {class_sim_cutoff} to class "
+            if float(best[i]) >= class_sim_cutoff:
+                drop(c, "class_similarity", f"similarity {float(best[i]):.3f} >= {class_sim_cutoff} to class "
                                             f"{class_names[int(arg[i])]!r}")
             else:
                 keep.append(i)
         alive, emb = [alive[i] for i in keep], emb[keep]
-    # 3. near-duplicate concepts: greedy in list order, so the earlier of a pair survives
+        sent = sent[keep] if sent is not None else None
+    # 4. near-duplicate concepts
     if alive and concept_sim_cutoff is not None:
-        sims = (emb @ emb.T).cpu()
-        keep: list[int] = []
-        for i, c in enumerate(alive):
-            if keep:
-                s, j = sims[i, keep].max(0)
-                if float(s) > concept_sim_cutoff:
-                    drop(c, "concept_similarity", f"similarity {float(s):.3f} > {concept_sim_cutoff} to "
-                                                  f"{alive[keep[int(j)]]!r}")
+        sims = similarity(emb, emb, sent, sent).cpu()
+        deleted: set[int] = set()
+        if duplicate_rule == "total_similarity":
+            # label-free CBM's loop: every pair (i, j), i ≠ j, in index order, while neither is deleted; the one
+            # with the smaller row sum (total similarity to all concepts) goes — the more general concept stays
+            total = sims.sum(1)
+            pairs = torch.nonzero(sims >= concept_sim_cutoff).tolist()
+            for i, j in pairs:
+                if i == j or i in deleted or j in deleted:
                     continue
-            keep.append(i)
+                loser, winner = (i, j) if float(total[i]) < float(total[j]) else (j, i)
+                deleted.add(loser)
+                drop(alive[loser], "concept_similarity", f"similarity {float(sims[i, j]):.3f} >= "
+                                                         f"{concept_sim_cutoff} to {alive[winner]!r}")
+        else:  # greedy in list order, so the earlier of a pair survives
+            keep_idx: list[int] = []
+            for i, c in enumerate(alive):
+                if keep_idx:
+                    v, j = sims[i, keep_idx].max(0)
+                    if float(v) >= concept_sim_cutoff:
+                        deleted.add(i)
+                        drop(c, "concept_similarity", f"similarity {float(v):.3f} >= {concept_sim_cutoff} to "
+                                                      f"{alive[keep_idx[int(j)]]!r}")
+                        continue
+                keep_idx.append(i)
+        keep = [i for i in range(len(alive)) if i not in deleted]
         alive, emb = [alive[i] for i in keep], emb[keep]
-    # 4. presence in the training images
+    # 5. presence in the training images
     if alive and presence_cutoff is not None:
         if image_embeddings.shape[1] != emb.shape[1]:
             raise ValueError(f"image_embeddings have D={image_embeddings.shape[1]}, text embeddings D={emb.shape[1]}")
         score = _presence(image_embeddings, emb, top_k)
         keep = []
         for i, c in enumerate(alive):
-            if float(score[i]) < presence_cutoff:
-                drop(c, "presence", f"mean top-{top_k} image similarity {float(score[i]):.3f} < {presence_cutoff}")
+            if float(score[i]) <= presence_cutoff:
+                drop(c, "presence", f"mean top-{top_k} image similarity {float(score[i]):.3f} <= {presence_cutoff}")
             else:
                 keep.append(i)
         alive = [alive[i] for i in keep]
@@ -288,6 +341,61 @@ def filter_concepts(
     if not alive:
         log.warning("filter_concepts: every concept was dropped; loosen the cut-offs")
     return alive, report
+
+
+# Label-free CBM's presence cut-off (``clip_cutoff``) per dataset, on CLIP ViT-B/16-style cosine similarities.
+PRESENCE_CUTOFFS = {"default": 0.25, "cifar10": 0.25, "cifar100": 0.25, "cub": 0.26, "places365": 0.28,
+                    "imagenet": 0.28}
+
+
+def presence_preset(name: str) -> float:
+    """The presence cut-off of a named preset (:data:`PRESENCE_CUTOFFS`)."""
+    key = name.strip().lower()
+    if key not in PRESENCE_CUTOFFS:
+        raise ValueError(f"unknown presence cut-off preset {name!r}; presets: {sorted(PRESENCE_CUTOFFS)} "
+                         "(or give a number)")
+    return PRESENCE_CUTOFFS[key]
+
+
+def _class_variants(cls: str) -> set[str]:
+    """The spellings label-free CBM removes as plain text matches of a class name."""
+    out = {prefix + cls for prefix in ("", "a ", "A ", "an ", "An ", "the ", "The ")}
+    out.add(cls.upper())
+    if cls:
+        out.add(cls[0].upper() + cls[1:])
+    return out
+
+
+_SENTENCE_NOTE_SHOWN = False
+
+
+def load_sentence_encoder(name: str = "all-mpnet-base-v2", device: str | torch.device = "cpu"
+                          ) -> Callable[[list[str]], torch.Tensor] | None:
+    """Label-free CBM's sentence model for concept similarity, or None (then CLIP alone is used; said once).
+
+    Used only when ``sentence-transformers`` is installed and the weights are already on this machine (no download
+    is attempted: the loader runs with ``local_files_only``)."""
+    global _SENTENCE_NOTE_SHOWN
+    try:
+        from sentence_transformers import SentenceTransformer
+
+        from fastcbm.compat import quiet_downloads
+
+        with quiet_downloads():
+            model = SentenceTransformer(name, device=str(device), local_files_only=True)
+    except Exception as exc:  # not installed, weights not local, or an incompatible version
+        if not _SENTENCE_NOTE_SHOWN:
+            _SENTENCE_NOTE_SHOWN = True
+            why = "not installed" if isinstance(exc, ImportError) else "weights not on this machine"
+            log.warning("concept filter: similarities use CLIP alone (label-free CBM averages them with %s, which is "
+                        "%s: pip install sentence-transformers and download %s once for its exact filter)",
+                        name, why, name)
+        return None
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        return torch.as_tensor(model.encode(list(texts), convert_to_numpy=True, show_progress_bar=False))
+
+    return encode
 
 
 # ---------------------------------------------------------------------------------------------------------- encoding

@@ -52,21 +52,60 @@ def _class_object_masks(batch) -> torch.Tensor:
     return masks
 
 
+MAX_GRID = 32
+
+
+def check_grid(grid: int, size: int) -> None:
+    """``--grid`` must be 1..32 rings per axis and the rings (radius 32·S/224) must fit an ``size``-px image; checked
+    before any work."""
+    from fastcbm.prompts import default_ring_geometry, ring_centers
+
+    if isinstance(grid, bool) or not isinstance(grid, int) or not 1 <= grid <= MAX_GRID:
+        raise ValueError(f"--grid must be an integer from 1 to {MAX_GRID} (rings per axis), got {grid}")
+    radius = default_ring_geometry(size)[0]
+    try:
+        ring_centers(size, grid, radius)
+    except ValueError as exc:
+        raise ValueError(f"--grid {grid}: rings of radius {radius:.1f} px do not fit the {size}-px testbed image "
+                         f"({exc})") from None
+
+
 def run_demo(cfg: DemoConfig) -> dict:
+    """Run the demo into ``cfg.out``; on failure, remove what this run created there (no half-written folder)."""
+    import shutil
+
+    out = Path(cfg.out)
+    existed = out.exists()
+    before = set(out.rglob("*")) if existed else set()
+    try:
+        return _run_demo(cfg)
+    except BaseException:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        elif out.exists():
+            created = sorted(set(out.rglob("*")) - before, key=lambda p: len(p.parts))
+            for p in created:  # top-most new paths first; their children go with them
+                if p.exists():
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        raise
+
+
+def _run_demo(cfg: DemoConfig) -> dict:
     from fastcbm import metrics
     from fastcbm.data import synthetic
     from fastcbm.data.export import export_image_folder
     from fastcbm.gradcam import grad_cam
     from fastcbm.models import load_backbone, load_clip
-    from fastcbm.precompute import precompute
+    from fastcbm.precompute import encoder_input_config, precompute
     from fastcbm.report import write_salf_report
     from fastcbm.salf import explain as ex
-    from fastcbm.salf.bottleneck import BottleneckConfig
-    from fastcbm.salf.pipeline import SALFFitConfig, normalize_for_backbone
-    from fastcbm.salf.train import ConceptFilterConfig, TrainConfig, train_salf_from_cache
+    from fastcbm.salf.pipeline import normalize_for_backbone
+    from fastcbm.salf.train import TrainConfig, train_salf_from_cache
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    clip, clip_preprocess, _ = load_clip("testbed")
+    check_grid(cfg.grid, encoder_input_config(clip, clip_preprocess)[0])  # before any work
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
@@ -84,7 +123,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     # 2. precompute: ring-prompt embeddings and the backbone's grid features into the sharded caches, then
     # 3. train exactly as `fastcbm train` does on user data: labels from the export's labels.csv, concepts filtered,
     #    bottleneck batches streamed from the cache, sparse head
-    clip, clip_preprocess, _ = load_clip("testbed")
     backbone = load_backbone("testbed")
     class_names = synthetic.class_names()
     t0 = time.perf_counter()
@@ -95,15 +133,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     timings["precompute"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    # Testbed classes are conjunctions of two concepts ("blue circle"), so every concept is close to some class name:
-    # the class-name stage of the label-free filter would remove exactly the concepts the rules use. The tiny text
-    # tower also packs its embeddings tightly, hence the higher concept-concept cut-off.
-    train_config = TrainConfig(
-        seed=cfg.seed,
-        filter=ConceptFilterConfig(class_sim_cutoff=None, concept_sim_cutoff=0.98),
-        fit=SALFFitConfig(bottleneck=BottleneckConfig(lr=1e-3, max_steps=400, eval_every=10, patience=8,
-                                                      interpretability_cutoff=0.2, seed=cfg.seed),
-                          head_options={"n_lambdas": 20, "max_epochs": 40}))
+    # exactly `fastcbm train`'s defaults (TrainConfig): the demo has no settings of its own
+    train_config = TrainConfig(seed=cfg.seed)
+    train_config.fit.bottleneck.seed = cfg.seed
     model, train_report = train_salf_from_cache(
         caches["train"].root, synthetic.concept_names(), out / "model", val_cache=caches["val"].root,
         labels=folders["train"].parent / "labels.csv", val_labels=folders["val"].parent / "labels.csv",

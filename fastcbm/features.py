@@ -38,19 +38,38 @@ def as_feature_map(output: torch.Tensor | tuple, kind: str, num_prefix_tokens: i
     raise ValueError(f"layer output of shape {tuple(output.shape)} is not a feature map (kind={kind!r})")
 
 
+CLS_SUFFIX = "+cls"
+
+
+def split_layer(name: str) -> tuple[str, bool]:
+    """``"blocks.11+cls"`` → ``("blocks.11", True)``: the module name and whether the class token is concatenated."""
+    return (name[: -len(CLS_SUFFIX)], True) if name.endswith(CLS_SUFFIX) else (name, False)
+
+
+def concat_cls(tokens: torch.Tensor) -> torch.Tensor:
+    """ViT tokens ``[N, T, C]`` → ``[N, T, 2C]``: every token followed by the class token (token 0) on the channel
+    axis — the SALF-CBM appendix's ViT variant (patch tokens + CLS concatenated on channels)."""
+    if tokens.dim() != 3:
+        raise ValueError(f"'{CLS_SUFFIX}' needs ViT tokens [N, T, C], got shape {tuple(tokens.shape)}")
+    return torch.cat([tokens, tokens[:, :1].expand_as(tokens)], dim=-1)
+
+
 class FeatureHooks:
     """Context manager recording the outputs of named sub-modules during a forward pass.
 
-    ``hooks.outputs[name]`` holds the raw output (gradients flow through it when the forward pass has them).
+    ``hooks.outputs[name]`` holds the raw output (gradients flow through it when the forward pass has them). A name
+    ending in ``"+cls"`` (e.g. ``"blocks.11+cls"``) hooks that ViT block and records its tokens with the class token
+    concatenated on channels (:func:`concat_cls`), so such a layer name works wherever a layer name does (precompute
+    ``--features-layer``, training, the saved model).
     """
 
     def __init__(self, model: nn.Module, layer_names: Sequence[str]):
         modules = dict(model.named_modules())
-        missing = [n for n in layer_names if n not in modules]
+        missing = [n for n in layer_names if split_layer(n)[0] not in modules]
         if missing:
             raise ValueError(f"layers {missing} not found in {type(model).__name__}; it has e.g. "
                              f"{[n for n in modules if n][:12]}")
-        self._modules = [(n, modules[n]) for n in layer_names]
+        self._modules = [(n, modules[split_layer(n)[0]]) for n in layer_names]
         self._handles: list = []
         self.outputs: dict[str, torch.Tensor] = {}
 
@@ -60,7 +79,11 @@ class FeatureHooks:
         return self
 
     def _make_hook(self, name: str):
+        with_cls = split_layer(name)[1]
+
         def hook(_module, _inputs, output):
+            if with_cls:
+                output = concat_cls(output[0] if isinstance(output, (tuple, list)) else output)
             self.outputs[name] = output
 
         return hook

@@ -75,7 +75,9 @@ def backbone_feature_fn(name: str, *, pretrained: bool | str | None = True, laye
 
     backbone = load_backbone(name, pretrained=pretrained, device=str(device))
     layer = layer or backbone.feature_layers[-1]
-    if layer not in dict(backbone.model.named_modules()):
+    from fastcbm.features import split_layer
+
+    if split_layer(layer)[0] not in dict(backbone.model.named_modules()):  # "blocks.11+cls": ViT patch + CLS tokens
         raise ValueError(f"features layer: {name} has no module {layer!r} (feature layers: {backbone.feature_layers})")
     prefix = int(getattr(backbone, "num_prefix_tokens", 1))
     dev = torch.device(device)
@@ -274,6 +276,12 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
 
         model_name = model_name or model
         model, preprocess, _ = load_clip(model, pretrained)
+    source = getattr(model, "fastcbm_source", None)  # set by load_clip: the name that rebuilds this object
+    if model_name is None and isinstance(source, dict):
+        model_name, pretrained = source["name"], pretrained if pretrained is not None else source.get("pretrained")
+    elif model_name is None:
+        log.warning("precompute: the model object has no name fastcbm can rebuild it from; pass model_name= (and "
+                    "pretrained=) naming it for load_clip, or fastcbm train on this cache cannot load its text tower")
     model_name = model_name or type(model).__name__
     model = model.eval().to(dev)
     size, mean, std = encoder_input_config(model, preprocess)

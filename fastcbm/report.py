@@ -145,10 +145,25 @@ def _img_tag(uri: str, alt: str, css_class: str = "", width: int | None = None) 
 # ---------------------------------------------------------------------------------------------------------- sections
 
 
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested summary dicts as ``parent · child`` rows, lists as comma-separated figures: a reader sees numbers,
+    never a Python repr."""
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix} · {k}" if prefix else str(k).replace("_", " ")
+        if isinstance(v, Mapping):
+            out += _flatten(v, key)
+        elif isinstance(v, (list, tuple)) and all(not isinstance(x, (Mapping, list, tuple)) for x in v):
+            out.append((key, ", ".join(_fmt(x) for x in v)))
+        else:
+            out.append((key, v))
+    return out
+
+
 def _summary_html(summary: Mapping[str, Any]) -> str:
     if not summary:
         return '<p class="note">No summary figures.</p>'
-    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(_fmt(v))}</td></tr>" for k, v in summary.items())
+    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(_fmt(v))}</td></tr>" for k, v in _flatten(summary))
     return f'<table class="summary">{rows}</table>'
 
 
@@ -194,13 +209,28 @@ def _card_html(i: int, image: np.ndarray, e: Any, probs: np.ndarray, heat: np.nd
     conts = [float(c) for _, c, _ in e.top_concepts]
     cmax = max((abs(c) for c in conts), default=0.0) or 1.0
     bars, heats = [], []
+    # Evidence comes in three kinds: a present concept (standardised activation ≥ 0) with a positive weight, an
+    # *absent* concept (activation < 0: below its training average) with a negative weight — the class is supported
+    # because the concept is missing — and evidence against the class (negative contribution). Grouped apart, so
+    # "striped +0.8" is never read as "stripes seen" when stripes were in fact absent.
+    groups = {"present": [], "absent": [], "against": []}
     for j, (cname, c, act) in enumerate(e.top_concepts):
-        width = 100.0 * abs(float(c)) / cmax
-        sign = "pos" if float(c) >= 0 else "neg"
-        bars.append(
-            f'<tr><td class="cname">{_esc(cname)}</td>'
-            f'<td class="barcell"><div class="bar {sign}" style="width:{width:.1f}%"></div></td>'
-            f'<td class="num">{float(c):+.3f}</td><td class="num muted">{float(act):+.2f}</td></tr>')
+        kind = "against" if float(c) < 0 else ("absent" if float(act) < 0 else "present")
+        groups[kind].append((j, cname, c, act))
+    titles = {"present": "evidence from present concepts", "absent": "evidence from absent concepts "
+              "(below average, negative weight)", "against": "evidence against"}
+    for kind, rows in groups.items():
+        if rows:
+            bars.append(f'<tr class="group"><td colspan="4" class="muted">{_esc(titles[kind])}</td></tr>')
+        for j, cname, c, act in rows:
+            width = 100.0 * abs(float(c)) / cmax
+            sign = "pos" if float(c) >= 0 else "neg"
+            label = f"no {cname}" if kind == "absent" else cname
+            bars.append(
+                f'<tr class="{kind}"><td class="cname">{_esc(label)}</td>'
+                f'<td class="barcell"><div class="bar {sign}" style="width:{width:.1f}%"></div></td>'
+                f'<td class="num">{float(c):+.3f}</td><td class="num muted">{float(act):+.2f}</td></tr>')
+    for j, (cname, c, act) in enumerate(e.top_concepts):
         uri = _png_data_uri(_overlay(hwc, heat[j]), max(1, scale // 2))  # heatmaps shown at half size
         heats.append(f'<figure>{_img_tag(uri, f"heatmap of {cname}", width=DISPLAY_SIZE // 2)}'
                      f'<figcaption>{_esc(cname)}</figcaption></figure>')

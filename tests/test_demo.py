@@ -70,4 +70,4 @@ def test_demo_rejects_bad_sizes(capsys):
 
 def test_explain_missing_image(tmp_path, capsys):
     assert main(["explain", "--model", str(tmp_path), str(tmp_path / "nope.png")]) == 2
-    assert "not found" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err

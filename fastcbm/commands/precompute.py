@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also store this backbone's feature maps resized to the grid (a fastcbm.models.load_backbone "
                         "name: testbed, resnet50, a timm name, ...); needed by 'fastcbm train'")
     p.add_argument("--features-layer", default=None, metavar="MODULE",
-                   help="backbone module whose output is stored (default: its last feature layer, e.g. layer4)")
+                   help="backbone module whose output is stored (default: its last feature layer, e.g. layer4); "
+                   "for a ViT, 'blocks.11+cls' concatenates the class token to every patch token on channels")
     p.add_argument("--features-random-init", action="store_true",
                    help="use a randomly initialised --features backbone (testing; no weight download)")
     p.add_argument("--cefam-classifier", default=None, metavar="NAME",

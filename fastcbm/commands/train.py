@@ -9,6 +9,11 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from fastcbm.concepts import PRESENCE_CUTOFFS
+    from fastcbm.salf.train import TrainConfig
+
+    d = TrainConfig()
+    f, b = d.filter, d.fit.bottleneck
     p = subparsers.add_parser(
         "train", help="train a SALF-CBM on your images from a precompute cache (made with --features)",
         description="Trains the concept bottleneck (fused cubic-cosine loss, batches streamed from the cache) and the "
@@ -16,42 +21,61 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Labels are the images' folder names (ImageFolder) unless --labels gives a CSV. The model folder can then be "
         "used with 'fastcbm explain --model OUT IMAGE'. Under torchrun the bottleneck trains data-parallel (one "
         "process per GPU; gloo on CPU).")
-    p.add_argument("--method", choices=["salf"], default="salf")
+    p.add_argument("--method", choices=["salf"], default="salf", help="method (default salf)")
     p.add_argument("--cache", type=Path, required=True, help="training cache (fastcbm precompute ... --features NAME)")
     p.add_argument("--concepts", type=Path, required=True, help="concept list: text (one per line) or JSON class→list")
     p.add_argument("--out", type=Path, required=True, help="model folder to write (config.json, model.safetensors, "
                    "train_report.json)")
     p.add_argument("--val-cache", type=Path, help="validation cache (same settings); default: hold out --val-fraction")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share when no --val-cache (default 0.1)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help=f"held-out share when no --val-cache (default {d.val_fraction})")
     p.add_argument("--labels", type=Path, help="CSV/TSV 'path,class' for the training cache (default: folder names)")
     p.add_argument("--val-labels", type=Path, help="CSV/TSV labels for --val-cache (default: folder names)")
     p.add_argument("--template", action="append", help="concept text template, e.g. 'a photo of {}' (repeatable; "
                    "default '{}')")
-    p.add_argument("--class-sim-cutoff", type=float, default=0.85,
-                   help="drop concepts this similar to a class name (default 0.85; negative: off)")
-    p.add_argument("--concept-sim-cutoff", type=float, default=0.9,
-                   help="drop the later of two concepts this similar (default 0.9; negative: off)")
-    p.add_argument("--presence-cutoff", type=float, default=None,
-                   help="drop concepts whose mean top-5 image similarity is below this (default: off)")
-    p.add_argument("--max-concept-length", type=int, default=30, help="characters (default 30; 0: off)")
-    p.add_argument("--batch-size", type=int, default=50_000, help="bottleneck batch (default 50,000)")
-    p.add_argument("--steps", type=int, default=1000, help="maximum bottleneck steps (default 1000)")
-    p.add_argument("--lr", type=float, default=1e-3, help="bottleneck Adam learning rate (default 1e-3)")
-    p.add_argument("--interpretability-cutoff", type=float, default=0.45,
-                   help="drop concepts whose validation similarity is below (default 0.45)")
-    p.add_argument("--pooling", choices=("mean", "softmax"), default="mean")
-    p.add_argument("--head", choices=("sparse", "dense"), default="sparse")
-    p.add_argument("--alpha", type=float, default=0.99, help="elastic-net mixing of the sparse head (1 = lasso)")
-    p.add_argument("--lambdas", type=int, default=100, help="points on the sparse head's regularisation path "
-                   "(default 100, as GLM-SAGA)")
-    p.add_argument("--head-epochs", type=int, default=100,
-                   help="maximum epochs per path point (sparse) or L-BFGS iterations (dense); default 100")
-    p.add_argument("--max-nnz-per-class", type=float, default=None,
-                   help="choose the densest path point with at most this many weights per class (default: best val)")
-    p.add_argument("--seed", type=int, default=0)
+    # every default below is read from TrainConfig (fastcbm.salf.train): the CLI, the Python API and `fastcbm demo`
+    # share one set of defaults
+    p.add_argument("--class-sim-cutoff", type=float, default=f.class_sim_cutoff,
+                   help=f"drop concepts at least this similar to a class name (default {f.class_sim_cutoff}; "
+                   "negative: off)")
+    p.add_argument("--concept-sim-cutoff", type=float, default=f.concept_sim_cutoff,
+                   help=f"of two concepts at least this similar drop the one less similar to all others (default "
+                   f"{f.concept_sim_cutoff}; negative: off)")
+    p.add_argument("--presence-cutoff", default=f.presence_cutoff, metavar="VALUE|PRESET",
+                   help="drop concepts whose mean top-5 image similarity is at most this: a number or a label-free "
+                   f"CBM preset ({', '.join(f'{k} {v}' for k, v in PRESENCE_CUTOFFS.items())}); default: off "
+                   "(the presets are calibrated for real CLIP models)")
+    p.add_argument("--max-concept-length", type=int, default=f.max_length,
+                   help=f"characters (default {f.max_length}; 0: off)")
+    p.add_argument("--batch-size", type=int, default=b.batch_size, help=f"bottleneck batch (default {b.batch_size:,})")
+    p.add_argument("--steps", type=int, default=b.max_steps, help=f"maximum bottleneck steps (default {b.max_steps})")
+    p.add_argument("--lr", type=float, default=b.lr, help=f"bottleneck Adam learning rate (default {b.lr})")
+    p.add_argument("--bottleneck-stop", choices=("patience", "first"), default="patience",
+                   help=f"'patience': stop after {b.patience} validation checks (every {b.eval_every} steps) without "
+                   "improvement (default); 'first': label-free CBM's rule, stop at the first non-improvement, "
+                   "checked every 50 steps")
+    p.add_argument("--interpretability-cutoff", type=float, default=b.interpretability_cutoff,
+                   help=f"drop concepts whose validation similarity is below (default {b.interpretability_cutoff})")
+    p.add_argument("--pooling", choices=("mean", "softmax"), default=d.pooling, help="spatial pooling of the "
+                   f"concept maps (default {d.pooling})")
+    p.add_argument("--head", choices=("sparse", "dense"), default=d.fit.head,
+                   help=f"final layer: sparse elastic net (GLM-SAGA path) or dense (default {d.fit.head})")
+    p.add_argument("--alpha", type=float, default=d.fit.head_alpha,
+                   help=f"elastic-net mixing of the sparse head (1 = lasso; default {d.fit.head_alpha})")
+    p.add_argument("--lambdas", type=int, default=None, help="points on the sparse head's regularisation path "
+                   "(default 30, warm-started)")
+    p.add_argument("--head-epochs", type=int, default=None,
+                   help="maximum passes per path point (sparse; default 2,000 full-batch or 100 SAGA epochs) or "
+                   "L-BFGS iterations (dense)")
+    p.add_argument("--target-nnz-per-class", type=float, default=d.fit.stop_nnz_per_class,
+                   help="stop the sparse path once the non-zero weights per class pass this, as label-free CBM does "
+                   f"(default {d.fit.stop_nnz_per_class}; 0: solve the whole path)")
+    p.add_argument("--max-nnz-per-class", type=float, default=d.fit.max_nnz_per_class,
+                   help="choose the best path point with at most this many weights per class (default: best val)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -60,18 +84,20 @@ def _cutoff(value: float | None) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastcbm.salf.bottleneck import BottleneckConfig
-    from fastcbm.salf.pipeline import SALFFitConfig
-    from fastcbm.salf.train import ConceptFilterConfig, TrainConfig, train_salf_from_cache
+    from dataclasses import replace
+
+    from fastcbm.concepts import presence_preset
+    from fastcbm.salf.train import TrainConfig, train_salf_from_cache
 
     for flag, value in (("--cache", args.cache), ("--val-cache", args.val_cache)):
         if value is not None and not value.is_dir():
-            raise FileNotFoundError(f"{flag} {value} is not a directory (run fastcbm precompute first)")
+            raise FileNotFoundError(f"{flag} {value} does not exist or is not a directory (run fastcbm precompute "
+                                    "first)")
     if not args.concepts.is_file():
-        raise FileNotFoundError(f"--concepts {args.concepts} not found")
+        raise FileNotFoundError(f"--concepts {args.concepts} does not exist")
     for flag, value, least in (("--batch-size", args.batch_size, 2), ("--steps", args.steps, 1),
                                ("--lambdas", args.lambdas, 1), ("--head-epochs", args.head_epochs, 1)):
-        if value < least:
+        if value is not None and value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
@@ -80,19 +106,36 @@ def run(args: argparse.Namespace) -> int:
     for t in args.template or ():
         if t.count("{}") != 1:
             raise ValueError(f"--template must contain exactly one '{{}}', got {t!r}")
-    config = TrainConfig(
-        val_fraction=args.val_fraction, seed=args.seed, pooling=args.pooling,
-        filter=ConceptFilterConfig(max_length=args.max_concept_length or None,
-                                   class_sim_cutoff=_cutoff(args.class_sim_cutoff),
-                                   concept_sim_cutoff=_cutoff(args.concept_sim_cutoff),
-                                   presence_cutoff=args.presence_cutoff,
-                                   templates=tuple(args.template or ("{}",))),
-        fit=SALFFitConfig(bottleneck=BottleneckConfig(lr=args.lr, batch_size=args.batch_size, max_steps=args.steps,
-                                                      interpretability_cutoff=args.interpretability_cutoff,
-                                                      seed=args.seed),
-                          head_alpha=args.alpha, max_nnz_per_class=args.max_nnz_per_class, head=args.head,
-                          head_options=({"n_lambdas": args.lambdas, "max_epochs": args.head_epochs}
-                                        if args.head == "sparse" else {"epochs": args.head_epochs})),
+    presence = args.presence_cutoff
+    if isinstance(presence, str):
+        try:
+            presence = float(presence)
+        except ValueError:
+            presence = presence_preset(presence)  # a preset name, or one line naming the presets
+    default = TrainConfig()
+    head_options = {}
+    if args.head == "sparse":
+        if args.lambdas is not None:
+            head_options["n_lambdas"] = args.lambdas
+        if args.head_epochs is not None:
+            head_options["max_epochs"] = args.head_epochs
+    elif args.head_epochs is not None:
+        head_options["epochs"] = args.head_epochs
+    stop_first = args.bottleneck_stop == "first"
+    config = replace(
+        default, val_fraction=args.val_fraction, seed=args.seed, pooling=args.pooling,
+        filter=replace(default.filter, max_length=args.max_concept_length or None,
+                       class_sim_cutoff=_cutoff(args.class_sim_cutoff),
+                       concept_sim_cutoff=_cutoff(args.concept_sim_cutoff), presence_cutoff=presence,
+                       templates=tuple(args.template or ("{}",))),
+        fit=replace(default.fit, bottleneck=replace(default.fit.bottleneck, lr=args.lr, batch_size=args.batch_size,
+                                                    max_steps=args.steps,
+                                                    eval_every=50 if stop_first else default.fit.bottleneck.eval_every,
+                                                    patience=1 if stop_first else default.fit.bottleneck.patience,
+                                                    interpretability_cutoff=args.interpretability_cutoff,
+                                                    seed=args.seed),
+                    head_alpha=args.alpha, max_nnz_per_class=args.max_nnz_per_class, head=args.head,
+                    stop_nnz_per_class=(args.target_nnz_per_class or None), head_options=head_options),
     )
     _, report = train_salf_from_cache(args.cache, args.concepts, args.out, val_cache=args.val_cache,
                                       labels=args.labels, val_labels=args.val_labels, config=config,

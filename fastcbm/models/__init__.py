@@ -70,6 +70,8 @@ def load_clip(name: str = "testbed", pretrained: str | None = None, device: str 
         from fastcbm.models.external import load_open_clip
 
         model, preprocess, tokenizer = load_open_clip(name, pretrained)
+    # how to rebuild this model: precompute(model=<this object>) records it, so fastcbm train can load the text tower
+    model.fastcbm_source = {"name": name, "pretrained": pretrained}
     return model.to(device).eval(), preprocess, tokenizer
 
 

@@ -8,10 +8,14 @@ _DOWNLOAD_ERRORS = (OSError, RuntimeError, ConnectionError, ValueError)
 
 
 def _offline_error(what: str, exc: Exception) -> RuntimeError:
-    return RuntimeError(
-        f"could not fetch the pretrained weights {what}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
-        "This machine may be offline: put the weights in the local cache (e.g. ~/.cache/huggingface or "
-        "~/.cache/torch/hub/checkpoints) or use pretrained=None for random init."
+    from fastcbm.compat import WeightsUnavailableError
+
+    first = (str(exc).splitlines() or [""])[0][:200]
+    return WeightsUnavailableError(
+        f"could not fetch the pretrained weights {what} ({type(exc).__name__}: {first}); this machine may be "
+        "offline. Ways out: put the weights in the local cache (~/.cache/huggingface or ~/.cache/torch/hub/"
+        "checkpoints) and set HF_HUB_OFFLINE=1, or use the bundled models (fastcbm precompute --model testbed "
+        "--features testbed), or leave out --pretrained (random init; pretrained=None in Python)"
     )
 
 
@@ -22,11 +26,14 @@ def load_open_clip(name: str, pretrained: str | None):
     if name not in open_clip.list_models():
         raise ValueError(f"unknown CLIP model {name!r}; open_clip knows e.g. {open_clip.list_models()[:8]} "
                          "and fastcbm bundles 'testbed'")
+    from fastcbm.compat import quiet_downloads
+
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+        with quiet_downloads():
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
     except _DOWNLOAD_ERRORS as exc:
         if pretrained:
-            raise _offline_error(f"open_clip {name!r} pretrained={pretrained!r}", exc) from exc
+            raise _offline_error(f"open_clip {name!r} pretrained={pretrained!r}", exc) from None
         raise
     return model, preprocess, open_clip.get_tokenizer(name)
 
@@ -41,12 +48,15 @@ def _torchvision_backbone(name: str, pretrained) -> Backbone | None:
     weights = None
     if pretrained:
         weights = "DEFAULT" if pretrained is True else pretrained
+    from fastcbm.compat import quiet_downloads
+
     try:
-        model = models.get_model(name, weights=weights)
+        with quiet_downloads():
+            model = models.get_model(name, weights=weights)
     except _DOWNLOAD_ERRORS as exc:
         if weights is not None:
             url = getattr(models.get_weight(f"{models.get_model_weights(name).__name__}.DEFAULT"), "url", "")
-            raise _offline_error(f"torchvision {name} ({weights}: {url})", exc) from exc
+            raise _offline_error(f"torchvision {name} ({weights}: {url})", exc) from None
         raise
     if name.startswith(("resnet", "resnext", "wide_resnet")):
         layers = ["layer1", "layer2", "layer3", "layer4"]
@@ -62,11 +72,14 @@ def _timm_backbone(name: str, pretrained) -> Backbone:
 
     timm = import_timm()
 
+    from fastcbm.compat import quiet_downloads
+
     try:
-        model = timm.create_model(name, pretrained=bool(pretrained))
+        with quiet_downloads():
+            model = timm.create_model(name, pretrained=bool(pretrained))
     except _DOWNLOAD_ERRORS as exc:
         if pretrained:
-            raise _offline_error(f"timm {name}", exc) from exc
+            raise _offline_error(f"timm {name}", exc) from None
         raise
     cfg = model.pretrained_cfg or {}
     if hasattr(model, "blocks"):

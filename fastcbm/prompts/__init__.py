@@ -42,13 +42,17 @@ IMPLEMENTED = ("reference", "cpu", "triton", "cuda")
 def ring_masks(
     size: int,
     grid: int | Sequence[int] = (7, 7),
-    radius: float = 32,
+    radius: float | None = None,
     width: float = 2,
     centers: str | torch.Tensor = "inset",
 ) -> torch.Tensor:
-    """bool ``[G, S, S]``: ``masks[g, y, x]`` is True where ring g covers pixel (x, y) (same rule as the kernels)."""
+    """bool ``[G, S, S]``: ``masks[g, y, x]`` is True where ring g covers pixel (x, y) (same rule as the kernels).
+
+    ``radius`` None → ``default_ring_geometry(size)[0]`` (32 px at 224, scaled with the image)."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
+    if radius is None:
+        radius = default_ring_geometry(size)[0]
     plan = make_plan(size, grid, radius, width, centers, None, None, include_plain=False)
     return plan_masks(plan)
 
@@ -56,7 +60,7 @@ def ring_masks(
 def render_rings(
     images: torch.Tensor,
     grid: int | Sequence[int] = (7, 7),
-    radius: float | None = 32,
+    radius: float | None = None,
     width: float = 2,
     centers: str | torch.Tensor = "inset",
     mean: Sequence[float] | None = CLIP_MEAN,
@@ -72,7 +76,8 @@ def render_rings(
             An empty batch (B = 0) returns an empty ``[0, G(+1), 3, S, S]`` tensor.
         grid: ``(rows, cols)`` or an int for a square grid; prompt g = row·cols + col. Ignored when ``centers`` is
             a tensor (then G = ``centers.shape[0]``).
-        radius: ring radius in pixels (float allowed); None → ``default_ring_geometry(S)[0]`` (32 px at 224).
+        radius: ring radius in pixels (float allowed); None (default) → ``default_ring_geometry(S)[0]``: 32 px at
+            224, scaled with the image (9.14 px at 64), as precompute does.
         width: ring line width in pixels: pixel (x, y) is on the ring when |dist − radius| ≤ width/2.
         centers: ``"inset"`` (rings inside the image), ``"paper"`` (k·⌊S/(G−1)⌋), or a float tensor ``[G, 2]`` of
             (y, x) centres.

@@ -33,6 +33,9 @@ class SALFFitConfig:
     head_alpha: float = 0.99  # elastic-net mixing: 1 = lasso
     head_criterion: str = "val_acc"
     max_nnz_per_class: float | None = None
+    # the sparse path stops once the mean non-zeros per class pass this (label-free CBM's sparsity target); None: the
+    # whole path. Classes rarely need more than a few dozen concepts, and the denser end of the path costs the most.
+    stop_nnz_per_class: float | None = 30.0
     head_options: dict = field(default_factory=dict)  # forwarded to fit_elastic_net_path / fit_dense_head
     feature_batch_size: int = 256
 
@@ -100,7 +103,7 @@ def _fit_head(fit: SALFFitConfig, p_train, y_train, p_val, y_val, num_classes: i
         head, _path = fit_sparse_head(
             p_train, y_train, num_classes, val=(p_val, y_val), alpha=fit.head_alpha,
             criterion=fit.head_criterion, max_nnz_per_class=fit.max_nnz_per_class,
-            **{"progress": progress, **fit.head_options},
+            **{"progress": progress, "stop_nnz_per_class": fit.stop_nnz_per_class, **fit.head_options},
         )
         return head
     std = Standardizer.fit(p_train)

@@ -30,10 +30,15 @@ class ConceptFilterConfig:
     """Label-free concept filtering (see :func:`fastcbm.concepts.filter_concepts`); ``None`` switches a stage off."""
 
     max_length: int | None = 30
-    class_sim_cutoff: float | None = 0.85
-    concept_sim_cutoff: float | None = 0.9
-    presence_cutoff: float | None = None
+    class_sim_cutoff: float | None = 0.85  # label-free CBM: >= 0.85 to a class name (after exact text matches)
+    concept_sim_cutoff: float | None = 0.9  # label-free CBM: >= 0.9, the less general concept of the pair goes
+    # label-free CBM's presence cut-offs (fastcbm.concepts.PRESENCE_CUTOFFS: "default" 0.25, "cub" 0.26, "imagenet"
+    # / "places365" 0.28) are calibrated on real CLIP similarities; off by default (None), a number or preset name
+    presence_cutoff: float | str | None = None
     templates: tuple[str, ...] = ("{}",)
+    # label-free CBM averages CLIP with this sentence model, (mpnet + 3·CLIP)/4, when it is installed with local
+    # weights (None: CLIP alone). Not used with the bundled testbed CLIP, whose vocabulary is the testbed's own.
+    sentence_model: str | None = "all-mpnet-base-v2"
 
 
 @dataclass
@@ -44,8 +49,27 @@ class TrainConfig:
     seed: int = 0
     pooling: str = "mean"
     softmax_temperature: float = 1.0
+    humanize_class_names: bool = True  # folder "blue_circle" → class "blue circle" (filter and saved model)
     filter: ConceptFilterConfig = field(default_factory=ConceptFilterConfig)
     fit: SALFFitConfig = field(default_factory=SALFFitConfig)
+
+
+def humanize_class_name(name: str) -> str:
+    """Display name of a class folder: ``blue_circle`` → ``blue circle`` (underscores, hyphens and repeated spaces
+    become single spaces). Used for the class-similarity filter and the saved model's class names, so a folder name
+    is compared with concepts as words, the way a class name is written in label-free CBM's class lists."""
+    return " ".join(name.replace("_", " ").replace("-", " ").split()) or name
+
+
+def humanize_class_names(names: list[str]) -> list[str]:
+    """:func:`humanize_class_name` for every class, keeping the folder name where two would collide."""
+    out = [humanize_class_name(n) for n in names]
+    if len(set(out)) < len(out):
+        seen: dict[str, int] = {}
+        for h in out:
+            seen[h] = seen.get(h, 0) + 1
+        out = [h if seen[h] == 1 else n for h, n in zip(out, names)]
+    return out
 
 
 def _labels_for(reader, labels, class_names):
@@ -102,9 +126,15 @@ def train_salf_from_cache(
     process reads and processes its share of every batch; rank 0 writes the model.
     """
     from fastcbm.cache import CacheReader
-    from fastcbm.concepts import ConceptSet, encode_texts, filter_concepts, load_concepts
-    from fastcbm.models import load_backbone, load_clip
+    from fastcbm.concepts import (
+        ConceptSet,
+        encode_texts,
+        filter_concepts,
+        load_concepts,
+        load_sentence_encoder,
+    )
     from fastcbm.distributed import init_distributed, resolve_device
+    from fastcbm.models import load_backbone, load_clip
     from fastcbm.salf.data import CacheData, split_rows
     from fastcbm.salf.model import SALFConfig
     from fastcbm.salf.pipeline import fit_salf_on
@@ -126,6 +156,8 @@ def train_salf_from_cache(
     settings = reader.settings
     source = _source(settings, reader.root)
     y, names = _labels_for(reader, labels, class_names)
+    # labels are matched with the folder / CSV names; the model and the class filter use display names
+    display = humanize_class_names(names) if config.humanize_class_names else list(names)
     if val_cache is not None:
         val_reader = CacheReader(val_cache)
         for key in ("model", "prompts", "features", "features_source"):
@@ -146,17 +178,25 @@ def train_salf_from_cache(
         concepts = load_concepts(concepts)
     concept_names = list(concepts.names if isinstance(concepts, ConceptSet) else concepts)
     model_info = settings["model"]
-    clip, _, tokenizer = load_clip(model_info["name"], model_info.get("pretrained"), device=str(dev))
+    try:
+        clip, _, tokenizer = load_clip(model_info["name"], model_info.get("pretrained"), device=str(dev))
+    except (ValueError, ImportError) as exc:
+        raise ValueError(f"cache {reader.root} records the CLIP model {model_info['name']!r}, which fastcbm cannot "
+                         f"rebuild ({str(exc).splitlines()[0][:160]}); precompute with the model's load_clip name "
+                         "(precompute(data, 'ViT-B-16', out, pretrained='openai'), or model_name=/pretrained= next "
+                         "to a model object)") from None
     f = config.filter
 
     def text_encoder(texts: list[str]) -> torch.Tensor:
         return encode_texts(clip, tokenizer, texts, templates=f.templates, device=dev, progress=False)
 
     image_emb = reader.global_embeddings(train.rows, dtype=torch.float32) if f.presence_cutoff is not None else None
-    kept, filter_report = filter_concepts(concept_names, names, text_encoder, max_length=f.max_length,
+    sentence = (load_sentence_encoder(f.sentence_model, dev)
+                if f.sentence_model and model_info["name"] != "testbed" else None)
+    kept, filter_report = filter_concepts(concept_names, display, text_encoder, max_length=f.max_length,
                                           class_sim_cutoff=f.class_sim_cutoff,
                                           concept_sim_cutoff=f.concept_sim_cutoff, image_embeddings=image_emb,
-                                          presence_cutoff=f.presence_cutoff)
+                                          presence_cutoff=f.presence_cutoff, sentence_encoder=sentence)
     log.info("concept filter: %s", filter_report.summary())
     if not kept:
         raise ValueError(f"concepts: none left after filtering ({filter_report.summary()}); relax the cut-offs")
@@ -168,12 +208,13 @@ def train_salf_from_cache(
         backbone=source["backbone"], backbone_pretrained=source.get("pretrained"), feature_layer=source["layer"],
         clip=model_info["name"], clip_pretrained=model_info.get("pretrained"), grid=tuple(prompts["grid"]),
         radius=prompts["radius"], width=prompts["width"], centers=prompts["centers"], pooling=config.pooling,
-        softmax_temperature=config.softmax_temperature, concepts=list(kept), class_names=list(names))
+        softmax_temperature=config.softmax_temperature, concepts=list(kept), class_names=list(display))
     model, fit_report = fit_salf_on(backbone=backbone, config=salf_config, train=train, val=val, text_emb=text_emb,
                                     fit=config.fit, device=dev, progress=progress, process_group=group)
     report = {
         "cache": str(reader.root), "val_cache": str(val_cache) if val_cache is not None else None,
-        "images": {"train": len(train), "val": len(val)}, "classes": len(names), "processes": world,
+        "images": {"train": len(train), "val": len(val)}, "classes": len(names), "class_names": list(display),
+        "processes": world,
         "concepts": {"candidates": len(concept_names), "after_filter": len(kept),
                      "kept": len(fit_report.concepts_kept), "filter": filter_report.summary(),
                      "dropped_by_filter": {k: list(v) for k, v in filter_report.dropped.items()},
