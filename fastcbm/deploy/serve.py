@@ -78,6 +78,8 @@ def run_explain_engine(args) -> int:
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if Path(args.image).is_dir():
+        raise ValueError(f"--engine explains one image file; {args.image} is a folder (use --model DIR --out DIR)")
     if not Path(args.image).is_file():
         raise FileNotFoundError(f"image {args.image} not found")
     if getattr(args, "region", None):
