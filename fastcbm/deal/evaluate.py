@@ -81,7 +81,8 @@ def testbed_descriptor_mask(masks: dict[str, torch.Tensor], descriptor: str) -> 
     return out
 
 
-def _image_size(model) -> int:
+def image_size(model) -> int:
+    """The CLIP's input side length (open_clip's preprocess config, else ``visual.image_size``)."""
     cfg = getattr(model.visual, "preprocess_cfg", None) or {}
     size = cfg.get("size") or getattr(model.visual, "image_size", 224)
     return int(size[0] if isinstance(size, (tuple, list)) else size)

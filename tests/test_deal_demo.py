@@ -1,0 +1,96 @@
+"""fastcbm demo --method deal, fastcbm deal evaluate, and the DEAL HTML page (tiny settings)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastcbm.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_deal_demo_tiny(tmp_path):
+    from fastcbm.deal.demo import DealDemoConfig, run_deal_demo
+
+    out = tmp_path / "demo"
+    s = run_deal_demo(DealDemoConfig(out=out, steps=2, batch_size=8, n_train=32, n_eval=6,
+                                     localizability_images=2, progress=False))
+    for m in ("base", "plain", "deal"):
+        for key in ("disentanglability", "localizability", "concept_accuracy", "zero_shot_accuracy", "part_miou"):
+            assert 0.0 <= s[f"{m}_{key}"] <= 1.0, (m, key)
+    assert s["deal_minus_plain_disentanglability"] == pytest.approx(
+        s["deal_disentanglability"] - s["plain_disentanglability"], abs=2e-4)
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 * 7  # 3 models × (image + category + 5 concepts)
+    assert "accuracy with concepts" in page and "part mIoU" in page
+    saved = json.loads((out / "summary.json").read_text())
+    assert set(saved["results"]) == {"base", "plain", "deal"}
+    # both runs trained the same number of steps from the same start; the DEAL run's regularisers moved it elsewhere
+    plain = json.loads((out / "plain" / "train_report.json").read_text())
+    deal = json.loads((out / "deal" / "train_report.json").read_text())
+    assert plain["steps"] == deal["steps"] == 2
+    assert deal["final"]["separation"] > 0 and plain["final"]["separation"] == 0
+
+
+def test_demo_cli_dispatches_to_deal(monkeypatch, tmp_path, capsys):
+    import fastcbm.deal.demo as D
+
+    seen = {}
+
+    def fake(cfg):
+        seen["cfg"] = cfg
+        return {"method": "deal"}
+
+    monkeypatch.setattr(D, "run_deal_demo", fake)
+    assert main(["demo", "--method", "deal", "--seed", "3", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert seen["cfg"].seed == 3 and seen["cfg"].out == tmp_path and not seen["cfg"].progress
+    assert json.loads(capsys.readouterr().out) == {"method": "deal"}
+    assert main(["demo", "--method", "deal", "--no-progress"]) == 0  # the default folder is the DEAL demo's own
+    assert str(seen["cfg"].out) == "fastcbm_out/deal_demo"
+
+
+def test_deal_evaluate_cli_testbed(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    rc = main(["deal", "evaluate", "--data", "testbed", "--n", "4", "--k", "2", "--localizability-images", "1",
+               "--curve-steps", "4", "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    assert printed["images"] == 4 and printed["localizability_pairs"] == 2 and 0 <= printed["part_miou"] <= 1
+
+
+def test_deal_evaluate_cli_folder_and_errors(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    for cls in ("blue_circle", "green_circle"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "data" / cls / "a.png")
+    assert main(["deal", "evaluate", "--data", str(tmp_path / "data")]) == 2
+    assert "--concepts: required" in capsys.readouterr().err
+    concepts = tmp_path / "c.json"
+    concepts.write_text(json.dumps({"blue circle": ["circle", "blue"], "green circle": ["circle", "green"]}))
+    rc = main(["deal", "evaluate", "--data", str(tmp_path / "data"), "--concepts", str(concepts), "--k", "2",
+               "--curve-steps", "2", "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["images"] == 2 and "part_miou" not in res  # an ImageFolder has no masks
+    assert main(["deal", "evaluate", "--data", str(tmp_path / "data"), "--concepts", str(concepts), "--k", "3",
+                 "--device", "cpu"]) == 2
+    assert "fewer than k=3" in capsys.readouterr().err
+
+
+def test_deal_report_rejects_bad_maps(tmp_path):
+    from fastcbm.deal.report import write_deal_report
+
+    img = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"maps\['x'\] must be \[K\+1, h, w\]"):
+        write_deal_report(tmp_path / "r.html", image=img, maps={"x": torch.rand(2, 2, 2)}, texts=["a", "b", "c"],
+                          results={"x": {}})
+    p = write_deal_report(tmp_path / "r.html", image=img, maps={"x": torch.rand(3, 2, 2)}, texts=["a", "b", "c"],
+                          results={"x": {"disentanglability": 0.5}})
+    assert "0.5" in p.read_text()
