@@ -126,3 +126,32 @@ def test_save_into_an_existing_file_is_refused(saved, tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(FileExistsError, match="is an existing file"):
         SALFCBM.load(saved[0], backbone=saved[1]).save(tmp_path / "f")
+
+
+def test_features_random_init_really_gives_a_random_backbone(tmp_path, monkeypatch):
+    """The issue's bug: --features testbed --features-random-init stored the trained backbone's features."""
+    from fastcbm.cli import main
+    from fastcbm.precompute import precompute
+    from tests.reliability_helpers import RUN, FakeCLIP, make_images
+
+    imgs = make_images(tmp_path / "imgs", 2)
+    feats = {}
+    for name, pre in (("trained", True), ("random", False), ("random2", False)):
+        r = precompute(str(imgs), FakeCLIP(), tmp_path / name, features="testbed", features_pretrained=pre, **RUN)
+        feats[name] = r.features(dtype=torch.float32)
+        assert r.settings["features_source"]["pretrained"] is pre
+    assert not torch.allclose(feats["trained"], feats["random"])
+    torch.testing.assert_close(feats["random"], feats["random2"])  # seeded: training rebuilds the same backbone
+    import fastcbm.precompute as P
+
+    class Stop(Exception):
+        pass
+
+    def fake(*a, **k):
+        raise Stop(k)
+
+    monkeypatch.setattr(P, "precompute", fake)
+    with pytest.raises(Stop) as ei:
+        main(["precompute", "--data", str(imgs), "--model", "testbed", "--out", str(tmp_path / "c"), "--features",
+              "testbed", "--features-random-init"])
+    assert ei.value.args[0]["features_pretrained"] is False

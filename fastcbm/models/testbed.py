@@ -174,13 +174,23 @@ def _load_clip(pretrained):
     return load_weights(make_clip(), "clip"), preprocess_pil, WordTokenizer()
 
 
-def _backbone(kind: str):
+def _backbone(kind: str, pretrained: bool | str | None = None):
+    """The bundled trained backbone; ``pretrained=False`` (``--features-random-init``) asks for a random init, seeded
+    (seed 0) so that every place that rebuilds the backbone by name — precompute, training, explain — gets the same
+    weights (the global RNG is left as it was)."""
     from fastcbm.models import Backbone
 
+    def build(make, name):
+        if pretrained is False:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                return make().eval()
+        return load_weights(make(), name)
+
     if kind == "cnn":
-        model, layers, vit = load_weights(TinyResNet(), "cnn"), ["layer1", "layer2", "layer3", "layer4"], False
+        model, layers, vit = build(TinyResNet, "cnn"), ["layer1", "layer2", "layer3", "layer4"], False
     else:
-        model, vit = load_weights(make_vit(), "vit"), True
+        model, vit = build(make_vit, "vit"), True
         layers = [f"blocks.{i}" for i in range(len(model.blocks))]
     return Backbone(model=model, preprocess=preprocess_pil, kind="vit" if vit else "cnn", feature_layers=layers,
                     mean=MEAN, std=STD, input_size=IMAGE_SIZE, num_classes=len(S.class_names()),
@@ -191,6 +201,6 @@ def register() -> None:
     from fastcbm.models import register_backbone, register_clip
 
     register_clip("testbed", _load_clip)
-    register_backbone("testbed", lambda pretrained: _backbone("cnn"))
-    register_backbone("testbed-vit", lambda pretrained: _backbone("vit"))
+    register_backbone("testbed", lambda pretrained: _backbone("cnn", pretrained))
+    register_backbone("testbed-vit", lambda pretrained: _backbone("vit", pretrained))
 
