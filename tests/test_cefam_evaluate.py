@@ -89,7 +89,7 @@ def tiny():
     tr = Translator(160, 128, (32,))
     model = CEFAM(bb, tr.eval(), CEFAMConfig(layers=LAYERS, embed_dim=128, in_features=160, hidden=[32],
                                              widths=[16, 32, 48, 64]))
-    clip, pre, tok = load_clip("testbed")
+    clip, pre, _ = load_clip("testbed")
     ds = TestbedDataset(3, chunk=2)
     text = torch.nn.functional.normalize(torch.randn(len(ds.concepts), 128), dim=-1)
     return model, clip, pre, ds, text
@@ -133,11 +133,11 @@ def test_evaluate_against_loop_reference(tiny):
 
 
 def test_evaluate_bad_input(tiny):
-    model, clip, _, ds, text = tiny
+    model, _, _, ds, text = tiny
 
     class Empty:
-        concepts: list = []
-        types: list = []
+        concepts = ()
+        types = ()
 
         def __iter__(self):
             return iter(())
@@ -152,9 +152,9 @@ def test_evaluate_bad_input(tiny):
 
 def test_evaluate_broden_tree(tmp_path, tiny):
     """End to end on a tiny Broden tree: 224-px image, 112-px masks (maps resized to the mask)."""
-    from .test_cefam_datasets import _broden
-
     from fastcbm.cefam.datasets import BrodenDataset
+
+    from .test_cefam_datasets import _broden
 
     model, clip, pre, _, _ = tiny
     ds = BrodenDataset(_broden(tmp_path))
