@@ -33,7 +33,8 @@ def make_salf(backbone_name: str = "testbed", *, m: int = 12, k: int = 5, grid=(
     with torch.no_grad():
         from fastcbm.features import extract_feature_maps
 
-        c = extract_feature_maps(bb.model, torch.zeros(1, 3, 64, 64), layer).shape[1]
+        c = extract_feature_maps(bb.model, torch.zeros(1, 3, bb.input_size, bb.input_size), layer, kind=bb.kind,
+                                 num_prefix_tokens=bb.num_prefix_tokens).shape[1]
     head = LinearHead(m, k)
     with torch.no_grad():
         head.weight.normal_()
@@ -150,6 +151,18 @@ def test_resnet18_small_input_matches(tmp_path):
     runner = load(path, backend="onnxruntime", threads=1)
     bb.input_size = 64  # the reference normalises at the exported size
     for batch in (1, 7):
+        images = torch.randint(0, 256, (batch, 3, 64, 64), dtype=torch.uint8)
+        got, ref = runner(images), reference(model, bb, images)
+        for name in OUTPUTS:
+            assert_close(got[name], ref[name], atol=1e-4, rtol=0, what=f"batch {batch} {name}")
+
+
+def test_testbed_vit_salf_matches(tmp_path):
+    """A ViT backbone: the hooked block's tokens become the feature map inside the graph (class token dropped)."""
+    model, bb = make_salf("testbed-vit", m=6, k=3, seed=8)
+    runner = load(export_onnx(model, tmp_path / "vit.onnx", backbone=bb, max_batch=3), backend="onnxruntime",
+                  threads=1)
+    for batch in (1, 3):
         images = torch.randint(0, 256, (batch, 3, 64, 64), dtype=torch.uint8)
         got, ref = runner(images), reference(model, bb, images)
         for name in OUTPUTS:

@@ -24,7 +24,8 @@ def random_salf(backbone_name: str, m: int, k: int, *, grid: tuple[int, int] = (
     bb = load_backbone(backbone_name)
     layer = bb.feature_layers[-1]
     with torch.no_grad():
-        c = extract_feature_maps(bb.model, torch.zeros(1, 3, 64, 64), layer).shape[1]
+        c = extract_feature_maps(bb.model, torch.zeros(1, 3, bb.input_size, bb.input_size), layer, kind=bb.kind,
+                                 num_prefix_tokens=bb.num_prefix_tokens).shape[1]
     head = LinearHead(m, k)
     with torch.no_grad():
         head.weight.normal_().mul_((torch.rand(k, m) < head_density).float())
