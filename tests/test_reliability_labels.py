@@ -90,3 +90,21 @@ def test_malformed_csv_is_one_line(tmp_path, content, match):
     assert "\n" not in str(ei.value)
     with pytest.raises(FileNotFoundError, match="is a directory"):
         match_csv_labels(tmp_path, [])
+
+
+def test_train_checks_out_first_and_reports_label_matching(tmp_path):
+    from fastcbm.salf.train import _labels_for, train_salf_from_cache
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="out: .* is an existing file"):  # before any cache is even opened
+        train_salf_from_cache(tmp_path / "no-cache", [], tmp_path / "file")
+
+    class Reader:
+        files = _files(tmp_path, n=1)
+
+        def __len__(self):
+            return len(self.files)
+
+    (tmp_path / "l.csv").write_text("data/cat/0000.png,cat\ndata/dog/0000.png,dog\n")
+    assert _labels_for(Reader(), tmp_path / "l.csv", None).report["matched_by"] == {"path": 2}
+    assert _labels_for(Reader(), None, None).report["source"] == "folders"

@@ -143,6 +143,10 @@ def train_salf_from_cache(
     if out is not None and not overwrite and (Path(out) / "model.safetensors").exists():
         raise FileExistsError(f"out: {out} already holds a model; choose another folder or pass overwrite=True "
                               "(--overwrite)")
+    if out is not None:  # an existing file or an unwritable folder fails now, not after the training
+        from fastcbm.checks import check_output_dir
+
+        check_output_dir(out, "out")
     t_start = time.perf_counter()
     dev = resolve_device(device)
     rank, world, owns_group = init_distributed(dev)
@@ -155,16 +159,21 @@ def train_salf_from_cache(
     reader = CacheReader(cache)
     settings = reader.settings
     source = _source(settings, reader.root)
-    y, names = _labels_for(reader, labels, class_names)
+    train_labels = _labels_for(reader, labels, class_names)
+    y, names = train_labels
     # labels are matched with the folder / CSV names; the model and the class filter use display names
     display = humanize_class_names(names) if config.humanize_class_names else list(names)
+    # how every label was found (folders, or CSV rows matched by path / unique bare name): train_report.json
+    label_report = {"train": getattr(train_labels, "report", {"source": "tensor"})}
     if val_cache is not None:
         val_reader = CacheReader(val_cache)
         for key in ("model", "prompts", "features", "features_source"):
             if val_reader.settings.get(key) != settings.get(key):
                 raise ValueError(f"val_cache {val_reader.root} was made with other {key} settings than {reader.root}: "
                                  f"{val_reader.settings.get(key)} != {settings.get(key)}")
-        y_val, _ = _labels_for(val_reader, val_labels, names)
+        val_labels_found = _labels_for(val_reader, val_labels, names)
+        y_val, _ = val_labels_found
+        label_report["val"] = getattr(val_labels_found, "report", {"source": "tensor"})
         train = CacheData(reader, y, name="train")
         val = CacheData(val_reader, y_val, name="val")
     else:
@@ -214,7 +223,7 @@ def train_salf_from_cache(
     report = {
         "cache": str(reader.root), "val_cache": str(val_cache) if val_cache is not None else None,
         "images": {"train": len(train), "val": len(val)}, "classes": len(names), "class_names": list(display),
-        "processes": world,
+        "processes": world, "labels": label_report,
         "concepts": {"candidates": len(concept_names), "after_filter": len(kept),
                      "kept": len(fit_report.concepts_kept), "filter": filter_report.summary(),
                      "dropped_by_filter": {k: list(v) for k, v in filter_report.dropped.items()},
