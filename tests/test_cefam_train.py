@@ -221,6 +221,22 @@ def test_warmup_raises_the_rate_to_its_peak(caches):
     assert lrs[0] == pytest.approx(0.15) and lrs[1] == pytest.approx(0.2) and lrs[2] == pytest.approx(0.2)
 
 
+def test_training_decodes_no_image(caches, monkeypatch):
+    """The translator trains from the cached arrays alone: decoding or loading an image would fail here."""
+    import PIL.Image
+
+    import fastcbm.data.folder as folder
+
+    def boom(*_a, **_k):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(folder, "decode_image", boom)
+    monkeypatch.setattr(PIL.Image, "open", boom)
+    _, _, cache, _ = caches
+    _, rep = train_translator_run(cache, None, max_epochs=1)
+    assert rep["epochs_run"] == 1
+
+
 def test_bad_arguments(caches):
     _, _, cache, _ = caches
     with pytest.raises(ValueError, match="lr"):
