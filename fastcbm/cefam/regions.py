@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from fastcbm.cam import fuse
 from fastcbm.cefam.translator import Translator, concept_scores
@@ -201,7 +202,8 @@ def _spatial_sum(grad: torch.Tensor, kind: str, prefix: int) -> torch.Tensor:
     raise ValueError(f"stage gradient of shape {tuple(grad.shape[1:])} is not a feature map (kind={kind!r})")
 
 
-def _betas_batched(model, translator, images, text_emb, layers, kind, prefix, logit_scale, chunk) -> ConceptGrads:
+def _betas_batched(model, translator, images, text_emb, layers, kind, prefix, logit_scale, chunk,
+                   progress) -> ConceptGrads:
     fw = stage_forward(model, translator, images, layers, kind, prefix)
     b, d = fw.h.shape
     t = text_emb.shape[0]
@@ -216,7 +218,7 @@ def _betas_batched(model, translator, images, text_emb, layers, kind, prefix, lo
     gz = []
     eye = torch.eye(d, dtype=fw.h.dtype, device=fw.h.device)
     targets = [fw.z] + [fw.outputs[n] for n in inner]
-    for c0 in range(0, k_total, chunk):
+    for c0 in tqdm(range(0, k_total, chunk), desc="concept gradients", disable=not progress, leave=False):
         c1 = min(k_total, c0 + chunk)
         cot = eye[c0:c1, None, :].expand(c1 - c0, b, d) if use_eye else g[:, c0:c1].transpose(0, 1)
         grads = torch.autograd.grad(fw.h, targets, cot.contiguous(), retain_graph=c1 < k_total,
@@ -243,10 +245,11 @@ def _betas_batched(model, translator, images, text_emb, layers, kind, prefix, lo
                         fw.z.detach(), fw.h.detach(), fw.logits.detach(), fw.order, layers)
 
 
-def _betas_loop(model, translator, images, text_emb, layers, kind, prefix, logit_scale, bias) -> ConceptGrads:
+def _betas_loop(model, translator, images, text_emb, layers, kind, prefix, logit_scale, bias,
+                progress) -> ConceptGrads:
     b, t = images.shape[0], text_emb.shape[0]
     betas = {n: [] for n in layers}
-    for i in range(b):
+    for i in tqdm(range(b), desc="concept gradients (loop)", disable=not progress, leave=False):
         for j in range(t):
             fw = stage_forward(model, translator, images[i:i + 1], layers, kind, prefix)
             score = concept_scores(fw.h, text_emb[j:j + 1], logit_scale, bias)[0, 0]
@@ -262,22 +265,25 @@ def _betas_loop(model, translator, images, text_emb, layers, kind, prefix, logit
 def concept_grads(classifier, translator: Translator | nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
                   layers: Sequence[str], *, method: str = "batched", logit_scale: float = 100.0, bias: float = 0.0,
                   kind: str | None = None, num_prefix_tokens: int | None = None,
-                  chunk: int | None = None) -> ConceptGrads:
+                  chunk: int | None = None, progress: bool = False) -> ConceptGrads:
     """Grad-CAM channel weights β_l ``[B, T, C_l]`` of every concept at every stage (see the module docstring),
-    with the forward pass they belong to. ``chunk``: cotangents per batched VJP (default: from a memory budget)."""
+    with the forward pass they belong to. ``chunk``: cotangents per batched VJP (default: from a memory budget);
+    ``progress``: a tqdm bar over the VJP chunks (batched) or images (loop)."""
     model, kind, prefix = resolve_classifier(classifier, kind, num_prefix_tokens)
     layers = check_inputs(model, translator, images, text_emb, layers, method)
     text_emb = text_emb.to(device=images.device, dtype=images.dtype)
     with eval_mode(model, translator), torch.enable_grad():
         if method == "loop":
-            return _betas_loop(model, translator, images, text_emb, layers, kind, prefix, logit_scale, bias)
-        return _betas_batched(model, translator, images, text_emb, layers, kind, prefix, logit_scale, chunk)
+            return _betas_loop(model, translator, images, text_emb, layers, kind, prefix, logit_scale, bias,
+                               progress)
+        return _betas_batched(model, translator, images, text_emb, layers, kind, prefix, logit_scale, chunk,
+                              progress)
 
 
 def concept_regions(classifier, translator: Translator | nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
                     layers: Sequence[str], *, method: str = "batched", logit_scale: float = 100.0, bias: float = 0.0,
                     kind: str | None = None, num_prefix_tokens: int | None = None,
-                    backend: str = "auto") -> dict[str, torch.Tensor]:
+                    backend: str = "auto", progress: bool = False) -> dict[str, torch.Tensor]:
     """CE-FAM regions of every concept at every stage.
 
     Args:
@@ -291,12 +297,13 @@ def concept_regions(classifier, translator: Translator | nn.Module, images: torc
             the reference).
         logit_scale, bias: the concept score S = s·cos(h, t) + b.
         backend: the :func:`fastcbm.cam.fuse` backend for the final ReLU(Σβ·A).
+        progress: show a tqdm bar over the gradient work.
 
     Returns:
         ``{layer: [B, T, h_l, w_l]}`` raw ReLU(Σ_k β_k A_k) maps (not resized, not normalised).
     """
     grads = concept_grads(classifier, translator, images, text_emb, layers, method=method, logit_scale=logit_scale,
-                          bias=bias, kind=kind, num_prefix_tokens=num_prefix_tokens)
+                          bias=bias, kind=kind, num_prefix_tokens=num_prefix_tokens, progress=progress)
     fuse_backend = "reference" if method == "loop" else backend
     with torch.no_grad():
         return {n: fuse(grads.betas[n], grads.maps[n], backend=fuse_backend) for n in grads.layers}
