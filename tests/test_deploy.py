@@ -350,3 +350,114 @@ def test_gpu_runners_keep_cuda_tensors(tmp_path):
             assert torch.equal(third[name], again[name]), (runner.backend, name)
         with pytest.raises(ValueError, match="above the maximum of 8"):
             runner(torch.zeros(9, 3, 64, 64, dtype=torch.uint8, device="cuda"))
+
+
+class _FakeTRT:
+    """Just enough of the TensorRT 10 builder API to check what fastcbm asks of it."""
+
+    __version__ = "10.9.0"
+
+    def __init__(self):
+        self.calls = []
+        fake = self
+
+        class Flag:
+            STRONGLY_TYPED = 2
+
+        class BuilderFlag:
+            TF32 = 7
+
+        class MemoryPoolType:
+            WORKSPACE = 0
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, level):
+                pass
+
+        class Cache:
+            def __init__(self, data):
+                self.data = data
+
+            def serialize(self):
+                return b"timing:" + self.data
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls.append(("workspace", size))
+
+            def clear_flag(self, flag):
+                fake.calls.append(("clear_flag", flag))
+
+            def add_optimization_profile(self, profile):
+                fake.calls.append(("profile", profile.shapes))
+
+            def create_timing_cache(self, data):
+                return Cache(bytes(data))
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.cache = cache
+
+            def get_timing_cache(self):
+                return self.cache
+
+        class Profile:
+            def set_shape(self, name, mn, opt, mx):
+                self.shapes = (name, tuple(mn), tuple(opt), tuple(mx))
+
+        class Network:
+            def get_input(self, i):
+                return types.SimpleNamespace(name="images")
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                fake.calls.append(("network_flags", flags))
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                fake.calls.append(("build",))
+                return b"ENGINE"
+
+        class OnnxParser:
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                fake.calls.append(("parse", path))
+                return True
+
+        self.NetworkDefinitionCreationFlag, self.BuilderFlag, self.MemoryPoolType = Flag, BuilderFlag, MemoryPoolType
+        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, OnnxParser
+
+
+def test_build_engine_with_a_fake_tensorrt(tmp_path, monkeypatch, testbed_export):
+    """The builder gets a strongly typed network, no TF32, the batch 1..N profile and the timing cache; a second
+    build is an engine-cache hit; the container's header names GPU, TensorRT version and the ONNX hash."""
+    _, _, onnx_path = testbed_export
+    fake = _FakeTRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(T, "gpu_identity", lambda device=0: {"name": "NVIDIA H200", "capability": "9.0"})
+    out = T.build_engine(onnx_path, tmp_path / "m.engine", max_batch=4, opt_batch=1, cache_dir=tmp_path / "c")
+    assert ("network_flags", 1 << 2) in fake.calls and ("clear_flag", 7) in fake.calls
+    assert ("profile", ("images", (1, 3, 64, 64), (1, 3, 64, 64), (4, 3, 64, 64))) in fake.calls
+    header = T.read_engine_header(out)
+    assert T.read_engine_bytes(out) == b"ENGINE" and header["tensorrt"] == "10.9.0"
+    assert header["gpu"]["name"] == "NVIDIA H200" and header["max_batch"] == 4
+    assert header["metadata"]["concepts"] == read_metadata(onnx_path)["concepts"]
+    timing = list((tmp_path / "c").glob("timing-*.cache"))
+    assert len(timing) == 1 and timing[0].read_bytes() == b"timing:"
+    fake.calls.clear()
+    T.build_engine(onnx_path, None, max_batch=4, opt_batch=1, cache_dir=tmp_path / "c")
+    assert ("build",) not in fake.calls, "same ONNX, GPU, TensorRT and profile: served from the engine cache"
+    with pytest.raises(ValueError, match="above the ONNX export's 8"):
+        T.build_engine(onnx_path, None, max_batch=9, cache_dir=tmp_path / "c")

@@ -218,7 +218,10 @@ def _build_serialized(trt, onnx_path, profile: Profile, cache: Path, gpu: dict, 
                       workspace_gb: float, tf32: bool = False) -> bytes:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)  # TRT 10 and 11; 11 has no other typing
+    # strongly typed: the ONNX dtypes decide precision (TRT 10 needs the flag; were a later version to drop the flag,
+    # strong typing is its only mode)
+    strong = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    flags = 1 << int(strong) if strong is not None else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
