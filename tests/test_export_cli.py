@@ -90,3 +90,18 @@ def test_explain_from_engine_matches_model_folder(tmp_path, capsys):
     assert "--engine explains one image file" in capsys.readouterr().err
     assert main(["explain", str(tmp_path / "img.png")]) == 2
     assert "give --model DIR" in capsys.readouterr().err
+
+
+def test_precompute_engine_flag_reaches_precompute(tmp_path, monkeypatch, capsys):
+    import fastcbm.precompute
+
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(fastcbm.precompute, "precompute", fake)
+    assert main(["precompute", "--data", str(tmp_path), "--model", "testbed", "--out", str(tmp_path / "c"),
+                 "--engine", "onnxruntime"]) == 2
+    assert seen["engine"] == "onnxruntime" and "stop here" in capsys.readouterr().err
