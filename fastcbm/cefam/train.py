@@ -94,6 +94,19 @@ class _Rows:
         return z, y
 
 
+def _prefetched(read: _Rows, chunks: list[np.ndarray]):
+    """Yield ``read(chunk)`` for each chunk while the next one is read from the memmaps in a background thread (the
+    arrays are the same as reading in the loop: only the timing overlaps)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastcbm-cefam-reader") as pool:
+        nxt = pool.submit(read, chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            cur = nxt.result()
+            nxt = pool.submit(read, chunks[k + 1]) if k + 1 < len(chunks) else None
+            yield cur
+
+
 def _losses(h: torch.Tensor, y: torch.Tensor, text: torch.Tensor | None, s: float, b: float,
             lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, mse, sim) for a batch; sim = MSE of the scaled concept scores (0 without concepts)."""
@@ -297,8 +310,9 @@ def train_translator(cache: str | os.PathLike, out: str | os.PathLike | None, *,
             translator.train()
             perm = torch.randperm(len(tr_rows), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
             perm = tr_rows[perm.numpy()]
-            sums = np.zeros(3)
-            for i, lo in enumerate(range(0, len(perm), batch_size)):
+            sums_t = torch.zeros(3, device=dev, dtype=torch.float64)
+            chunks = [perm[lo:lo + batch_size] for lo in range(0, len(perm), batch_size)]
+            for i, (z, y) in enumerate(_prefetched(read, chunks)):
                 if warmup and epoch < warmup_epochs:  # linear per step from lr to warmup_lr
                     frac = (epoch * steps_per_epoch + i + 1) / (warmup_epochs * steps_per_epoch)
                     rate = lr + (warmup_lr - lr) * frac
@@ -306,12 +320,12 @@ def train_translator(cache: str | os.PathLike, out: str | os.PathLike | None, *,
                     rate = state["lr"]
                 for g in optimizer.param_groups:
                     g["lr"] = rate
-                z, y = read(perm[lo:lo + batch_size])
                 loss, mse, sim = _losses(translator(z), y, text, s, b, lam_sim)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                sums += np.array([float(loss.detach()), float(mse.detach()), float(sim.detach())]) * len(z)
+                sums_t += torch.stack([loss.detach(), mse.detach(), sim.detach()]).double() * len(z)  # no GPU sync
+            sums = sums_t.cpu().numpy()
             if warmup and epoch + 1 == warmup_epochs:
                 state["lr"] = warmup_lr  # the warm-up's peak is the rate the plateau schedule starts from
             translator.eval()
