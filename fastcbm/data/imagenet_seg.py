@@ -24,7 +24,7 @@ def _h5py():
     try:
         import h5py
     except ImportError as exc:  # pragma: no cover - h5py is a dependency
-        raise ImportError("reading gtsegs_ijcv.mat needs h5py: pip install h5py") from exc
+        raise ImportError("reading gtsegs_ijcv.mat needs h5py: pip install 'fastcbm[eval]' (or h5py)") from exc
     return h5py
 
 
