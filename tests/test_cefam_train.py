@@ -76,6 +76,11 @@ def test_global_only_cache(caches):
         cache.prompt_embeddings(slice(0, 2))
     with pytest.raises(ValueError, match="SALF-CBM needs ring prompts"):
         train_salf_from_cache(cache.root, ["red"], progress=False, device="cpu")
+    from fastcbm.cache import write_similarities
+
+    with pytest.raises(ValueError, match="global embeddings only"):
+        write_similarities(cache, torch.randn(3, cache.dim), root / "P")
+    assert not (root / "P").exists()
     with pytest.raises(ValueError, match="--grid >= 1"):
         from fastcbm.precompute import precompute
 

@@ -35,6 +35,9 @@ def write_similarities(reader, text_emb: torch.Tensor, out: str | os.PathLike, *
     Each chunk is written to a temporary name and renamed when complete (no half-written chunk is ever visible)."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if reader.num_prompts == 0:  # checked before the output folder is created
+        raise ValueError(f"the cache at {reader.root} holds global embeddings only (precompute --grid 0): it has no "
+                         "prompt embeddings to compare with concepts; run fastcbm precompute with --grid N")
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
     out = Path(out)
