@@ -98,6 +98,9 @@ def test_metadata_labels_the_outputs(testbed_export):
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, 64, 64]
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    out_dims = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
+    assert out_dims == {"logits": ["batch", 5], "concepts": ["batch", 12], "concept_maps": ["batch", 12, 7, 7],
+                        "contributions": ["batch", 12]}
 
 
 def test_runtime_torch_inputs_and_input_errors(testbed_export):

@@ -150,12 +150,16 @@ def _export(graph: torch.nn.Module, path: str | os.PathLike, *, meta: dict, inpu
             exporter, opset = "dynamo", max(opset, 18)
     if exporter == "dynamo":
         _dynamo_export(graph, example, tmp, names, opset, max_batch)
+    with torch.no_grad():  # the true output shapes: the exporter leaves e.g. the resized grid dims symbolic
+        shapes = {n: tuple(t.shape) for n, t in zip(names, graph(example))}
     proto = onnx.load(str(tmp))
-    # the exporter names the batch dimension after the input; one name for every tensor's dim 0 reads better
+    # declare every output as [batch, static dims...] so runners (and TensorRT) can preallocate them
     for vi in list(proto.graph.input) + list(proto.graph.output):
         dims = vi.type.tensor_type.shape.dim
         if dims and not dims[0].HasField("dim_value"):
             dims[0].dim_param = "batch"
+        for d, size in zip(list(dims)[1:], shapes.get(vi.name, ())[1:]):
+            d.dim_value = int(size)
     description = {
         "format": "fastcbm.onnx", "version": 1, "fastcbm_version": fastcbm.__version__, **meta,
         "input": {"name": "images", "dtype": input_dtype, "shape": ["batch", 3, input_size, input_size],

@@ -109,7 +109,8 @@ class OnnxRuntimeRunner(Runner):
         except ImportError:  # pragma: no cover - torch is a hard dependency of fastcbm
             torch = None
         if torch is not None and isinstance(images, torch.Tensor):
-            if images.is_cuda and self.backend == "onnxruntime-cuda":
+            static = all(isinstance(d, int) for shape in self._out_shapes.values() for d in shape[1:])
+            if images.is_cuda and self.backend == "onnxruntime-cuda" and static:
                 return self._run_cuda(images)
             outs = self.session.run(self._out, {self.input_name: images.detach().cpu().contiguous().numpy()})
             return {n: torch.from_numpy(o).to(images.device) for n, o in zip(self._out, outs)}
