@@ -32,8 +32,8 @@ class FakeCLIP(torch.nn.Module):
         return f
 
 
-RUN = dict(model_name="fake", grid=2, radius=3.0, width=2.0, batch_size=2, shard_size=2, num_workers=0,
-           progress=False, device="cpu", loader="torch")
+RUN = {"model_name": "fake", "grid": 2, "radius": 3.0, "width": 2.0, "batch_size": 2, "shard_size": 2,
+       "num_workers": 0, "progress": False, "device": "cpu", "loader": "torch"}
 
 
 def make_images(root: Path, n: int = 6, bright: tuple[int, ...] = ()) -> Path:

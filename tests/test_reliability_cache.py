@@ -19,8 +19,15 @@ import numpy as np
 import pytest
 import torch
 
-from fastcbm.cache import (CacheCorruptError, CacheDiskFullError, CacheLock, CacheLockedError, CacheMismatchError,
-                           CacheReader, write_similarities)
+from fastcbm.cache import (
+    CacheCorruptError,
+    CacheDiskFullError,
+    CacheLock,
+    CacheLockedError,
+    CacheMismatchError,
+    CacheReader,
+    write_similarities,
+)
 from fastcbm.cache import store as store_mod
 from fastcbm.precompute import precompute
 from tests.reliability_helpers import RUN, FakeCLIP, flip_byte, make_images, snapshot
@@ -139,9 +146,8 @@ def test_verify_compares_each_shards_settings(clean, tmp_path):
 # -- one writer; cleanup of dead writers only; disk full -----------------------------------------------------------
 def test_second_writer_is_refused_and_a_dead_holder_releases(clean, images, tmp_path):
     c = tmp_path / "c"
-    with CacheLock(c):
-        with pytest.raises(CacheLockedError, match=rf"another fastcbm precompute \(pid {os.getpid()} on host"):
-            precompute(str(images), FakeCLIP(), c, **RUN)
+    with CacheLock(c), pytest.raises(CacheLockedError, match=rf"another fastcbm precompute \(pid {os.getpid()} on host"):
+        precompute(str(images), FakeCLIP(), c, **RUN)
     assert not (c / ".lock").exists()
     # a holder in another process, then SIGKILLed: the kernel drops its flock, the next writer proceeds
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
@@ -166,7 +172,7 @@ def test_second_writer_is_refused_and_a_dead_holder_releases(clean, images, tmp_
 def test_cleanup_keeps_live_and_foreign_writers_temp_files(clean, tmp_path):
     c = _copy(clean[0], tmp_path / "c")
     sd = c / "shards"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     dead_pid = int(dead.stdout)
     host = store_mod._hostname()
     live = sd / f"00001.tmp-{host}-{os.getppid()}"  # a live process (our parent) may be writing it
@@ -236,7 +242,7 @@ def test_sigkill_then_resume_is_byte_identical(clean, images, tmp_path, moment):
     out = tmp_path / "c"
     script = tmp_path / "child.py"
     script.write_text(_CHILD.format(repo=str(REPO), moment=moment, images=str(images), out=str(out)))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     left = sorted(p.name for p in list((out / "shards").iterdir()) + list(out.glob("manifest.json.tmp-*")))
     if moment == "mid_shard":

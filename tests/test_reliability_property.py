@@ -10,10 +10,15 @@ import shutil
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fastcbm.cache import (CacheCorruptError, CacheIncompleteError, CacheMismatchError, CacheReader)
+from fastcbm.cache import (
+    CacheCorruptError,
+    CacheIncompleteError,
+    CacheMismatchError,
+    CacheReader,
+)
 from fastcbm.cache import store as store_mod
 from fastcbm.precompute import precompute
 from tests.reliability_helpers import RUN, FakeCLIP, flip_byte, make_images, snapshot
@@ -70,6 +75,7 @@ def _run(images, out, monkeypatch, fail_after=None):
 @settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
           derandomize=True)
 @given(seq=st.lists(ops, min_size=1, max_size=5))
+@example(seq=[("interrupt", 5), ("flip", 1, 60, 0)])  # a flipped .npy header byte: numpy raised SyntaxError
 def test_any_interleaving_ends_identical_or_refused(world, seq, monkeypatch):
     root, images, clean, arrays = world
     out = root / "work"

@@ -5,10 +5,35 @@
 """
 
 from fastcbm.cache.reader import CacheReader
-from fastcbm.cache.similarities import load_similarities, prompt_similarities, write_similarities
-from fastcbm.cache.store import (ArraySpec, CacheCorruptError, CacheDiskFullError, CacheIncompleteError,
-                                 CacheLock, CacheLockedError, CacheMismatchError, ShardedCache, load_manifest)
+from fastcbm.cache.similarities import (
+    load_similarities,
+    prompt_similarities,
+    write_similarities,
+)
+from fastcbm.cache.store import (
+    ArraySpec,
+    CacheCorruptError,
+    CacheDiskFullError,
+    CacheIncompleteError,
+    CacheLock,
+    CacheLockedError,
+    CacheMismatchError,
+    ShardedCache,
+    load_manifest,
+)
 
-__all__ = ["CacheReader", "ShardedCache", "ArraySpec", "CacheMismatchError", "CacheDiskFullError",
-           "CacheIncompleteError", "CacheCorruptError", "CacheLock", "CacheLockedError", "load_manifest",
-           "prompt_similarities", "write_similarities", "load_similarities"]
+__all__ = [
+    "ArraySpec",
+    "CacheCorruptError",
+    "CacheDiskFullError",
+    "CacheIncompleteError",
+    "CacheLock",
+    "CacheLockedError",
+    "CacheMismatchError",
+    "CacheReader",
+    "ShardedCache",
+    "load_manifest",
+    "load_similarities",
+    "prompt_similarities",
+    "write_similarities",
+]

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from fastcbm.cache.store import (ArraySpec, CacheCorruptError, CacheIncompleteError, file_sha256, iter_row_ranges,
-                                 load_manifest, npy_header)
+from fastcbm.cache.store import (
+    ArraySpec,
+    CacheCorruptError,
+    CacheIncompleteError,
+    file_sha256,
+    iter_row_ranges,
+    load_manifest,
+    npy_header,
+)
 
 Rows = slice | int | Sequence[int] | np.ndarray | torch.Tensor
 
@@ -164,7 +172,7 @@ class CacheReader:
                 row = int(self._starts[k]) + local
                 try:
                     src = self.manifest["inputs"][int(self.array(INPUT_INDEX, row)[0])]
-                except Exception:  # the index file itself may be the damaged one
+                except (ValueError, IndexError, KeyError, OSError):  # the index file itself may be damaged
                     src = "unknown input"
                 n_bad = int(bad.sum())
                 raise CacheCorruptError(

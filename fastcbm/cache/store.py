@@ -32,9 +32,10 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Self
 
 import numpy as np
 
@@ -119,7 +120,7 @@ class CacheLock:
         self.path = self.root / self.NAME
         self._fd: int | None = None
 
-    def acquire(self) -> "CacheLock":
+    def acquire(self) -> Self:
         import fcntl
 
         for _ in range(20):
@@ -169,7 +170,7 @@ class CacheLock:
                 os.close(self._fd)
                 self._fd = None
 
-    def __enter__(self) -> "CacheLock":
+    def __enter__(self) -> Self:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -193,7 +194,7 @@ class ArraySpec:
         return {"dtype": self.dtype, "row_shape": list(self.row_shape)}
 
     @staticmethod
-    def from_json(d: Mapping[str, Any]) -> "ArraySpec":
+    def from_json(d: Mapping[str, Any]) -> ArraySpec:
         return ArraySpec(str(d["dtype"]), tuple(int(s) for s in d["row_shape"]))
 
 
@@ -220,7 +221,7 @@ class ShardRecord:
         return d
 
     @staticmethod
-    def from_json(d: Mapping[str, Any]) -> "ShardRecord":
+    def from_json(d: Mapping[str, Any]) -> ShardRecord:
         return ShardRecord(int(d["index"]), int(d["start"]), int(d["stop"]), int(d["rows"]), dict(d["files"]),
                            list(d.get("skipped", [])), d.get("settings"), d.get("fingerprint"),
                            d.get("inputs_sha256"))
@@ -318,12 +319,17 @@ def read_checked_json(path: Path, what: str) -> dict:
 def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) from a .npy file's header; ValueError when it is not a readable .npy header."""
     with open(path, "rb") as fh:
-        version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
-        else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
-    return tuple(int(s) for s in shape), np.dtype(dtype)
+        try:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+            return tuple(int(s) for s in shape), np.dtype(dtype)
+        except (ValueError, EOFError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - numpy parses the header with ast: SyntaxError, TokenError, ...
+            raise ValueError(f"unparsable .npy header ({type(exc).__name__})") from None
 
 
 def _diff(expected: Any, found: Any, prefix: str = "") -> list[str]:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Self
 
 import torch
 
@@ -30,7 +31,7 @@ class LabelRows(tuple):
 
     report: dict[str, Any]
 
-    def __new__(cls, labels: torch.Tensor, names: list[str], report: dict[str, Any]) -> "LabelRows":
+    def __new__(cls, labels: torch.Tensor, names: list[str], report: dict[str, Any]) -> Self:
         obj = super().__new__(cls, (labels, names))
         obj.report = report
         return obj
@@ -151,7 +152,7 @@ def match_csv_labels(path: str | os.PathLike, files: Sequence[str], class_names:
         try:
             root = os.path.commonpath(sorted(roots))
         except ValueError:
-            root = sorted(roots)[0]
+            root = min(roots)
         unmatched_txt = (f"{len(unmatched)} of its {len(rows)} rows match no image of the cache (e.g. "
                          f"{_examples([f'line {r.line} {r.path!r}' for r in unmatched], 2)}; resolved under {root}, "
                          "which holds none of the cached images: was the CSV written for another folder?)")
