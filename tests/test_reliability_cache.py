@@ -254,3 +254,17 @@ def test_sigkill_then_resume_is_byte_identical(clean, images, tmp_path, moment):
         assert any(n.startswith("manifest.json.tmp-") for n in left)
     precompute(str(images), FakeCLIP(), out, **RUN)
     assert snapshot(out) == clean[1]
+
+
+def test_nan_in_cached_features_stops_training_reads(images, tmp_path):
+    """`fastcbm train` streams rows through CacheData → CacheReader: a NaN stored with a valid checksum is named."""
+    from fastcbm.salf.data import CacheData
+
+    r = precompute(str(images), FakeCLIP(), tmp_path / "c", features="testbed", **RUN)
+    f = np.load(tmp_path / "c" / "shards" / "00002" / "features.npy")
+    f[0, 1, 0, 0] = np.inf
+    _rewrite_with_valid_checksums(tmp_path / "c", 2, "features", f)
+    data = CacheData(CacheReader(tmp_path / "c"), torch.zeros(len(r), dtype=torch.long))
+    assert data.features(torch.arange(4)).shape[0] == 4  # shards 0-1 are fine
+    with pytest.raises(CacheCorruptError, match=r"shard 2 file shards/00002/features.npy: row 4 .* NaN/inf"):
+        data.features(torch.arange(6))
