@@ -319,6 +319,9 @@ def test_precompute_with_onnxruntime_engine(tmp_path):
     assert_close(got.global_norms(), ref.global_norms(), atol=0, rtol=1e-4, what="global norms")
     with pytest.raises(ValueError, match="engine must be"):
         precompute(files, clip, tmp_path / "bad", engine="tvm", **kw)
+    if "tensorrt" not in sys.modules:  # here: TensorRT is not installed, one line says so
+        with pytest.raises(ValueError, match="engine 'tensorrt': TensorRT is not available"):
+            precompute(files, clip, tmp_path / "bad", engine="tensorrt", **kw)
 
 
 # -- GPU (skipped here; bench/gpu_check.sh runs them) --------------------------------------------------------------

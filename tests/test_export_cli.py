@@ -86,6 +86,8 @@ def test_explain_from_engine_matches_model_folder(tmp_path, capsys):
         assert abs(a["contribution"] - b["contribution"]) <= 2e-4 and abs(a["activation"] - b["activation"]) <= 2e-4
     assert main(["explain", str(tmp_path / "img.png"), "--engine", str(onnx_path), "--region", "1", "2"]) == 2
     assert "--region needs --model" in capsys.readouterr().err
+    assert main(["explain", str(tmp_path / "img.png"), "--engine", str(onnx_path), "--backend", "tensorrt"]) == 2
+    assert "TensorRT is not available" in capsys.readouterr().err
     assert main(["explain", str(tmp_path), "--engine", str(onnx_path)]) == 2
     assert "--engine explains one image file" in capsys.readouterr().err
     assert main(["explain", str(tmp_path / "img.png")]) == 2

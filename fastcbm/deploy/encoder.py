@@ -60,9 +60,20 @@ def engine_encoder(model: torch.nn.Module, preprocess: Any, engine: str, *, devi
     as the encoder)."""
     from fastcbm.deploy.onnx_export import export_clip_onnx
     from fastcbm.deploy.runtime import load
+    from fastcbm.deploy.tensorrt import (
+        TensorRTUnavailableError,
+        gpu_identity,
+        import_tensorrt,
+    )
 
     if engine not in ENGINES or engine == "torch":
         raise ValueError(f"engine must be 'onnxruntime' or 'tensorrt' here ('torch' needs no export), got {engine!r}")
+    if engine == "tensorrt":  # before the export: say in one line why it cannot run here
+        try:
+            import_tensorrt()
+            gpu_identity()
+        except TensorRTUnavailableError as exc:
+            raise ValueError(f"engine 'tensorrt': {exc}") from None
     device = torch.device(device)
     precision = "fp16" if device.type == "cuda" and dtype != torch.float32 else "fp32"
     tmp = None

@@ -86,8 +86,13 @@ def run_explain_engine(args) -> int:
         raise ValueError("--region needs --model DIR (region scores use the model's concept statistics)")
     if getattr(args, "method", "salf") != "salf":
         raise ValueError(f"--engine serves SALF-CBM graphs, not --method {args.method}")
-    explanation, image, meta = explain_image(args.engine, args.image, top_k=args.top_k,
-                                             backend=getattr(args, "backend", "auto") or "auto")
+    from fastcbm.deploy.tensorrt import TensorRTUnavailableError
+
+    try:
+        explanation, image, meta = explain_image(args.engine, args.image, top_k=args.top_k,
+                                                 backend=getattr(args, "backend", "auto") or "auto")
+    except TensorRTUnavailableError as exc:  # an .engine file (or --backend tensorrt) where TensorRT cannot run
+        raise ValueError(f"--engine {args.engine}: {exc}") from None
     result = {
         "image": str(args.image),
         "engine": str(args.engine),
