@@ -182,3 +182,24 @@ def test_gpu_batched_equals_cpu_loop():
     assert_close(association_scores(*args, top_k=4).cpu(), assoc, atol=1e-9, rtol=1e-6, what="gpu association")
     assert_close(concept_contributions(*args, chosen.cuda(), top_k=4).cpu(), contrib, atol=1e-9, rtol=1e-6,
                  what="gpu contribution")
+
+
+def test_contribution_batched_refuses_fixed_batch_models():
+    """A model whose batch size cannot change after the stage: a clear error pointing to method='loop'."""
+
+    class FixedBatch(torch.nn.Module):
+        def forward(self, x):
+            return x.reshape(1, -1)[:, :5]  # folds every copy into one row
+
+    model = torch.nn.Sequential()
+    model.add_module("stage", torch.nn.Conv2d(3, 4, 3, padding=1))
+    model.add_module("head", FixedBatch())
+    model = model.double()
+    images = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    translator = Translator(4, 8, (6,)).double()
+    text = torch.randn(2, 8, dtype=torch.float64)
+    chosen = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="method='loop'"):
+        concept_contributions(model, translator, images, text, ["stage"], chosen, top_k=2)
+    loop = concept_contributions(model, translator, images, text, ["stage"], chosen, top_k=2, method="loop")
+    assert loop.shape == (1, 2) and torch.isfinite(loop).all()
