@@ -255,6 +255,10 @@ def test_bottleneck_first_stop_option():
     args = build_parser().parse_args(["train", "--cache", "c", "--concepts", "x", "--out", "o", "--bottleneck-stop",
                                       "first", "-vv"])
     assert args.bottleneck_stop == "first" and args.sub_verbose == 2
+    from fastcbm.salf.bottleneck import BottleneckConfig
+
+    lf = BottleneckConfig.label_free_stop(lr=0.01)
+    assert (lf.eval_every, lf.patience, lf.lr) == (50, 1, 0.01)
 
 
 # ------------------------------------------------------------------------------------------------------ messages

@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from fastcbm.concepts import presence_preset
+    from fastcbm.salf.bottleneck import BottleneckConfig
     from fastcbm.salf.train import TrainConfig, train_salf_from_cache
 
     for flag, value in (("--cache", args.cache), ("--val-cache", args.val_cache)):
@@ -130,8 +131,10 @@ def run(args: argparse.Namespace) -> int:
                        templates=tuple(args.template or ("{}",))),
         fit=replace(default.fit, bottleneck=replace(default.fit.bottleneck, lr=args.lr, batch_size=args.batch_size,
                                                     max_steps=args.steps,
-                                                    eval_every=50 if stop_first else default.fit.bottleneck.eval_every,
-                                                    patience=1 if stop_first else default.fit.bottleneck.patience,
+                                                    eval_every=(BottleneckConfig.label_free_stop().eval_every
+                                                                if stop_first else default.fit.bottleneck.eval_every),
+                                                    patience=(BottleneckConfig.label_free_stop().patience
+                                                              if stop_first else default.fit.bottleneck.patience),
                                                     interpretability_cutoff=args.interpretability_cutoff,
                                                     seed=args.seed),
                     head_alpha=args.alpha, max_nnz_per_class=args.max_nnz_per_class, head=args.head,

@@ -58,6 +58,12 @@ class BottleneckConfig:
     # subset when there are more), held on the device for the whole run
     val_samples: int = 20_000
 
+    @classmethod
+    def label_free_stop(cls, **overrides) -> BottleneckConfig:
+        """Label-free CBM's stopping rule (its released code): validate every 50 steps and stop at the first
+        validation loss that does not improve (``fastcbm train --bottleneck-stop first``)."""
+        return cls(**{"eval_every": 50, "patience": 1, **overrides})
+
 
 @dataclass
 class BottleneckResult:
