@@ -168,6 +168,13 @@ def test_save_load_round_trip_and_layer_subset(caches, tmp_path):
                      atol=1e-4, rtol=1e-5, what="s·cos")
     with pytest.raises(FileNotFoundError, match="not a saved CE-FAM model"):
         load_cefam(tmp_path)
+    # with the classifier's own weights stored (e.g. a fine-tuned or randomly initialised classifier)
+    with torch.no_grad():
+        model.classifier.layer4.conv1.weight.mul_(1.5)
+    model.save(tmp_path / "with_classifier", include_backbone=True)
+    again = load_cefam(tmp_path / "with_classifier")
+    with torch.no_grad():
+        assert torch.equal(again.embed(x), model.embed(x)) and not torch.equal(again.embed(x), loaded.embed(x))
 
 
 def test_cli_train_and_errors(caches, tmp_path, capsys):
