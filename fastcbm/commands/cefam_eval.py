@@ -77,7 +77,9 @@ def run_explain(args: argparse.Namespace) -> int:
     """``fastcbm explain --method cefam --model DIR IMAGE [--concepts FILE] [--html F] [--png F]``."""
     from fastcbm.cefam.explain import explain_file
 
-    if args.model is None or not Path(args.model).is_dir():
+    if args.model is None:
+        raise ValueError("--model DIR is required with --method cefam (a folder written by fastcbm cefam train)")
+    if not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model} does not exist (a folder written by fastcbm cefam train)")
     concepts = getattr(args, "concepts", None)
     if concepts is not None and not Path(concepts).is_file():
