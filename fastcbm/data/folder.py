@@ -69,6 +69,8 @@ def list_images(data: str | os.PathLike | Sequence[str | os.PathLike],
             raise ValueError(f"data: none of the {len(out)} lines of the list file {root} names an existing file "
                              f"(line 1: {first_line[:80]!r}){hint}")
         return out
+    if not root.exists():
+        raise FileNotFoundError(f"data: {root} does not exist (expected an image folder or a list file)")
     raise FileNotFoundError(f"data: {root} is neither a directory nor a list file")
 
 
