@@ -12,7 +12,10 @@ too slow for 1,000 concepts on a CPU: they run on a few concepts and their per-c
 row says so); the batched maps of those concepts are checked against the loop's (max relative error in the row).
 Association (all T concepts x 4 stages x K+1 steps) and contribution (the top-8 concepts of the image, each at its
 associated stage, K+1 steps) run batched against their per-step loops, also extrapolated from a few concepts.
-Rows go to bench/results/cefam.csv; ``run(quick, device)`` returns them for ``python -m bench``.
+The fusion op alone (``fastcbm.cam.fuse``: 1,000 maps 7x7 -> 224x224 with min-max) is timed per backend against
+the torch reference (``--fuse-only`` runs just that). Times are wall seconds and process CPU seconds (the latter is
+the steadier measure on a shared, loaded machine). Rows go to bench/results/cefam.csv; ``run(quick, device)`` returns
+them for ``python -m bench``.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def authors_regions(model, translator, image, text, layers, logit_scale: float =
 
 
 def run(quick: bool, device: str, note: str = "", concepts: int = 1000, size: int | None = None,
-        loop_concepts: int | None = None, top_k: int = 20) -> list[dict]:
+        loop_concepts: int | None = None, top_k: int = 20, fuse_only: bool = False) -> list[dict]:
     from fastcbm.cam import fuse
     from fastcbm.cefam import Translator
     from fastcbm.cefam.association import association_scores, concept_contributions
@@ -121,6 +124,25 @@ def run(quick: bool, device: str, note: str = "", concepts: int = 1000, size: in
 
     def extrapolated(wall: list[float], cpu: float, n: int, total: int) -> tuple[list[float], float]:
         return [wall[0] / n * total], cpu / n * total
+
+    # ---- the fusion op alone: T maps from the last stage (7x7 at 224), resized to 224 and min-max normalised --------
+    from fastcbm.backends import backend_problem
+
+    fw, fa = torch.randn(1, concepts, 2048, device=dev), torch.randn(1, 2048, 7, 7, device=dev)
+    ref = None
+    for b in ("reference", "cpu", "triton", "cuda"):
+        if backend_problem(b, dev) is not None or (b == "triton" and dev.type == "cpu"):
+            continue  # the Triton interpreter on CPU is a correctness tool, not timed
+        wall, cpu = measure(lambda b=b: fuse(fw, fa, size=(224, 224), normalize=True, backend=b), 5)
+        r = row("fuse", f"fuse backend={b}: {concepts} maps 7x7 -> 224x224, min-max", wall, cpu, concepts,
+                baseline_of=None)
+        if ref is None:
+            ref = r
+        else:
+            r["speedup"], r["speedup_cpu_time"] = ref["median_s"] / r["median_s"], ref["cpu_s"] / r["cpu_s"]
+            print(f"{'':<13} vs reference: {r['speedup']:.1f}x wall, {r['speedup_cpu_time']:.1f}x cpu", flush=True)
+    if fuse_only:
+        return rows
 
     # ---- regions ------------------------------------------------------------------------------------------------
     out: dict = {}
@@ -206,10 +228,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--loop-concepts", type=int, default=None, help="concepts the loops run on (extrapolated)")
     ap.add_argument("--note", default=os.environ.get("FASTCBM_BENCH_NOTE", ""),
                     help="stored in every row (e.g. 'shared, loaded 2-core machine')")
+    ap.add_argument("--fuse-only", action="store_true", help="time only the fusion op's backends")
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args(argv)
     rows = run(args.quick, args.device, note=args.note, concepts=args.concepts, size=args.size,
-               loop_concepts=args.loop_concepts)
+               loop_concepts=args.loop_concepts, fuse_only=args.fuse_only)
     if not args.no_csv:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from _rows import append_rows
