@@ -57,5 +57,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 def flip_byte(path: Path, pos: int, bit: int = 0) -> None:
     b = bytearray(path.read_bytes())
+    if not b:  # an empty (truncated) file has no byte to flip
+        return
     b[pos % len(b)] ^= 1 << bit
     path.write_bytes(bytes(b))
