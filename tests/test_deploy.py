@@ -33,7 +33,8 @@ def make_salf(backbone_name: str = "testbed", *, m: int = 12, k: int = 5, grid=(
     with torch.no_grad():
         from fastcbm.features import extract_feature_maps
 
-        c = extract_feature_maps(bb.model, torch.zeros(1, 3, bb.input_size, bb.input_size), layer, kind=bb.kind,
+        s = bb.input_size if bb.kind == "vit" else 64  # a CNN's channel count does not depend on the input size
+        c = extract_feature_maps(bb.model, torch.zeros(1, 3, s, s), layer, kind=bb.kind,
                                  num_prefix_tokens=bb.num_prefix_tokens).shape[1]
     head = LinearHead(m, k)
     with torch.no_grad():
