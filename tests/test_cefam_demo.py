@@ -89,6 +89,16 @@ def test_explain_and_evaluate_commands(demo, tmp_path):
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert ev["images"] == 4 and "oracle_best_layer" in ev["cefam"] and "clip_dissect" not in ev
 
+    from .test_cefam_datasets import _imagenet_s
+
+    root = _imagenet_s(tmp_path)
+    code, stdout = _cli(["cefam", "evaluate", "--data", "imagenet-s", str(root), "--model", str(model),
+                         "--imagenet-s-authors-target", "--no-progress", "--top-k", "4"])
+    assert code == 0
+    ev = json.loads(stdout)
+    assert ev["pairs"] == 2 and ev["data_options"]["authors_target"] is True
+    assert set(ev["cefam"]["association_top1"]["per_type"]) == {"object"} and "clip_dissect" in ev
+
 
 @pytest.mark.slow
 def test_command_input_errors(demo, tmp_path, capsys):

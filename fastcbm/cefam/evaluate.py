@@ -377,6 +377,8 @@ def evaluate_model_dir(model_dir, data: str, path=None, *, config: EvalConfig | 
                             config=cfg)
     result["data"] = data
     result["path"] = None if path is None else str(path)
+    result["data_options"] = {k: (v if isinstance(v, (bool, int, float)) or v is None else str(v))
+                              for k, v in dataset_options.items()}
     return result
 
 
