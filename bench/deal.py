@@ -9,7 +9,8 @@ the double-backward through the explained stage. The step is the body of ``fastc
 reports 1.97× per ImageNet epoch with detached, image-replicating explanations).
 
 Models: the bundled testbed CLIP (64², ModifiedResNet tower, batch 16) and a randomly initialised open_clip ViT-B-32
-(224², batch 4; quick: 2). Each (model, method) runs in its own process; peak memory is measured as in
+(224², batch 4; quick: 2). Each model runs in its own process holding both methods' copies, their timed steps
+interleaved (plain, DEAL, plain, …) so that a loaded machine slows both alike. Peak memory as in
 ``bench/cubic_loss.py`` (CPU: VmHWM − VmRSS over one step after resetting the high-water mark, with
 ``MALLOC_MMAP_THRESHOLD_=65536``; GPU: ``max_memory_allocated`` beyond what was allocated before the step).
 
@@ -79,33 +80,31 @@ def _batch(name: str, b: int, size: int, device):
     return x.to(device), captions, rows
 
 
-def child(cfg: dict) -> dict:
+def _stepper(method: str, name: str, x, captions, rows, device):
+    """A model, its Adam optimiser and the closure of one training step (the body of ``train_deal``'s loop)."""
     import torch
 
     from fastcbm.deal.explain import explanations
     from fastcbm.deal.losses import deal_loss
 
     torch.manual_seed(0)
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg["threads"])
-    device = torch.device(cfg["device"])
+    model, tok, _ = _model(name, device)
     cuda = device.type == "cuda"
-    model, tok, size = _model(cfg["model"], device)
-    x, captions, rows = _batch(cfg["model"], cfg["batch"], size, device)
     # as fastcbm.deal.train: one text-tower call per step over the distinct classes' caption and K+1 explained texts
     # (the plain step encodes only the captions: the baseline is plain contrastive fine-tuning, nothing extra)
-    uniq = list(dict.fromkeys(tuple(r) for r in rows))
-    inv = torch.tensor([uniq.index(tuple(r)) for r in rows], device=device)
-    cap_tokens = tok([captions[[tuple(r) for r in rows].index(u)] for u in uniq]).to(device)
+    keys = [tuple(r) for r in rows]
+    uniq = list(dict.fromkeys(keys))
+    inv = torch.tensor([uniq.index(r) for r in keys], device=device)
+    cap_tokens = tok([captions[keys.index(u)] for u in uniq]).to(device)
     expl_tokens = tok([t for u in uniq for t in u]).to(device)
     c, t = len(uniq), len(rows[0])
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-7, betas=(0.9, 0.98), eps=1e-6,
                            weight_decay=1e-3)
 
-    def step():  # the body of fastcbm.deal.train.train_deal's loop
+    def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            if cfg["method"] == "plain":
+            if method == "plain":
                 cap_emb = model.encode_text(cap_tokens)[inv]
                 maps, img_emb = None, model.encode_image(x)
             else:
@@ -118,25 +117,45 @@ def child(cfg: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    step()  # warm-up (allocator, thread pool, Adam state)
-    times, extra = [], 0
+    return model, step
+
+
+def child(cfg: dict) -> dict:
+    """Both methods in one process, their timed steps interleaved (plain, DEAL, plain, ...) so that a loaded machine
+    slows both alike; the first timed step of each also measures its peak extra memory."""
+    import torch
+
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    cuda = device.type == "cuda"
+    _, _, size = _model(cfg["model"], device)
+    x, captions, rows = _batch(cfg["model"], cfg["batch"], size, device)
+    methods = ("plain", "deal")
+    steppers = {m: _stepper(m, cfg["model"], x, captions, rows, device) for m in methods}
+    for _, step in steppers.values():
+        step()  # warm-up (allocator, thread pool, Adam state)
+    times = {m: [] for m in methods}
+    extra = {}
     for i in range(cfg["repeats"]):
-        if i == 0:
-            if cuda:
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            else:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                base = _rss_kib("VmRSS")
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-        if i == 0:
-            extra = torch.cuda.max_memory_allocated() - base if cuda else (_rss_kib("VmHWM") - base) * 1024
-    return {"times": times, "extra_bytes": extra, "params": sum(p.numel() for p in model.parameters()),
-            "threads": torch.get_num_threads()}
+        for m in methods:
+            if i == 0:
+                if cuda:
+                    torch.cuda.synchronize()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                else:
+                    with open("/proc/self/clear_refs", "w") as f:
+                        f.write("5")
+                    base = _rss_kib("VmRSS")
+            t0 = time.perf_counter()
+            steppers[m][1]()
+            times[m].append(time.perf_counter() - t0)
+            if i == 0:
+                extra[m] = torch.cuda.max_memory_allocated() - base if cuda else (_rss_kib("VmHWM") - base) * 1024
+    params = sum(p.numel() for p in steppers["plain"][0].parameters())
+    return {m: {"times": times[m], "extra_bytes": extra[m], "params": params, "threads": torch.get_num_threads()}
+            for m in methods}
 
 
 def run_child(cfg: dict) -> dict:
@@ -162,14 +181,10 @@ def run(quick: bool, device: str, models: list[str] | None = None, repeats: int 
     repeats = repeats or (3 if quick else 7)
     for name in models or list(MODELS):
         batch = MODELS[name]["quick_batch" if quick else "batch"]
-        res = {}
-        for method in ("plain", "deal"):
-            cfg = {"model": name, "method": method, "device": device, "batch": batch, "repeats": repeats,
-                   "threads": threads}
-            res[method] = run_child(cfg)
-            if "error" in res[method]:
-                print(f"{name:<10} {method:<6} failed: {res[method]['error']}")
-        if any("error" in r for r in res.values()):
+        cfg = {"model": name, "device": device, "batch": batch, "repeats": repeats, "threads": threads}
+        res = run_child(cfg)
+        if "error" in res:
+            print(f"{name:<10} failed: {res['error']}")
             continue
         plain_med = quantiles(res["plain"]["times"])[0]
         plain_mem = res["plain"]["extra_bytes"]
