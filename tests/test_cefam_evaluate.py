@@ -165,3 +165,28 @@ def test_evaluate_broden_tree(tmp_path, tiny):
     assert res["pairs"] == 5 and res["images"] == 4
     assert set(res["cefam"]["association_top1"]["per_type"]) == {"object", "part", "color", "material"}
     assert np.isfinite(res["clip_dissect"]["mean"]["nra"])
+
+
+def test_report_page(tmp_path):
+    from fastcbm.cefam.explain import CEFAMExplanation, ConceptExplanation
+    from fastcbm.cefam.report import write_cefam_report
+
+    e = CEFAMExplanation(1, "blue circle", torch.tensor([0.1, 0.9]),
+                         [ConceptExplanation("circle", 12.0, "layer2", {"layer2": 0.3}, 0.4),
+                          ConceptExplanation("blue", 9.0, "layer1", {"layer1": 0.1}, -0.1)],
+                         torch.rand(2, 16, 16))
+    images = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+    evaluation = {"cefam": {"association_top1": summarize(["object"], torch.tensor([0.6]), torch.tensor([0.6]),
+                                                          torch.tensor([0.3]), torch.tensor([True]))},
+                  "note": "oracle note"}
+    cmp = {"images": images, "masks": [torch.ones(8, 8, dtype=torch.bool)], "concepts": ["circle"],
+           "cefam": [torch.rand(4, 4)], "clip_dissect": [torch.rand(2, 2)]}
+    path = write_cefam_report(tmp_path / "r.html", images=images, explanations=[e], summary={"a": 1.0},
+                              evaluation=evaluation, comparisons=cmp)
+    page = path.read_text()
+    assert "blue circle" in page and "layer2" in page and "oracle note" in page and page.count("data:image/png") == 7
+    with pytest.raises(ValueError, match="images has 2 images, expected 1"):
+        write_cefam_report(tmp_path / "x.html", images=images.expand(2, -1, -1, -1), explanations=[e], summary={})
+    e.regions = torch.rand(3, 16, 16)
+    with pytest.raises(ValueError, match=r"regions must be \[k, H, W\] with k = 2"):
+        write_cefam_report(tmp_path / "x.html", images=images, explanations=[e], summary={})
