@@ -144,6 +144,58 @@ def precompute_rows(rows: list[dict]) -> list[Row]:
     return out
 
 
+def deploy_rows(rows: list[dict]) -> list[Row]:
+    out: list[Row] = []
+    rows = [r for r in rows if r.get("p50_ms") and r.get("outputs", "explained") == "explained"]
+    pick = latest(rows, lambda r: (r["model"], int(r["batch"]), r["backend"]))
+    for (mach, dev, model, batch, backend), row in sorted(pick.items()):
+        if backend == "eager":
+            continue
+        eager = pick.get((mach, dev, model, batch, "eager"))
+        if eager is None:
+            continue
+        label = "ResNet-50 (random init), 224 px" if model == "resnet50" else f"{model} CNN"
+        target = " (target ≥ 1.3×)" if model == "resnet50" and batch == 1 and dev == "cpu" else ""
+        cost = _f(row, "explain_cost")
+        cost_s = f"; explanation outputs {cost:.2f}× logits alone" if cost == cost else ""
+        note = " (loaded machine)" if row.get("load_note") else ""
+        out.append((f"`bench/deploy.py` SALF-CBM {label}, batch {batch}{_quick(row)}", f"{mach} ({dev}){note}",
+                    f"{backend}: p50 {_f(row, 'p50_ms'):.1f} ms (p99 {_f(row, 'p99_ms'):.1f}), "
+                    f"{_n(_f(row, 'images_per_s'), 1)} img/s{cost_s}",
+                    f"eager PyTorch: p50 {_f(eager, 'p50_ms'):.1f} ms",
+                    f"**{_f(eager, 'p50_ms') / _f(row, 'p50_ms'):.2f}×**{target}"))
+    return out
+
+
+def cefam_rows(rows: list[dict]) -> list[Row]:
+    """Regions vs the authors' per-concept loop (target ≥ 3× CPU, ≥ 100× GPU); association + contribution vs the
+    per-step loops (≥ 10× CPU, ≥ 50× GPU); the fusion op's fastest backend vs its torch reference."""
+    out: list[Row] = []
+    pick = latest(rows, lambda r: (r["case"], r["implementation"].split(" (")[0].split(":")[0]))
+    spec = (("regions", "authors' loop", "batched", "regions for {concepts} concepts × {stages} stages", 3, 100),
+            ("assoc+contrib", "per-step loops", "batched", "association ({concepts} concepts) + contribution",
+             10, 50),
+            ("fuse", "fuse backend=cpu", "fuse backend=reference", "Grad-CAM fusion op: {concepts} maps", 0, 0))
+    for case, base_key, fast_key, title, cpu_target, gpu_target in spec:
+        for (mach, dev, c, impl), row in sorted(pick.items()):
+            if c != case or impl != base_key:
+                continue
+            other = pick.get((mach, dev, case, fast_key))
+            if other is None:
+                continue
+            base, fast = (row, other) if case != "fuse" else (other, row)
+            target = gpu_target if dev == "cuda" else cpu_target
+            what = title.format(concepts=int(_f(fast, "concepts")), stages=fast.get("stages", "4"))
+            note = " (loaded machine)" if fast.get("load_note") else ""
+            out.append((f"`bench/cefam.py` {what}, {fast.get('model', '')} at {fast.get('input_size', '')} px"
+                        f"{_quick(fast)}", f"{mach} ({dev}){note}",
+                        f"{fast['implementation']}: {_f(fast, 'median_s'):.2f} s",
+                        f"{base['implementation']}: {_f(base, 'median_s'):.2f} s",
+                        f"**{_f(base, 'median_s') / _f(fast, 'median_s'):.1f}×**"
+                        + (f" (target ≥ {target}×)" if target else "")))
+    return out
+
+
 def generic_rows(name: str, rows: list[dict]) -> list[Row]:
     """For a benchmark that ships its own ``summarize(rows) -> list[Row]`` (imported from ``bench/<name>.py``)."""
     import importlib.util
@@ -162,6 +214,8 @@ SUMMARISERS: dict[str, Callable[[list[dict]], list[Row]]] = {
     "metrics": metrics_rows,
     "cubic_loss": cubic_loss_rows,
     "precompute": precompute_rows,
+    "deploy": deploy_rows,
+    "cefam": cefam_rows,
 }
 
 
