@@ -76,6 +76,10 @@ def test_global_only_cache(caches):
         cache.prompt_embeddings(slice(0, 2))
     with pytest.raises(ValueError, match="SALF-CBM needs ring prompts"):
         train_salf_from_cache(cache.root, ["red"], progress=False, device="cpu")
+    from fastcbm.salf.data import CacheData
+
+    with pytest.raises(ValueError, match="SALF-CBM needs ring prompts"):
+        CacheData(cache, torch.zeros(len(cache), dtype=torch.long))
     from fastcbm.cache import write_similarities
 
     with pytest.raises(ValueError, match="global embeddings only"):

@@ -94,6 +94,10 @@ class CacheData:
         from fastcbm.cache.reader import FEATURES
 
         self.cache = cache if isinstance(cache, CacheReader) else CacheReader(cache)
+        if self.cache.num_prompts == 0:
+            raise ValueError(f"{name}: the cache at {self.cache.root} holds global embeddings only (precompute --grid "
+                             "0): SALF-CBM needs ring prompts; run fastcbm precompute with --grid N --features BACKBONE "
+                             "into a new --out")
         if FEATURES not in self.cache.arrays:
             raise ValueError(
                 f"{name}: the cache at {self.cache.root} has no backbone features; run fastcbm precompute again with "
