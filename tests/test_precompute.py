@@ -447,4 +447,4 @@ def test_cli_features_backbone(images, model, tmp_path, monkeypatch):
     r = CacheReader(tmp_path / "c")
     assert r.features().shape == (12, 512, 3, 3) and r.features().dtype == torch.float16
     assert r.settings["features"] == "resnet18"
-    assert r.settings["features_source"] == {"backbone": "resnet18", "pretrained": None, "layer": "layer4"}
+    assert r.settings["features_source"] == {"backbone": "resnet18", "pretrained": False, "layer": "layer4"}
