@@ -355,9 +355,9 @@ def train_translator(cache: str | os.PathLike, out: str | os.PathLike | None, *,
                 out_path.mkdir(parents=True, exist_ok=True)
                 _save_checkpoint(out_path / CHECKPOINT_FILE, translator, best, optimizer, state)
             if bar is not None:
-                bar.update(1)
                 bar.set_postfix_str(f"loss {row['train_loss']:.4g}, val cos {row['val_cos']:.3f}, lr {rate:.3g}",
                                     refresh=False)
+                bar.update(1)  # refreshes with this epoch's numbers
             if on_epoch is not None:
                 on_epoch(epoch + 1, row)
     finally:
