@@ -94,3 +94,28 @@ def test_deal_report_rejects_bad_maps(tmp_path):
     p = write_deal_report(tmp_path / "r.html", image=img, maps={"x": torch.rand(3, 2, 2)}, texts=["a", "b", "c"],
                           results={"x": {"disentanglability": 0.5}})
     assert "0.5" in p.read_text()
+
+
+def test_deal_lowers_separation_vs_plain_same_steps(tmp_path):
+    """The regularisers reach the weights: 6 steps of DEAL leave concept maps that overlap less than 6 steps of plain
+    fine-tuning with the same data order and captions (seed 0: 7.84 vs 8.46; DEAL was lower for seeds 0-2 too)."""
+    from fastcbm.data import synthetic as S
+    from fastcbm.deal.data import testbed_concepts
+    from fastcbm.deal.evaluate import testbed_set
+    from fastcbm.deal.explain import encode_texts, explanations
+    from fastcbm.deal.metrics import separation_per_image
+    from fastcbm.deal.train import DealConfig, load_deal_clip, train_deal
+
+    concepts = testbed_concepts()
+    train = S.generate(96, seed=S.TRAINING_SEED_LIMIT + 70_000)
+    data = testbed_set(24, seed=S.TRAINING_SEED_LIMIT + 71_000)
+    rows = [[data.class_names[int(y)], *concepts[data.class_names[int(y)]][:5]] for y in data.labels]
+    sep = {}
+    for plain in (True, False):
+        out = tmp_path / ("plain" if plain else "deal")
+        train_deal(train, concepts, "testbed", DealConfig(lr=1e-4, steps=6, batch_size=16, plain=plain,
+                                                          checkpoint_every=0), out, resume=False, progress=False)
+        model, _, tok = load_deal_clip(out)
+        maps = explanations(model, data.images, encode_texts(model, tok, rows), create_graph=False)
+        sep[plain] = float(separation_per_image(maps[:, 1:]).mean())
+    assert sep[False] < sep[True] - 0.2, sep
