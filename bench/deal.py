@@ -222,8 +222,8 @@ def summarize(rows: list[dict]) -> list[tuple[str, str, str, str, str]]:
         out.append((f"DEAL training step, {r.get('model')} batch {r.get('batch')}{q}", f"{machine(r)}{note}",
                     f"{_f(r, 'median_s'):.3f} s, {_f(r, 'peak_extra_mib'):.0f} MiB peak extra",
                     f"plain contrastive step: {plain_s:.3f} s",
-                    f"{_f(r, 'time_ratio_vs_plain'):.2f}× time (target ≤ 1.5×; paper 1.97×), "
-                    f"{_f(r, 'mem_ratio_vs_plain'):.2f}× memory"))
+                    (f"{_f(r, 'time_ratio_vs_plain'):.2f}× time (target ≤ 1.5×; paper 1.97×), "
+                    f"{_f(r, 'mem_ratio_vs_plain'):.2f}× memory")))
     return out
 
 
