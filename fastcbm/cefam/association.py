@@ -73,6 +73,9 @@ def _relative_drop(p0: torch.Tensor, pk: torch.Tensor) -> torch.Tensor:
 def _step_scores(h: torch.Tensor, text_emb: torch.Tensor, concept: torch.Tensor, variant: str, logit_scale: float,
                  bias: float) -> torch.Tensor:
     """``h [..., D]`` → the score of concept ``concept [...]`` (long, broadcast against h's leading dims)."""
+    if variant == "paper":  # S_t alone: no need to score the whole concept set
+        t = F.normalize(text_emb, dim=-1)[concept.to(h.device)]
+        return logit_scale * (F.normalize(h, dim=-1) * t).sum(-1) + bias
     s = concept_scores(h.reshape(-1, h.shape[-1]), text_emb, logit_scale, bias).reshape(*h.shape[:-1], -1)
     if variant == "official":
         s = s.softmax(dim=-1)
