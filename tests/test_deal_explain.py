@@ -66,7 +66,7 @@ def test_vit_last_block_recompute_equals_module():
 
 
 @pytest.mark.parametrize("tower", ["resnet", "vit"])
-@pytest.mark.parametrize("mode", ["batched", "expand"])
+@pytest.mark.parametrize("mode", ["fast", "batched", "expand"])
 def test_batched_equals_per_text_loop(tower, mode, testbed_clip):
     model = testbed_clip[0] if tower == "resnet" else tiny_vit_clip()
     x, t = _inputs(model, B=3, T=5)
@@ -79,10 +79,29 @@ def test_batched_equals_per_text_loop(tower, mode, testbed_clip):
     p = [q for q in model.visual.parameters()]
     g_ref = torch.autograd.grad((ref ** 2).sum(), p, allow_unused=True)
     g_got = torch.autograd.grad((got ** 2).sum(), p, allow_unused=True)
+    # fp32, different summation orders; tolerance on the scale of each tensor, floored at the global scale because
+    # attnpool.k_proj.bias has an exactly-zero true gradient (softmax shift invariance) and only rounding noise
+    scale = max(float(b.abs().max()) for b in g_ref if b is not None)
     for a, b in zip(g_got, g_ref):
         assert (a is None) == (b is None)
         if a is not None:
-            assert_close(a, b, atol=1e-5, rtol=1e-3, what=f"{tower} {mode} weight grads")
+            atol = max(1e-3 * float(b.abs().max()), 1e-4 * scale)
+            assert_close(a, b, atol=atol, rtol=1e-2, what=f"{tower} {mode} grads")
+
+
+def test_fast_path_returns_the_towers_embedding_and_falls_back_for_avg_pool(testbed_clip):
+    for model in (testbed_clip[0], tiny_vit_clip()):
+        x, t = _inputs(model)
+        maps, emb = E.explanations(model, x, t, return_embedding=True)
+        with torch.no_grad():
+            assert_close(emb, model.encode_image(x), atol=1e-4, rtol=1e-4, what="embedding")
+    model = tiny_vit_clip()
+    model.visual.pool_type = "avg"  # the embedding then reads every token: "auto" takes the batched autograd path
+    x, t = _inputs(model)
+    assert_close(E.explanations(model, x, t), E.explanations(model, x, t, mode="loop"), atol=1e-6, rtol=1e-4,
+                 what="avg-pool ViT")
+    with pytest.raises(ValueError, match="CLS pooling"):
+        E.explanations(model, x, t, mode="fast")
 
 
 def test_maps_are_min_max_normalised(testbed_clip):
@@ -169,7 +188,7 @@ def test_bad_inputs(testbed_clip):
     with pytest.raises(ValueError, match="images must be"):
         E.explanations(model, x[:, :2], t)
     with pytest.raises(ValueError, match="mode must be"):
-        E.explanations(model, x, t, mode="fast")
+        E.explanations(model, x, t, mode="quick")
     with pytest.raises(ValueError, match="open_clip CLIP"):
         E.explanations(torch.nn.Linear(2, 2), x, t)
 

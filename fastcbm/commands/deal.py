@@ -32,7 +32,7 @@ def _no_subcommand(parser: argparse.ArgumentParser) -> int:
 # DealConfig's defaults, repeated here so building the parser imports no torch (a test keeps them equal)
 DEFAULTS = argparse.Namespace(k=5, epochs=1, batch_size=32, lr=5e-7, weight_decay=1e-3, lambda_sep=0.1,
                               lambda_con=0.01, lambda_spa=5e-4, caption_form="code", loss_form="code",
-                              mode="batched", seed=0, checkpoint_every=100)
+                              mode="auto", seed=0, checkpoint_every=100)
 
 
 def register_train(sub: argparse._SubParsersAction) -> None:
@@ -69,8 +69,9 @@ def register_train(sub: argparse._SubParsersAction) -> None:
                    help="'code': products / squared sums as the released code (default); 'paper': L1 distances")
     t.add_argument("--plain", action="store_true",
                    help="baseline: same steps, data order and captions, regularisers off")
-    t.add_argument("--mode", choices=("batched", "expand", "loop"), default=d.mode,
-                   help="how the K+1 explanation gradients are batched (default batched)")
+    t.add_argument("--mode", choices=("auto", "fast", "batched", "expand", "loop"), default=d.mode,
+                   help="how the K+1 explanation gradients are computed (default auto: the closed-form / CLS-only "
+                        "fast path where it applies)")
     t.add_argument("--seed", type=int, default=d.seed, help="data order seed")
     t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help=f"steps between checkpoints (default {d.checkpoint_every}; 0: only at the end)")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODES = ("batched", "expand", "loop")
+MODES = ("auto", "fast", "batched", "expand", "loop")
 
 
 def tower_kind(model: nn.Module) -> str:
@@ -143,8 +143,8 @@ def score_grads(act: torch.Tensor, head, text_emb: torch.Tensor, *, create_graph
     ``"expand"``: the head runs on T views of A (still one tower pass; for heads vmap cannot batch); ``"loop"``: one
     backward per text (reference). ``emb``: ``head(act)`` when the caller already has it (batched and loop modes
     reuse it)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in ("batched", "expand", "loop"):
+        raise ValueError(f"score_grads mode must be batched, expand or loop, got {mode!r}")
     B, T = text_emb.shape[:2]
     if mode == "expand":
         rep = act.unsqueeze(1).expand(B, T, *act.shape[1:]).reshape(B * T, *act.shape[1:])
@@ -163,6 +163,82 @@ def score_grads(act: torch.Tensor, head, text_emb: torch.Tensor, *, create_graph
     return g.transpose(0, 1)
 
 
+# ---- fast paths: the K+1 gradients without a backward through the whole head -------------------------------------
+def _score_cotangents(emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """∂s_bk/∂e_b = (t̂_bk − s_bk·ê_b)/‖e_b‖ for s_bk = cos(e_b, t_bk): ``[B, T, D]``."""
+    dtype = torch.promote_types(torch.promote_types(emb.dtype, text_emb.dtype), torch.float32)
+    e, t = emb.to(dtype), F.normalize(text_emb.to(dtype), dim=-1)
+    norm = e.norm(dim=-1, keepdim=True)  # [B, 1]
+    e_hat = e / norm
+    s = torch.einsum("bd,btd->bt", e_hat, t)
+    return (t - s.unsqueeze(-1) * e_hat.unsqueeze(1)) / norm.unsqueeze(1)
+
+
+def resnet_alpha(pool: nn.Module, act: torch.Tensor, text_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM channel weights α_btc = spatial mean of ∂s_bt/∂A_bc at ``layer4`` in closed form, and the embedding.
+
+    Only Σ_j ∂s/∂A_j over positions is needed, and in open_clip's AttentionPool2d that sum collapses: the mean token
+    x_0 = mean_j A_j (+pos) spreads its gradient evenly, so Σ_j ∂s/∂A_j = Σ_{tokens} ∂s/∂x; through the values
+    Σ_j p_j = 1 leaves W_vᵀ·(∂s/∂o); through the keys the softmax gradient sums to zero; the query (mean token only)
+    adds W_qᵀ·∂s/∂q. So α = (W_vᵀ·go + W_qᵀ·dq) / (h·w) with go = W_cᵀ·∂s/∂e per text: no per-position backward, and
+    the result is an ordinary differentiable function of A and the weights (no double backward). Returns
+    ``(alpha [B, T, C], emb [B, D])``. Equal to the autograd path (tests)."""
+    B, C, h, w = act.shape
+    H = pool.num_heads
+    hd = C // H
+    x = act.reshape(B, C, h * w).transpose(1, 2)
+    x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + pool.positional_embedding.to(x.dtype)  # [B, N, C]
+    N = x.shape[1]
+    q = pool.q_proj(x[:, :1]).view(B, H, hd)
+    k = pool.k_proj(x).view(B, N, H, hd).transpose(1, 2)  # [B, H, N, hd]
+    v = pool.v_proj(x).view(B, N, H, hd).transpose(1, 2)
+    scale = 1.0 / math.sqrt(hd)
+    p = torch.softmax(torch.einsum("bhd,bhnd->bhn", q, k) * scale, dim=-1)  # [B, H, N]
+    o = torch.einsum("bhn,bhnd->bhd", p, v).reshape(B, C)
+    emb = pool.c_proj(o)
+    g = _score_cotangents(emb, text_emb)  # [B, T, D]
+    go = (g.to(pool.c_proj.weight.dtype) @ pool.c_proj.weight).view(B, -1, H, hd)  # ∂s/∂o per head
+    gv = torch.einsum("bthd,bhnd->bthn", go, v)  # ∂s/∂p
+    dl = p.unsqueeze(1) * (gv - (p.unsqueeze(1) * gv).sum(-1, keepdim=True))  # ∂s/∂logits
+    dq = torch.einsum("bthn,bhnd->bthd", dl, k) * scale
+    T = g.shape[1]
+    total = go.reshape(B, T, C) @ pool.v_proj.weight + dq.reshape(B, T, C) @ pool.q_proj.weight
+    return total / (h * w), emb
+
+
+def vit_fast_applicable(visual: nn.Module) -> bool:
+    """The CLS-only path needs the embedding to depend on the last block's CLS output alone (``pool_type="tok"``)."""
+    return getattr(visual, "attn_pool", None) is None and getattr(visual, "pool_type", "") == "tok"
+
+
+def vit_cls_grads(visual: nn.Module, x: torch.Tensor, probs: torch.Tensor, text_emb: torch.Tensor, *,
+                  create_graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂s/∂A[:, :, 0, :] [B, T, H, N], emb [B, D])``: the gradient of every score w.r.t. the CLS row of the last
+    block's attention, the only row the map reads. With CLS pooling the embedding depends on the block's CLS output
+    only, and ∂s/∂A_{h,0,j} = (∂s/∂o_{h,0})·v_{h,j}: the T VJPs run through the CLS token's out-projection, MLP and
+    projection alone (batched), not through the whole block."""
+    block = visual.transformer.resblocks[-1]
+    attn = block.attn
+    B, N, W = x.shape
+    H = attn.num_heads
+    h = block.ln_1(x)
+    v = F.linear(h, attn.in_proj_weight[2 * W:], None if attn.in_proj_bias is None else attn.in_proj_bias[2 * W:])
+    v = v.view(B, N, H, W // H).transpose(1, 2)  # [B, H, N, hd]
+    o0 = torch.einsum("bhn,bhnd->bhd", probs[:, :, 0], v).reshape(B, W)  # the CLS token's attention output
+    x0 = x[:, 0] + block.ls_1(attn.out_proj(o0))
+    x0 = x0 + block.ls_2(block.mlp(block.ln_2(x0)))
+    emb = visual.ln_post(x0)
+    if visual.proj is not None:
+        emb = emb @ visual.proj
+    s = _scores(emb, text_emb)
+    T = s.shape[1]
+    eye = torch.eye(T, dtype=s.dtype, device=s.device).unsqueeze(1).expand(T, B, T)
+    (go,) = torch.autograd.grad(s, o0, grad_outputs=eye, is_grads_batched=True, create_graph=create_graph,
+                                retain_graph=True)
+    go = go.transpose(0, 1).reshape(B, T, H, W // H)
+    return torch.einsum("bthd,bhnd->bthn", go, v), emb
+
+
 def _minmax(maps: torch.Tensor) -> torch.Tensor:
     flat = maps.flatten(-2)
     lo = flat.min(dim=-1, keepdim=True).values
@@ -171,39 +247,66 @@ def _minmax(maps: torch.Tensor) -> torch.Tensor:
 
 
 def explanations(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor, *, create_graph: bool = True,
-                 normalize: bool = True, detach: bool = False, mode: str = "batched",
+                 normalize: bool = True, detach: bool = False, mode: str = "auto",
                  return_embedding: bool = False):
     """Concept explanation maps ``[B, K+1, h, w]`` of ``model``'s image tower.
 
     images: normalised ``[B, 3, S, S]``; text_emb: ``[B, K+1, D]`` (row 0 the category, rows 1..K the concepts; any
     norm). ``create_graph=True`` keeps the maps differentiable w.r.t. the tower's weights (and ``text_emb``).
     ``normalize``: min-max each map (+1e-8). ``detach=True``: the authors' released form (gradient and activation
-    detached): the maps carry no gradient to any weight. ``mode``: see :func:`score_grads`. ``h, w``: layer4's
+    detached): the maps carry no gradient to any weight. ``mode``: ``"auto"`` (default) takes the fast path where it
+    applies (``"fast"``: ResNet :func:`resnet_alpha`, CLS-pooled ViT :func:`vit_cls_grads`), else ``"batched"``; the
+    autograd modes are described at :func:`score_grads` (``"loop"`` is the reference). ``h, w``: layer4's
     resolution (ResNet) or the patch grid (ViT)."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, S, S], got {tuple(images.shape)}")
     if text_emb.dim() != 3 or text_emb.shape[0] != images.shape[0]:
         raise ValueError(f"text_emb must be [B, K+1, D] with B = {images.shape[0]} (one row of texts per image), "
                          f"got {tuple(text_emb.shape)}")
-    tower_kind(model)  # a clear error for anything but an open_clip CLIP
+    kind = tower_kind(model)  # a clear error for anything but an open_clip CLIP
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    visual = model.visual
+    fast = mode == "fast" or (mode == "auto" and (kind == "resnet" or vit_fast_applicable(visual)))
+    if mode == "auto" and not fast:
+        mode = "batched"
+    if fast and kind == "vit" and not vit_fast_applicable(visual):
+        raise ValueError("mode='fast' needs a ViT with CLS pooling (pool_type='tok', no attention pool)")
+    keep = create_graph and not detach
     with torch.enable_grad():
-        if not images.requires_grad and not any(p.requires_grad for p in model.visual.parameters()):
+        if not images.requires_grad and not any(p.requires_grad for p in visual.parameters()):
             # frozen tower (evaluation): A still needs a graph to differentiate the scores
             images = images.detach().requires_grad_(True)
-        kind, act, head = split_tower(model, images)
-        emb = head(act) if return_embedding else None
-        grads = score_grads(act, head, text_emb, create_graph=create_graph and not detach, mode=mode, emb=emb)
-        if detach or not create_graph:
-            grads = grads.detach()
-        a = act.detach() if detach else act
-        if kind == "resnet":
-            alpha = grads.mean(dim=(-2, -1))  # [B, T, C]
+        if fast and kind == "resnet":
+            act = resnet_trunk(visual, images)
+            alpha, emb = resnet_alpha(visual.attnpool, act, text_emb)
+            a = act.detach() if detach else act
+            alpha = alpha if keep else alpha.detach()
             maps = F.relu(torch.einsum("btc,bchw->bthw", alpha, a.to(alpha.dtype)))
+        elif fast:
+            x = vit_trunk(visual, images)
+            probs = last_block_attention(visual.transformer.resblocks[-1], x)
+            g0, emb = vit_cls_grads(visual, x, probs, text_emb, create_graph=keep)
+            g0 = g0 if keep else g0.detach()
+            p0 = probs[:, :, 0].detach() if detach else probs[:, :, 0]
+            rel = F.relu(g0 * p0.unsqueeze(1).to(g0.dtype)).mean(dim=2)  # [B, T, N]: mean over heads
+            gh, gw = _grid(visual, rel.shape[-1] - 1)
+            maps = rel[:, :, 1:].reshape(*rel.shape[:2], gh, gw)
         else:
-            rel = F.relu(grads * a.unsqueeze(1)).mean(dim=2)  # [B, T, N, N]: mean over heads
-            cls = rel[:, :, 0, 1:]  # the CLS row over the patch tokens
-            gh, gw = _grid(model.visual, cls.shape[-1])
-            maps = cls.reshape(*cls.shape[:2], gh, gw)
+            kind, act, head = split_tower(model, images)
+            emb = head(act) if return_embedding else None
+            grads = score_grads(act, head, text_emb, create_graph=keep, mode=mode, emb=emb)
+            if not keep:
+                grads = grads.detach()
+            a = act.detach() if detach else act
+            if kind == "resnet":
+                alpha = grads.mean(dim=(-2, -1))  # [B, T, C]
+                maps = F.relu(torch.einsum("btc,bchw->bthw", alpha, a.to(alpha.dtype)))
+            else:
+                rel = F.relu(grads * a.unsqueeze(1)).mean(dim=2)  # [B, T, N, N]: mean over heads
+                cls = rel[:, :, 0, 1:]  # the CLS row over the patch tokens
+                gh, gw = _grid(visual, cls.shape[-1])
+                maps = cls.reshape(*cls.shape[:2], gh, gw)
     maps = _minmax(maps) if normalize else maps
     return (maps, emb) if return_embedding else maps
 

@@ -64,7 +64,7 @@ class DealConfig:
     epochs: int = 1
     seed: int = 0
     plain: bool = False
-    mode: str = "batched"
+    mode: str = "auto"
     amp: bool = True
     checkpoint_every: int = 100
     workers: int = 0
