@@ -92,7 +92,7 @@ def test_batched_equals_per_text_loop(tower, mode, testbed_clip):
 def test_fast_path_returns_the_towers_embedding_and_falls_back_for_avg_pool(testbed_clip):
     for model in (testbed_clip[0], tiny_vit_clip()):
         x, t = _inputs(model)
-        maps, emb = E.explanations(model, x, t, return_embedding=True)
+        _, emb = E.explanations(model, x, t, return_embedding=True)
         with torch.no_grad():
             assert_close(emb, model.encode_image(x), atol=1e-4, rtol=1e-4, what="embedding")
     model = tiny_vit_clip()
@@ -112,7 +112,8 @@ def test_maps_are_min_max_normalised(testbed_clip):
     assert float(flat.min()) >= 0 and float(flat.max()) <= 1
     nonconst = flat.amax(-1) > 0
     assert bool(nonconst.any())
-    assert_close(flat.amax(-1)[nonconst], torch.ones(int(nonconst.sum())), atol=1e-4, rtol=0, what="max = 1 (less the +1e-8)")
+    assert_close(flat.amax(-1)[nonconst], torch.ones(int(nonconst.sum())), atol=1e-4, rtol=0,
+                 what="max = 1 (less the +1e-8)")
 
 
 def _reg(maps):
@@ -143,7 +144,8 @@ def _fd_check(model, x, t, names, normalize):
                 dn = float(_reg(E.explanations(model, x, t, normalize=normalize, create_graph=False)))
                 flat[idx] = old
             fd = (up - dn) / (2 * eps)
-            assert abs(fd - float(grad.view(-1)[idx])) <= 1e-5 + 1e-4 * abs(fd), (name, idx, fd, float(grad.view(-1)[idx]))
+            got = float(grad.view(-1)[idx])
+            assert abs(fd - got) <= 1e-5 + 1e-4 * abs(fd), (name, idx, fd, got)
 
 
 def test_gradient_reaches_resnet_weights_matches_finite_differences():

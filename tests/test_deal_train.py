@@ -136,7 +136,8 @@ def test_resume_equals_uninterrupted_run(scenes, tmp_path):
     assert resumed["history"] == straight["history"]
     from safetensors.torch import load_file
 
-    a, b = load_file(str(tmp_path / "a" / "weights.safetensors")), load_file(str(tmp_path / "b" / "weights.safetensors"))
+    a = load_file(str(tmp_path / "a" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "weights.safetensors"))
     for k in a:
         assert_close(b[k], a[k], atol=1e-7, rtol=1e-6, what=k)
     with pytest.raises(ValueError, match="different run"):

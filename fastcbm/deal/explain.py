@@ -315,7 +315,7 @@ def _grid(visual: nn.Module, n: int) -> tuple[int, int]:
     gs = getattr(visual, "grid_size", None)
     if gs is not None and gs[0] * gs[1] == n:
         return int(gs[0]), int(gs[1])
-    side = int(round(math.sqrt(n)))
+    side = round(math.sqrt(n))
     if side * side != n:
         raise ValueError(f"model: cannot lay {n} patch tokens out as a grid")
     return side, side

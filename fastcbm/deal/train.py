@@ -93,7 +93,7 @@ class DealConfig:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "DealConfig":
+    def from_json(cls, d: dict) -> DealConfig:
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
         if "betas" in kw:
