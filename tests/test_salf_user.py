@@ -244,6 +244,12 @@ def test_filter_text_matches_total_similarity_rule_and_presets():
     sent = _toy_encoder({"stripes": [1, 0], "stripe": [0, 1], "orange": [1, 1]})
     kept, _ = filter_concepts(["stripes", "stripe", "orange"], [], _toy_encoder(vec), sentence_encoder=sent)
     assert kept == ["stripes", "stripe", "orange"]
+    from fastcbm.concepts import resolve_cutoff
+
+    assert resolve_cutoff("auto", "class_sim_cutoff", "ViT-B-16") == 0.85
+    assert resolve_cutoff("auto", "concept_sim_cutoff", "ViT-B-16") == 0.9
+    assert resolve_cutoff("auto", "class_sim_cutoff", "testbed") is None  # the testbed CLIP's own calibration
+    assert resolve_cutoff(0.7, "class_sim_cutoff", "testbed") == 0.7 and resolve_cutoff(None, "x", None) is None
     assert PRESENCE_CUTOFFS["cub"] == 0.26 and presence_preset("ImageNet") == 0.28 and presence_preset("default") == 0.25
     with pytest.raises(ValueError, match="presets"):
         presence_preset("coco")

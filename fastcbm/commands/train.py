@@ -35,12 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "default '{}')")
     # every default below is read from TrainConfig (fastcbm.salf.train): the CLI, the Python API and `fastcbm demo`
     # share one set of defaults
-    p.add_argument("--class-sim-cutoff", type=float, default=f.class_sim_cutoff,
-                   help=f"drop concepts at least this similar to a class name (default {f.class_sim_cutoff}; "
-                   "negative: off)")
-    p.add_argument("--concept-sim-cutoff", type=float, default=f.concept_sim_cutoff,
-                   help=f"of two concepts at least this similar drop the one less similar to all others (default "
-                   f"{f.concept_sim_cutoff}; negative: off)")
+    p.add_argument("--class-sim-cutoff", type=_cutoff_arg, default=f.class_sim_cutoff,
+                   help="drop concepts at least this similar to a class name (default auto: label-free CBM's 0.85, "
+                   "or the CLIP's own calibration, fastcbm.concepts.MODEL_CUTOFFS; negative: off)")
+    p.add_argument("--concept-sim-cutoff", type=_cutoff_arg, default=f.concept_sim_cutoff,
+                   help="of two concepts at least this similar drop the one less similar to all others (default "
+                   "auto: label-free CBM's 0.9, or the CLIP's own calibration; negative: off)")
     p.add_argument("--presence-cutoff", default=f.presence_cutoff, metavar="VALUE|PRESET",
                    help="drop concepts whose mean top-5 image similarity is at most this: a number or a label-free "
                    f"CBM preset ({', '.join(f'{k} {v}' for k, v in PRESENCE_CUTOFFS.items())}); default: off "
@@ -79,8 +79,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _cutoff(value: float | None) -> float | None:
-    return None if value is None or value < 0 else value
+def _cutoff(value: float | str | None) -> float | str | None:
+    return value if value is None or isinstance(value, str) else (None if value < 0 else value)
+
+
+def _cutoff_arg(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,8 +30,11 @@ class ConceptFilterConfig:
     """Label-free concept filtering (see :func:`fastcbm.concepts.filter_concepts`); ``None`` switches a stage off."""
 
     max_length: int | None = 30
-    class_sim_cutoff: float | None = 0.85  # label-free CBM: >= 0.85 to a class name (after exact text matches)
-    concept_sim_cutoff: float | None = 0.9  # label-free CBM: >= 0.9, the less general concept of the pair goes
+    # "auto": label-free CBM's >= 0.85 to a class name (after exact text matches) and >= 0.9 between concepts (the
+    # less general of the pair goes), unless the cache's CLIP declares its own calibration
+    # (fastcbm.concepts.MODEL_CUTOFFS: the bundled testbed CLIP switches the class stage off)
+    class_sim_cutoff: float | str | None = "auto"
+    concept_sim_cutoff: float | str | None = "auto"
     # label-free CBM's presence cut-offs (fastcbm.concepts.PRESENCE_CUTOFFS: "default" 0.25, "cub" 0.26, "imagenet"
     # / "places365" 0.28) are calibrated on real CLIP similarities; off by default (None), a number or preset name
     presence_cutoff: float | str | None = None
@@ -132,6 +135,7 @@ def train_salf_from_cache(
         filter_concepts,
         load_concepts,
         load_sentence_encoder,
+        resolve_cutoff,
     )
     from fastcbm.distributed import init_distributed, resolve_device
     from fastcbm.models import load_backbone, load_clip
@@ -203,8 +207,11 @@ def train_salf_from_cache(
     sentence = (load_sentence_encoder(f.sentence_model, dev)
                 if f.sentence_model and model_info["name"] != "testbed" else None)
     kept, filter_report = filter_concepts(concept_names, display, text_encoder, max_length=f.max_length,
-                                          class_sim_cutoff=f.class_sim_cutoff,
-                                          concept_sim_cutoff=f.concept_sim_cutoff, image_embeddings=image_emb,
+                                          class_sim_cutoff=resolve_cutoff(f.class_sim_cutoff, "class_sim_cutoff",
+                                                                          model_info["name"]),
+                                          concept_sim_cutoff=resolve_cutoff(f.concept_sim_cutoff,
+                                                                            "concept_sim_cutoff", model_info["name"]),
+                                          image_embeddings=image_emb,
                                           presence_cutoff=f.presence_cutoff, sentence_encoder=sentence)
     log.info("concept filter: %s", filter_report.summary())
     if not kept:
