@@ -262,3 +262,19 @@ def test_cli_defaults_are_the_published_settings():
         assert getattr(cfg, k) == v, k
     assert (cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay) == (5e-7, (0.9, 0.98), 1e-6, 1e-3)
     assert (cfg.lambda_sep, cfg.lambda_con, cfg.lambda_spa, cfg.k) == (0.1, 0.01, 5e-4, 5)
+
+
+@pytest.mark.gpu
+def test_gpu_explanations_and_bf16_training_step(scenes, tmp_path):
+    from fastcbm.deal.explain import explanations
+    from fastcbm.models import load_clip
+
+    model = load_clip("testbed", device="cuda")[0]
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 3, 64, 64, generator=g).cuda(), torch.randn(4, 6, 128, generator=g).cuda()
+    assert_close(explanations(model, x, t), explanations(model, x, t, mode="loop"), atol=1e-4, rtol=1e-3,
+                 what="cuda fast == loop")
+    report = train_deal(scenes, D.testbed_concepts(), config=DealConfig(steps=2, batch_size=4, checkpoint_every=0),
+                        out=tmp_path, progress=False, device="cuda")
+    assert report["amp"] and all(torch.isfinite(torch.tensor(h["loss"])) for h in report["history"])
+    assert report["final"]["separation"] > 0

@@ -330,6 +330,7 @@ def train_deal(data, concepts, model_name: str = "testbed", config: DealConfig |
                     maps, img_emb = None, model.encode_image(x)
                 else:
                     maps, img_emb = explanations(model, x, expl_emb, mode=cfg.mode, return_embedding=True)
+                    maps = maps.float()  # the regularisers sum over pixels and pairs: fp32 under autocast
                 terms = deal_loss(maps, img_emb, cap_emb, model.logit_scale.exp(), lambda_sep=cfg.lambda_sep,
                                   lambda_con=cfg.lambda_con, lambda_spa=cfg.lambda_spa, form=cfg.loss_form)
             loss = terms["loss"]
