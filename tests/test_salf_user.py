@@ -295,7 +295,7 @@ def test_every_option_has_help():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     missing = []
-    for name in ("train", "evaluate", "explain"):
+    for name in ("train", "evaluate", "explain", "demo"):
         for action in sub.choices[name]._actions:
             if action.help is None and action.dest != "help":
                 missing.append(f"{name} {action.option_strings or action.dest}")
