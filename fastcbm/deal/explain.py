@@ -278,8 +278,10 @@ def explanations(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
             # frozen tower (evaluation): A still needs a graph to differentiate the scores
             images = images.detach().requires_grad_(True)
         if fast and kind == "resnet":
-            act = resnet_trunk(visual, images)
-            alpha, emb = resnet_alpha(visual.attnpool, act, text_emb)
+            # closed form: no autograd inside, so evaluation (nothing to keep, no embedding asked) needs no graph
+            with torch.set_grad_enabled(keep or return_embedding):
+                act = resnet_trunk(visual, images)
+                alpha, emb = resnet_alpha(visual.attnpool, act, text_emb)
             a = act.detach() if detach else act
             alpha = alpha if keep else alpha.detach()
             maps = F.relu(torch.einsum("btc,bchw->bthw", alpha, a.to(alpha.dtype)))
