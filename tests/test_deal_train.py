@@ -125,6 +125,18 @@ def test_deal_trains_image_tower_differently_from_plain(scenes, tmp_path):
     assert "visual.layer1.0.conv1.weight" in differ  # the regularisers reach the first stage too
 
 
+def test_explained_texts_without_gradient_train_only_through_captions(scenes, tmp_path):
+    cfg = DealConfig(steps=1, batch_size=6, lr=1e-4, checkpoint_every=0, explain_text_grad=False)
+    report = train_deal(scenes, D.testbed_concepts(), config=cfg, out=tmp_path / "nt", progress=False)
+    full = train_deal(scenes, D.testbed_concepts(), config=DealConfig(steps=1, batch_size=6, lr=1e-4,
+                                                                      checkpoint_every=0), progress=False)
+    assert report["history"][0] == full["history"][0]  # same forward values
+    from safetensors.torch import load_file
+
+    w = load_file(str(tmp_path / "nt" / "weights.safetensors"))
+    assert not torch.equal(w["visual.layer1.0.conv1.weight"], _visual_state("testbed")["visual.layer1.0.conv1.weight"])
+
+
 def test_resume_equals_uninterrupted_run(scenes, tmp_path):
     cfg = dict(batch_size=4, lr=1e-4, checkpoint_every=1)
     straight = train_deal(scenes, D.testbed_concepts(), config=DealConfig(steps=3, **cfg), out=tmp_path / "a",

@@ -75,6 +75,9 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=d.seed, help="data order seed")
     t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help=f"steps between checkpoints (default {d.checkpoint_every}; 0: only at the end)")
+    t.add_argument("--no-explain-text-grad", action="store_true",
+                   help="encode the K+1 explained texts without gradient (cheaper; the regularisers then train the "
+                        "image tower only)")
     t.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA (CPU never uses it)")
     t.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -94,7 +97,8 @@ def run_train(args: argparse.Namespace) -> int:
                      lambda_con=args.lambda_con, lambda_spa=args.lambda_spa, k=args.k,
                      caption_form=args.caption_form, loss_form=args.loss_form, batch_size=args.batch_size,
                      steps=args.steps, epochs=args.epochs, seed=args.seed, plain=args.plain, mode=args.mode,
-                     amp=not args.no_amp, checkpoint_every=args.checkpoint_every)
+                     amp=not args.no_amp, checkpoint_every=args.checkpoint_every,
+                     explain_text_grad=not args.no_explain_text_grad)
     report = train_deal(args.data, args.concepts, args.model, cfg, args.out, pretrained=args.pretrained,
                         resume=not args.no_resume, progress=not args.no_progress,
                         device=resolve_device(args.device))

@@ -47,7 +47,9 @@ class DealConfig:
     ``steps``: total optimiser steps (``None``: ``epochs`` passes over the data, ``⌊N / batch_size⌋`` steps each).
     ``plain``: the baseline (same steps and captions, regularisers off). ``mode``: how the K+1 explanation VJPs are
     batched (:func:`fastcbm.deal.explain.score_grads`). ``amp``: bf16 autocast, on CUDA only (fp32 master weights
-    always). ``checkpoint_every``: steps between checkpoints (0: only at the end)."""
+    always). ``checkpoint_every``: steps between checkpoints (0: only at the end). ``explain_text_grad=False``: the
+    K+1 explained texts are encoded without gradient (the regularisers then train the image tower only; the text
+    tower still trains through the captions) — most of a DEAL step's extra cost on big text towers."""
 
     lr: float = 5e-7
     betas: tuple[float, float] = (0.9, 0.98)
@@ -68,6 +70,7 @@ class DealConfig:
     amp: bool = True
     checkpoint_every: int = 100
     workers: int = 0
+    explain_text_grad: bool = True
 
     def validate(self) -> None:
         if self.caption_form not in CAPTION_FORMS:
@@ -323,9 +326,15 @@ def train_deal(data, concepts, model_name: str = "testbed", config: DealConfig |
             classes, inv = torch.unique(labels, return_inverse=True)
             rows = (classes.view(-1, 1) * T + torch.arange(T, device=device)).flatten()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                text = model.encode_text(torch.cat([cap_tokens[classes], expl_tokens[rows]]))
-                cap_emb = text[: classes.numel()][inv]  # [B, D]
-                expl_emb = text[classes.numel():].view(classes.numel(), T, -1)[inv]  # [B, K+1, D]
+                if cfg.explain_text_grad or cfg.plain:
+                    text = model.encode_text(torch.cat([cap_tokens[classes], expl_tokens[rows]]))
+                    cap_text, expl_text = text[: classes.numel()], text[classes.numel():]
+                else:
+                    cap_text = model.encode_text(cap_tokens[classes])
+                    with torch.no_grad():
+                        expl_text = model.encode_text(expl_tokens[rows])
+                cap_emb = cap_text[inv]  # [B, D]
+                expl_emb = expl_text.view(classes.numel(), T, -1)[inv]  # [B, K+1, D]
                 if cfg.plain:
                     maps, img_emb = None, model.encode_image(x)
                 else:
