@@ -30,6 +30,7 @@ BENCHMARKS = {
     "precompute": "ring-prompt precompute vs a naive PIL pipeline (images/s, % outside the encoder, % of roofline)",
     "deploy": "exported SALF-CBM: eager PyTorch vs onnxruntime vs TensorRT latency; cost of the explanation outputs",
     "cefam": "CE-FAM regions / association / contribution, batched vs the authors' per-concept loops",
+    "cefam_eval": "CE-FAM Broden-style evaluation throughput (images/s with their present concepts) vs the authors' way",
     "deal": "DEAL training step vs plain contrastive fine-tuning (time, peak memory)",
 }
 

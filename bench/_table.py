@@ -196,6 +196,25 @@ def cefam_rows(rows: list[dict]) -> list[Row]:
     return out
 
 
+def cefam_eval_rows(rows: list[dict]) -> list[Row]:
+    out: list[Row] = []
+    for r in rows:
+        r.setdefault("device", r.get("device") or "cpu")
+    pick = latest(rows, lambda r: (r["method"],))
+    for (mach, dev, method), fast in sorted(pick.items()):
+        base = pick.get((mach, dev, "authors' loop"))
+        if method != "batched" or base is None:
+            continue
+        note = " (loaded machine)" if fast.get("load_note") or fast.get("note") else ""
+        out.append((f"`bench/cefam_eval.py` CE-FAM evaluation, testbed scenes with their present concepts "
+                    f"({fast['concepts']} concepts, regions + association + NRA/EPG){_quick(fast)}",
+                    f"{mach} ({dev}){note}",
+                    f"batched: {_f(fast, 'images_per_s'):.2f} images/s ({_f(fast, 'pairs_per_s'):.1f} pairs/s)",
+                    f"authors' way (per concept, per step): {_f(base, 'images_per_s'):.3f} images/s",
+                    f"**{_f(fast, 'images_per_s') / _f(base, 'images_per_s'):.1f}×**"))
+    return out
+
+
 def generic_rows(name: str, rows: list[dict]) -> list[Row]:
     """For a benchmark that ships its own ``summarize(rows) -> list[Row]`` (imported from ``bench/<name>.py``)."""
     import importlib.util
@@ -216,6 +235,7 @@ SUMMARISERS: dict[str, Callable[[list[dict]], list[Row]]] = {
     "precompute": precompute_rows,
     "deploy": deploy_rows,
     "cefam": cefam_rows,
+    "cefam_eval": cefam_eval_rows,
 }
 
 

@@ -38,7 +38,7 @@ def _model(model_dir: str | None):
 
 
 def run(images: int = 64, loop_images: int = 2, model_dir: str | None = None, note: str = "",
-        threads: int = 1) -> list[dict]:
+        threads: int = 1, device: str = "cpu", quick: bool = False) -> list[dict]:
     from fastcbm.cefam.datasets import TestbedDataset
     from fastcbm.cefam.evaluate import EvalConfig, encode_concepts, evaluate_cefam
     from fastcbm.models import load_clip
@@ -46,20 +46,21 @@ def run(images: int = 64, loop_images: int = 2, model_dir: str | None = None, no
 
     rows = []
     with torch_threads(threads):
-        model = _model(model_dir)
+        model = _model(model_dir).to(device)
         clip, _, tok = load_clip("testbed")
         fast_ds, loop_ds = TestbedDataset(images), TestbedDataset(loop_images)
         text = encode_concepts(clip, tok, fast_ds)
-        for name, ds, cfg in (("batched", fast_ds, EvalConfig(batch_size=16, baseline=False, progress=False)),
+        for name, ds, cfg in (("batched", fast_ds, EvalConfig(batch_size=16, baseline=False, progress=False,
+                                                                     device=device)),
                               ("authors' loop", loop_ds, EvalConfig(batch_size=1, method="loop", baseline=False,
-                                                                    progress=False))):
+                                                                    progress=False, device=device))):
             t0, c0 = time.perf_counter(), time.process_time()
             res = evaluate_cefam(model, ds, text_emb=text, config=cfg)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             rows.append({"bench": "cefam_eval", "method": name, "images": res["images"], "pairs": res["pairs"],
                          "concepts": res["concepts"], "wall_s": wall, "cpu_s": cpu,
                          "images_per_s": res["images"] / wall, "pairs_per_s": res["pairs"] / wall,
-                         "threads": threads, "note": note})
+                         "threads": threads, "note": note, "device": device, "quick": quick})
             print(f"{name}: {res['images']} images, {res['pairs']} pairs in {wall:.1f} s "
                   f"({res['images'] / wall:.3f} images/s, process CPU {cpu:.1f} s)")
     rows[0]["speedup_vs_loop"] = rows[0]["images_per_s"] / rows[1]["images_per_s"]
@@ -69,14 +70,18 @@ def run(images: int = 64, loop_images: int = 2, model_dir: str | None = None, no
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=64, help="testbed scenes for the batched evaluation")
-    ap.add_argument("--loop-images", type=int, default=2, help="testbed scenes for the loop baseline")
+    ap.add_argument("--images", type=int, default=None, help="testbed scenes for the batched evaluation (64; quick 16)")
+    ap.add_argument("--quick", action="store_true", help="16 scenes batched, 1 in the loop")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--loop-images", type=int, default=None, help="testbed scenes for the loop baseline (2; quick 1)")
     ap.add_argument("--model", default=None, help="a saved CE-FAM model folder (default: random translator)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--note", default=os.environ.get("FASTCBM_BENCH_NOTE", ""))
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args(argv)
-    rows = run(args.images, args.loop_images, args.model, args.note, args.threads)
+    images = args.images or (16 if args.quick else 64)
+    loop_images = args.loop_images or (1 if args.quick else 2)
+    rows = run(images, loop_images, args.model, args.note, args.threads, args.device, args.quick)
     if not args.no_csv:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from _rows import append_rows
