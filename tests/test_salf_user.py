@@ -205,7 +205,7 @@ def test_evaluate_with_masks_and_gtsegs(tiny, tmp_path, capsys):
 
 
 def test_bulk_explain_writes_arrays_and_one_page(tiny, tmp_path, capsys):
-    root, images, _, model, _ = tiny
+    root, images, _, _, _ = tiny
     out = tmp_path / "expl"
     assert main(["explain", str(images), "--model", str(root / "model"), "--out", str(out), "--top-k", "2"]) == 0
     capsys.readouterr()
