@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from _timing import quantiles
 
 import torch
 
@@ -54,12 +55,6 @@ def timed(fn, repeats: int, device: torch.device, warmup=None) -> list[float]:
         CPU_TIMES.append(time.process_time() - c0)
     return times
 
-
-def quantiles(times: list[float]) -> tuple[float, float, float]:
-    if len(times) == 1:
-        return times[0], times[0], times[0]
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return statistics.median(times), q[0], q[-1]
 
 
 def authors_regions(model, translator, image, text, layers, logit_scale: float = 100.0) -> dict[str, torch.Tensor]:

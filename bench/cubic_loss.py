@@ -22,21 +22,14 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from _timing import quantiles, rss_kib as _rss_kib
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cubic_loss.csv"
 
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _make(cfg, device):
@@ -134,11 +127,6 @@ def hardware(device: str) -> str:
         name = platform.processor() or "cpu"
     return f"{name} x{torch.get_num_threads()} threads"
 
-
-def quantiles(xs):
-    xs = sorted(xs)
-    q = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) > 1 else [xs[0]] * 9
-    return statistics.median(xs), q[0], q[-1]
 
 
 def main(argv=None) -> None:

@@ -27,11 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from _timing import quantiles, rss_kib as _rss_kib
 
 RESULTS = Path(__file__).resolve().parent / "results" / "deal.csv"
 K = 5  # concepts per class, as published
@@ -40,13 +40,6 @@ K = 5  # concepts per class, as published
 METHODS = ("plain", "deal", "deal_const_texts")
 MODELS = {"testbed": {"batch": 16, "quick_batch": 16}, "vit-b-32": {"batch": 4, "quick_batch": 2}}
 
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _model(name: str, device):
@@ -178,12 +171,6 @@ def run_child(cfg: dict) -> dict:
         return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
-
-def quantiles(xs: list[float]) -> tuple[float, float, float]:
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q = statistics.quantiles(xs, n=10, method="inclusive")
-    return statistics.median(xs), q[0], q[-1]
 
 
 def run(quick: bool, device: str, models: list[str] | None = None, repeats: int | None = None,

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import platform
-import statistics
 import time
 from pathlib import Path
+from _timing import quantiles
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +45,6 @@ def timed(fn, repeats: int, device: torch.device) -> list[float]:
         times.append(time.perf_counter() - t0)
     return times
 
-
-def quantiles(times: list[float]) -> tuple[float, float, float]:
-    if len(times) == 1:
-        return times[0], times[0], times[0]
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return statistics.median(times), q[0], q[-1]
 
 
 def hardware(device: torch.device) -> str:

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from _timing import quantiles
 
 import numpy as np
 import torch
@@ -130,13 +131,6 @@ def fast(files: list[str], model, name: str, grid: int, out: Path, batch_size: i
     s["wall"] = wall
     return s
 
-
-def quantiles(xs: list[float]) -> tuple[float, float, float]:
-    xs = sorted(xs)
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q = statistics.quantiles(xs, n=10, method="inclusive")
-    return statistics.median(xs), q[0], q[-1]
 
 
 def run_case(kind: str, n_images: int, repeats: int, grid: int, batch_size: int, work: Path,

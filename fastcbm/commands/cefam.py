@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fastcbm.commands import help_without_subcommand
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -20,16 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Start with 'fastcbm precompute --data DIR --model CLIP --out CACHE --cefam-classifier NAME "
                     "--grid 0', then 'fastcbm cefam train --cache CACHE --out MODEL'.")
     sub = p.add_subparsers(dest="cefam_command", metavar="<sub-command>")
-    p.set_defaults(func=lambda args: _no_subcommand(p))
+    help_without_subcommand(p)
     register_train(sub)
     from fastcbm.commands.cefam_eval import register_evaluate
 
     register_evaluate(sub)
-
-
-def _no_subcommand(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 def register_train(sub: argparse._SubParsersAction) -> None:

@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fastcbm.commands import help_without_subcommand
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -19,14 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "on differentiable concept explanations (separation between concepts, consistency with the "
                     "category). Start with 'fastcbm deal train --data DIR --concepts concepts.json --out DIR'.")
     sub = p.add_subparsers(dest="deal_command", metavar="<sub-command>")
-    p.set_defaults(func=lambda args: _no_subcommand(p))
+    help_without_subcommand(p)
     register_train(sub)
     register_evaluate(sub)
-
-
-def _no_subcommand(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 # DealConfig's defaults, repeated here so building the parser imports no torch (a test keeps them equal)

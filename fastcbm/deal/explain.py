@@ -73,16 +73,24 @@ def last_block_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(W // H), dim=-1)
 
 
-def vit_head(visual: nn.Module, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """Image embedding ``[B, D]`` from the tokens entering the last block ``x`` ``[B, N, W]`` and that block's attention
-    probabilities ``probs`` ``[B, H, N, N]``: the rest of the block, then open_clip's pool and projection."""
+def _last_block_values(visual: nn.Module, x: torch.Tensor) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """``(block, attn, v [B, H, N, hd])``: the last block, its attention module and the value vectors it computes
+    from the tokens entering it, ``x`` ``[B, N, W]``."""
     block = visual.transformer.resblocks[-1]
     attn = block.attn
     B, N, W = x.shape
     H = attn.num_heads
-    h = block.ln_1(x)
-    v = F.linear(h, attn.in_proj_weight[2 * W:], None if attn.in_proj_bias is None else attn.in_proj_bias[2 * W:])
-    o = (probs @ v.view(B, N, H, W // H).transpose(1, 2)).transpose(1, 2).reshape(B, N, W)
+    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[2 * W:]
+    v = F.linear(block.ln_1(x), attn.in_proj_weight[2 * W:], bias)
+    return block, attn, v.view(B, N, H, W // H).transpose(1, 2)
+
+
+def vit_head(visual: nn.Module, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Image embedding ``[B, D]`` from the tokens entering the last block ``x`` ``[B, N, W]`` and that block's attention
+    probabilities ``probs`` ``[B, H, N, N]``: the rest of the block, then open_clip's pool and projection."""
+    block, attn, v = _last_block_values(visual, x)
+    B, N, W = x.shape
+    o = (probs @ v).transpose(1, 2).reshape(B, N, W)
     x = x + block.ls_1(attn.out_proj(o))
     x = x + block.ls_2(block.mlp(block.ln_2(x)))
     pooled, _ = visual._pool(x)
@@ -217,13 +225,9 @@ def vit_cls_grads(visual: nn.Module, x: torch.Tensor, probs: torch.Tensor, text_
     block's attention, the only row the map reads. With CLS pooling the embedding depends on the block's CLS output
     only, and ∂s/∂A_{h,0,j} = (∂s/∂o_{h,0})·v_{h,j}: the T VJPs run through the CLS token's out-projection, MLP and
     projection alone (batched), not through the whole block."""
-    block = visual.transformer.resblocks[-1]
-    attn = block.attn
+    block, attn, v = _last_block_values(visual, x)  # v [B, H, N, hd]
     B, N, W = x.shape
     H = attn.num_heads
-    h = block.ln_1(x)
-    v = F.linear(h, attn.in_proj_weight[2 * W:], None if attn.in_proj_bias is None else attn.in_proj_bias[2 * W:])
-    v = v.view(B, N, H, W // H).transpose(1, 2)  # [B, H, N, hd]
     o0 = torch.einsum("bhn,bhnd->bhd", probs[:, :, 0], v).reshape(B, W)  # the CLS token's attention output
     x0 = x[:, 0] + block.ls_1(attn.out_proj(o0))
     x0 = x0 + block.ls_2(block.mlp(block.ln_2(x0)))
