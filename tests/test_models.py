@@ -92,3 +92,18 @@ def test_unknown_names_are_value_errors():
 def test_missing_bundled_weights_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="fastcbm testbed train-cnn"):
         T.load_weights(T.TinyResNet(), "cnn", tmp_path / "missing.safetensors")
+
+
+def test_random_init_backbones_are_the_same_at_every_rebuild():
+    """precompute stores a random backbone's features; train/explain rebuild it by name: the weights must agree,
+    and the caller's random stream is left alone."""
+    import torch
+
+    from fastcbm.models import load_backbone
+
+    before = torch.random.get_rng_state()
+    a = load_backbone("resnet18", pretrained=None).model.state_dict()
+    b = load_backbone("resnet18", pretrained=False).model.state_dict()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -76,13 +76,23 @@ def load_clip(name: str = "testbed", pretrained: str | None = None, device: str 
 
 
 def load_backbone(name: str = "testbed", pretrained: bool | str | None = None, device: str = "cpu") -> Backbone:
-    """A :class:`Backbone` by name (bundled testbed models, torchvision or timm names)."""
+    """A :class:`Backbone` by name (bundled testbed models, torchvision or timm names). Without ``pretrained`` a
+    torchvision / timm model gets a random init seeded with 0, the same at every call."""
     if name in _BACKBONE_LOADERS:
         backbone = _BACKBONE_LOADERS[name](pretrained)
     else:
+        import torch
+
         from fastcbm.models.external import load_external_backbone
 
-        backbone = load_external_backbone(name, pretrained)
+        if pretrained:
+            backbone = load_external_backbone(name, pretrained)
+        else:
+            # a random init is seeded (seed 0, global RNG left as it was): precompute stores a random backbone's
+            # features and train / explain rebuild that backbone by name, so every rebuild must give the same weights
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                backbone = load_external_backbone(name, pretrained)
     backbone.model = backbone.model.to(device).eval()
     return backbone
 
