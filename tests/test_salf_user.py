@@ -365,3 +365,26 @@ def test_failed_demo_leaves_no_half_folder(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk on fire"):
         run_demo(DemoConfig(out=tmp_path / "e", **cfg))
     assert [p.name for p in (tmp_path / "e").iterdir()] == ["keep.txt"]
+
+
+def test_train_verify_option_reaches_the_cache_readers(monkeypatch, tmp_path):
+    """`fastcbm train --verify size` opens the caches without the once-per-file sha256 / NaN read."""
+    import fastcbm.cache as cache_mod
+    from fastcbm.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--cache", "c", "--concepts", "k.txt", "--out", str(tmp_path / "m"),
+                                      "--verify", "size"])
+    assert args.verify == "size"
+    seen = []
+
+    class Spy:
+        def __init__(self, root, *, verify="checksum"):
+            seen.append(verify)
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(cache_mod, "CacheReader", Spy)
+    from fastcbm.salf.train import train_salf_from_cache
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        train_salf_from_cache(tmp_path / "cache", ["red"], None, verify="size")
+    assert seen == ["size"]

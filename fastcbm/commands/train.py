@@ -74,6 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="choose the best path point with at most this many weights per class (default: best val)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.add_argument("--verify", choices=("checksum", "size"), default="checksum",
+                   help="how cache files are checked when first read: sha256 + NaN/inf once per file (checksum, "
+                        "default) or sizes and headers only (size: skips one extra full read of a large cache)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -151,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     )
     _, report = train_salf_from_cache(args.cache, args.concepts, args.out, val_cache=args.val_cache,
                                       labels=args.labels, val_labels=args.val_labels, config=config,
-                                      device=args.device, progress=not args.no_progress, overwrite=args.overwrite)
+                                      device=args.device, progress=not args.no_progress, overwrite=args.overwrite,
+                                      verify=args.verify)
     summary = {k: report[k] for k in ("model", "images", "classes", "train_accuracy", "val_accuracy",
                                       "nonzero_weights_per_class", "seconds")}
     summary["concepts"] = {k: report["concepts"][k] for k in ("candidates", "after_filter", "kept")}

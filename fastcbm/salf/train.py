@@ -117,6 +117,7 @@ def train_salf_from_cache(
     device: str | torch.device = "auto",
     progress: bool = True,
     overwrite: bool = False,
+    verify: str = "checksum",
 ):
     """Train a SALF-CBM on a cache written by ``fastcbm precompute --features BACKBONE``.
 
@@ -127,6 +128,9 @@ def train_salf_from_cache(
     Writes the model to ``out`` (``SALFCBM.save`` + ``train_report.json``) when given; returns ``(model, report)``.
     Under ``torchrun`` (one process per GPU, or gloo processes on CPU) the bottleneck trains data-parallel: each
     process reads and processes its share of every batch; rank 0 writes the model.
+    ``verify``: how the caches' files are checked when first read (:class:`~fastcbm.cache.CacheReader`): "checksum"
+    (sha256 and NaN/inf once per file, the default) or "size" (sizes and headers only: no extra full read of an
+    ImageNet-size cache; ``fastcbm similarities --verify`` checks everything once, on demand).
     """
     from fastcbm.cache import CacheReader
     from fastcbm.concepts import (
@@ -160,7 +164,7 @@ def train_salf_from_cache(
 
         group = dist.group.WORLD
         progress = progress and rank == 0
-    reader = CacheReader(cache)
+    reader = CacheReader(cache, verify=verify)
     settings = reader.settings
     source = _source(settings, reader.root)
     train_labels = _labels_for(reader, labels, class_names)
@@ -170,7 +174,7 @@ def train_salf_from_cache(
     # how every label was found (folders, or CSV rows matched by path / unique bare name): train_report.json
     label_report = {"train": getattr(train_labels, "report", {"source": "tensor"})}
     if val_cache is not None:
-        val_reader = CacheReader(val_cache)
+        val_reader = CacheReader(val_cache, verify=verify)
         for key in ("model", "prompts", "features", "features_source"):
             if val_reader.settings.get(key) != settings.get(key):
                 raise ValueError(f"val_cache {val_reader.root} was made with other {key} settings than {reader.root}: "
