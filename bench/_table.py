@@ -64,6 +64,11 @@ def latest(rows: Iterable[dict], key: Callable[[dict], tuple]) -> dict[tuple, di
     return best
 
 
+def _loaded(row: dict) -> str:
+    """" (loaded machine)" for rows whose note says they were measured on a loaded machine."""
+    return " (loaded machine)" if "loaded" in (row.get("load_note") or "") + (row.get("note") or "") else ""
+
+
 def _quick(row: dict) -> str:
     return " (quick run)" if _truthy(row.get("quick")) else ""
 
@@ -158,7 +163,7 @@ def deploy_rows(rows: list[dict]) -> list[Row]:
         target = " (target ≥ 1.3×)" if model == "resnet50" and batch == 1 and dev == "cpu" else ""
         cost = _f(row, "explain_cost")
         cost_s = f"; explanation outputs {cost:.2f}× logits alone" if cost == cost else ""
-        note = " (loaded machine)" if row.get("load_note") else ""
+        note = _loaded(row)
         out.append((f"`bench/deploy.py` SALF-CBM {label}, batch {batch}{_quick(row)}", f"{mach} ({dev}){note}",
                     f"{backend}: p50 {_f(row, 'p50_ms'):.1f} ms (p99 {_f(row, 'p99_ms'):.1f}), "
                     f"{_n(_f(row, 'images_per_s'), 1)} img/s{cost_s}",
@@ -186,7 +191,7 @@ def cefam_rows(rows: list[dict]) -> list[Row]:
             base, fast = (row, other) if case != "fuse" else (other, row)
             target = gpu_target if dev == "cuda" else cpu_target
             what = title.format(concepts=int(_f(fast, "concepts")), stages=fast.get("stages", "4"))
-            note = " (loaded machine)" if fast.get("load_note") else ""
+            note = _loaded(fast)
             out.append((f"`bench/cefam.py` {what}, {fast.get('model', '')} at {fast.get('input_size', '')} px"
                         f"{_quick(fast)}", f"{mach} ({dev}){note}",
                         f"{fast['implementation']}: {_f(fast, 'median_s'):.2f} s",
@@ -205,7 +210,7 @@ def cefam_eval_rows(rows: list[dict]) -> list[Row]:
         base = pick.get((mach, dev, "authors' loop"))
         if method != "batched" or base is None:
             continue
-        note = " (loaded machine)" if fast.get("load_note") or fast.get("note") else ""
+        note = _loaded(fast)
         out.append((f"`bench/cefam_eval.py` CE-FAM evaluation, testbed scenes with their present concepts "
                     f"({fast['concepts']} concepts, regions + association + NRA/EPG){_quick(fast)}",
                     f"{mach} ({dev}){note}",
