@@ -20,3 +20,28 @@ def rss_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_start(cuda: bool) -> int:
+    """Start measuring a step's peak extra memory; returns the baseline for :func:`peak_extra_bytes`.
+    GPU: memory allocated now, peak statistics reset. CPU: resident set now, after resetting the kernel's high-water
+    mark (``/proc/self/clear_refs`` ← 5; run with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed buffers leave RSS)."""
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return base
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_kib("VmRSS") * 1024
+
+
+def peak_extra_bytes(cuda: bool, base: int) -> int:
+    """Peak memory since :func:`peak_start` beyond its baseline, in bytes."""
+    if cuda:
+        import torch
+
+        return torch.cuda.max_memory_allocated() - base
+    return rss_kib("VmHWM") * 1024 - base

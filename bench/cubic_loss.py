@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from _timing import quantiles, rss_kib as _rss_kib
+from _timing import peak_extra_bytes, peak_start, quantiles
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cubic_loss.csv"
 
@@ -67,19 +67,12 @@ def child(cfg: dict) -> dict:
     times, extra = [], 0
     for i in range(cfg["repeats"]):
         if i == 0:  # the first timed step also measures memory (the /proc accesses are microseconds)
-            if cuda:
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            else:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                base = _rss_kib("VmRSS")
+            base = peak_start(cuda)
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
         if i == 0:
-            extra = torch.cuda.max_memory_allocated() - base if cuda else (_rss_kib("VmHWM") - base) * 1024
+            extra = peak_extra_bytes(cuda, base)
     grads = W.numel() * W.element_size() + (F.numel() * F.element_size() if cfg["features_grad"] else 0)
     return {"times": times, "extra_bytes": extra, "grad_bytes": grads}
 

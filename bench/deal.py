@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from _timing import quantiles, rss_kib as _rss_kib
+from _timing import peak_extra_bytes, peak_start, quantiles
 
 RESULTS = Path(__file__).resolve().parent / "results" / "deal.csv"
 K = 5  # concepts per class, as published
@@ -145,19 +145,12 @@ def child(cfg: dict) -> dict:
     for i in range(cfg["repeats"]):
         for m in methods:
             if i == 0:
-                if cuda:
-                    torch.cuda.synchronize()
-                    base = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-                else:
-                    with open("/proc/self/clear_refs", "w") as f:
-                        f.write("5")
-                    base = _rss_kib("VmRSS")
+                base = peak_start(cuda)
             t0 = time.perf_counter()
             steppers[m][1]()
             times[m].append(time.perf_counter() - t0)
             if i == 0:
-                extra[m] = torch.cuda.max_memory_allocated() - base if cuda else (_rss_kib("VmHWM") - base) * 1024
+                extra[m] = peak_extra_bytes(cuda, base)
     params = sum(p.numel() for p in steppers["plain"][0].parameters())
     return {m: {"times": times[m], "extra_bytes": extra[m], "params": params, "threads": torch.get_num_threads()}
             for m in methods}
