@@ -4,11 +4,15 @@ Both steps: forward, symmetric InfoNCE on the concept-augmented captions, backwa
 DEAL step adds the differentiable explanations of the category and its K concepts (``fastcbm.deal.explain``: the
 tower's one pass also gives the image embedding, K+1 batched VJPs through the last stage/block with
 ``create_graph=True``) and the published λ_sep·R_sep + λ_con·R_con + λ_spa·R_spa on them, so its backward also runs
-the double-backward through the explained stage. The step is the body of ``fastcbm.deal.train.train_deal``'s loop
-(one text-tower call over the batch's distinct classes; the plain step encodes only their captions). A third
-variant, ``deal_const_texts``, encodes the K+1 explained texts without gradient, so the regularisers train the image
-tower only: it shows what the text tower's backward over those texts costs. Target: ≤ 1.5× the plain step (the paper
-reports 1.97× per ImageNet epoch with detached, image-replicating explanations).
+the double-backward through the explained stage. The step is the body of ``fastcbm.deal.train.train_deal``'s loop.
+Variants: ``deal`` is the default (``explain_text_grad=False``: the K+1 explained texts are encoded without gradient,
+so the regularisers train the image tower; the captions go through the text tower with gradient as in the plain
+step); ``deal_text_grad`` (``--explain-text-grad``) encodes the captions and explained texts in one text-tower call
+with gradient, so the regularisers also train the text tower — it shows what that backward costs; ``deal_layer3``
+(ResNet towers only) is the default with Grad-CAM on ``layer3`` (``--explain-layer layer3``: batched VJPs through
+layer4 and the pool, no closed form). Before 2026-12-02T07:30 the CSV's ``deal`` rows were the text-gradient form and
+``deal_const_texts`` the current default; they are relabelled ``deal_text_grad`` and ``deal``. Target: ≤ 1.5× the
+plain step (the paper reports 1.97× per ImageNet epoch with detached, image-replicating explanations).
 
 Models: the bundled testbed CLIP (64², ModifiedResNet tower, batch 16) and a randomly initialised open_clip ViT-B-32
 (224², batch 4; quick: 2). Each model runs in its own process holding both methods' copies, their timed steps
@@ -18,7 +22,8 @@ interleaved (plain, DEAL, plain, …) so that a loaded machine slows both alike.
 step's peak beyond the steady state (weights, Adam state and the previous step's gradients), i.e. activations, the
 explanation graph and transients.
 
-    python bench/deal.py [--quick] [--device cpu|cuda] [--models testbed vit-b-32] [--repeats N]
+    python bench/deal.py [--quick] [--device cpu|cuda] [--models testbed vit-b-32] [--repeats N] [--threads N]
+                         [--note TEXT]
 Rows are appended to bench/results/deal.csv.
 """
 
@@ -35,9 +40,13 @@ from _timing import peak_extra_bytes, peak_start, quantiles
 
 RESULTS = Path(__file__).resolve().parent / "results" / "deal.csv"
 K = 5  # concepts per class, as published
-# plain contrastive fine-tuning; DEAL as fastcbm.deal.train runs it (the regularisers' gradient also reaches the text
-# tower through the K+1 explained texts); DEAL with those texts encoded without gradient (image tower only)
-METHODS = ("plain", "deal", "deal_const_texts")
+# plain contrastive fine-tuning; DEAL as fastcbm.deal.train runs it by default (explained texts without gradient: the
+# regularisers train the image tower); DEAL with --explain-text-grad; DEAL with Grad-CAM on layer3 (ResNet towers)
+METHODS = ("plain", "deal", "deal_text_grad", "deal_layer3")
+
+
+def methods_for(name: str) -> tuple[str, ...]:
+    return METHODS if name == "testbed" else tuple(m for m in METHODS if m != "deal_layer3")
 MODELS = {"testbed": {"batch": 16, "quick_batch": 16}, "vit-b-32": {"batch": 4, "quick_batch": 2}}
 
 
@@ -107,11 +116,12 @@ def _stepper(method: str, name: str, x, captions, rows, device):
             if method == "plain":
                 cap_emb = model.encode_text(cap_tokens)[inv]
                 maps, img_emb = None, model.encode_image(x)
-            elif method == "deal_const_texts":  # the explained texts as constants: regularisers train the image tower
+            elif method in ("deal", "deal_layer3"):  # the default: explained texts as constants (image tower only)
                 cap_emb = model.encode_text(cap_tokens)[inv]
                 with torch.no_grad():
                     expl_emb = model.encode_text(expl_tokens).view(c, t, -1)[inv]
-                maps, img_emb = explanations(model, x, expl_emb, return_embedding=True)
+                maps, img_emb = explanations(model, x, expl_emb, return_embedding=True,
+                                             layer="layer3" if method == "deal_layer3" else "layer4")
             else:
                 text = model.encode_text(torch.cat([cap_tokens, expl_tokens]))
                 cap_emb, expl_emb = text[:c][inv], text[c:].view(c, t, -1)[inv]
@@ -136,7 +146,7 @@ def child(cfg: dict) -> dict:
     cuda = device.type == "cuda"
     _, _, size = _model(cfg["model"], device)
     x, captions, rows = _batch(cfg["model"], cfg["batch"], size, device)
-    methods = METHODS
+    methods = methods_for(cfg["model"])
     steppers = {m: _stepper(m, cfg["model"], x, captions, rows, device) for m in methods}
     for _, step in steppers.values():
         step()  # warm-up (allocator, thread pool, Adam state)
@@ -167,7 +177,7 @@ def run_child(cfg: dict) -> dict:
 
 
 def run(quick: bool, device: str, models: list[str] | None = None, repeats: int | None = None,
-        threads: int | None = None) -> list[dict]:
+        threads: int | None = None, note: str | None = None) -> list[dict]:
     """Measure every model's plain and DEAL steps; returns the CSV rows (also for ``python -m bench``)."""
     rows = []
     repeats = repeats or (3 if quick else 7)
@@ -180,7 +190,7 @@ def run(quick: bool, device: str, models: list[str] | None = None, repeats: int 
             continue
         plain_med = quantiles(res["plain"]["times"])[0]
         plain_mem = res["plain"]["extra_bytes"]
-        for method in METHODS:
+        for method in methods_for(name):
             med, p10, p90 = quantiles(res[method]["times"])
             rows.append({"model": name, "method": method, "device": device, "batch": batch, "k": K,
                          "repeats": repeats, "median_s": med, "p10_s": p10, "p90_s": p90,
@@ -189,7 +199,8 @@ def run(quick: bool, device: str, models: list[str] | None = None, repeats: int 
                          "mem_ratio_vs_plain": res[method]["extra_bytes"] / max(plain_mem, 1),
                          "params_m": res[method]["params"] / 1e6, "threads": res[method]["threads"],
                          "quick": quick,
-                         "note": "shared, loaded 2-core machine" if device == "cpu" else ""})
+                         "note": note if note is not None else ("shared, loaded 2-core machine" if device == "cpu"
+                                                                else "")})
     return rows
 
 
@@ -204,7 +215,8 @@ def summarize(rows: list[dict]) -> list[tuple[str, str, str, str, str]]:
             return float("nan")
 
     out = []
-    titles = {"deal": "DEAL training step", "deal_const_texts": "DEAL step, explained texts without gradient"}
+    titles = {"deal": "DEAL training step (default: explained texts without gradient)",
+              "deal_text_grad": "DEAL step with --explain-text-grad", "deal_layer3": "DEAL step, --explain-layer layer3"}
     for method, title in titles.items():
         chosen = latest([r for r in rows if r.get("method") == method],
                         lambda r: (machine(r), r.get("device"), r.get("model")))
@@ -228,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed steps after the warm-up (default 7; quick 3)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads in the measured processes (default: torch's; 1 is steadier on a loaded box)")
+    ap.add_argument("--note", default=None,
+                    help="the CSV rows' note (default on CPU: 'shared, loaded 2-core machine')")
     ap.add_argument("--no-csv", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -237,11 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = run(args.quick, device, args.models, args.repeats, args.threads)
-    print(f"{'model':<10} {'method':<6} {'batch':>5} {'median s':>9} {'p10 s':>8} {'p90 s':>8} {'× plain':>8} "
+    rows = run(args.quick, device, args.models, args.repeats, args.threads, args.note)
+    print(f"{'model':<10} {'method':<14} {'batch':>5} {'median s':>9} {'p10 s':>8} {'p90 s':>8} {'× plain':>8} "
           f"{'extra MiB':>10} {'mem ×':>6}")
     for r in rows:
-        print(f"{r['model']:<10} {r['method']:<6} {r['batch']:>5} {r['median_s']:>9.3f} {r['p10_s']:>8.3f} "
+        print(f"{r['model']:<10} {r['method']:<14} {r['batch']:>5} {r['median_s']:>9.3f} {r['p10_s']:>8.3f} "
               f"{r['p90_s']:>8.3f} {r['time_ratio_vs_plain']:>8.2f} {r['peak_extra_mib']:>10.1f} "
               f"{r['mem_ratio_vs_plain']:>6.2f}")
     if rows and not args.no_csv:

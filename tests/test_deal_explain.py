@@ -89,6 +89,46 @@ def test_batched_equals_per_text_loop(tower, mode, testbed_clip):
             assert_close(a, b, atol=atol, rtol=1e-2, what=f"{tower} {mode} grads")
 
 
+@pytest.mark.parametrize("mode", ["auto", "batched", "expand"])
+def test_resnet_layer3_batched_equals_loop_with_grads(mode, testbed_clip):
+    """``layer="layer3"``: Grad-CAM on layer3 (4×4 on the testbed), its K+1 gradients through layer4 and the pool as
+    batched VJPs (create_graph); equal to one backward per text, maps and their second-order weight gradients."""
+    model = testbed_clip[0]
+    x, t = _inputs(model, B=3, T=5)
+    kind, act, head = E.split_tower(model, x, "layer3")
+    assert act.shape[-2:] == (4, 4)
+    with torch.no_grad():
+        assert_close(head(act), model.encode_image(x), atol=1e-4, rtol=1e-4, what="layer3 head")
+    ref = E.explanations(model, x, t, mode="loop", normalize=False, layer="layer3")
+    got, emb = E.explanations(model, x, t, mode=mode, normalize=False, layer="layer3", return_embedding=True)
+    assert ref.shape == (3, 5, 4, 4) and float(ref.detach().abs().max()) > 0
+    assert_close(got, ref, atol=1e-6, rtol=1e-4, what=f"layer3 {mode} maps")
+    with torch.no_grad():
+        assert_close(emb, model.encode_image(x), atol=1e-4, rtol=1e-4, what="layer3 embedding")
+    # Grad-CAM by hand: α = spatial mean of ∂s_k/∂A3 from plain autograd on the whole tower
+    a3 = E.resnet_trunk(model.visual, x, "layer3").detach().requires_grad_(True)
+    e = E.resnet_head(model.visual.attnpool, model.visual.layer4(a3))
+    s = torch.einsum("bd,btd->bt", torch.nn.functional.normalize(e, dim=-1), torch.nn.functional.normalize(t, dim=-1))
+    alpha = torch.stack([torch.autograd.grad(s[:, k].sum(), a3, retain_graph=True)[0].mean((-2, -1))
+                         for k in range(5)], 1)
+    hand = torch.relu(torch.einsum("btc,bchw->bthw", alpha, a3))
+    assert_close(got.detach(), hand, atol=1e-6, rtol=1e-4, what="layer3 Grad-CAM by hand")
+    p = list(model.visual.parameters())
+    g_ref = torch.autograd.grad((ref ** 2).sum(), p, allow_unused=True)
+    g_got = torch.autograd.grad((got ** 2).sum(), p, allow_unused=True)
+    scale = max(float(b.abs().max()) for b in g_ref if b is not None)
+    for a, b in zip(g_got, g_ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close(a, b, atol=max(1e-3 * float(b.abs().max()), 1e-4 * scale), rtol=1e-2, what="layer3 grads")
+    with pytest.raises(ValueError, match="needs layer='layer4'"):
+        E.explanations(model, x, t, mode="fast", layer="layer3")
+    with pytest.raises(ValueError, match="explain layer must be"):
+        E.explanations(model, x, t, layer="layer2")
+    with pytest.raises(ValueError, match="ResNet image towers only"):
+        E.explanations(tiny_vit_clip(), *_inputs(tiny_vit_clip()), layer="layer3")
+
+
 def test_fast_path_returns_the_towers_embedding_and_falls_back_for_avg_pool(testbed_clip):
     for model in (testbed_clip[0], tiny_vit_clip()):
         x, t = _inputs(model)
@@ -124,9 +164,9 @@ def _reg(maps):
     return sep + 0.5 * con
 
 
-def _fd_check(model, x, t, names, normalize):
+def _fd_check(model, x, t, names, normalize, **kw):
     params = dict(model.named_parameters())
-    loss = _reg(E.explanations(model, x, t, normalize=normalize))
+    loss = _reg(E.explanations(model, x, t, normalize=normalize, **kw))
     grads = torch.autograd.grad(loss, [params[n] for n in names])
     g = torch.Generator().manual_seed(1)
     for name, grad in zip(names, grads):
@@ -139,12 +179,12 @@ def _fd_check(model, x, t, names, normalize):
             eps = 1e-6
             with torch.no_grad():
                 flat[idx] = old + eps
-                up = float(_reg(E.explanations(model, x, t, normalize=normalize, create_graph=False)))
+                up = float(_reg(E.explanations(model, x, t, normalize=normalize, create_graph=False, **kw)))
                 flat[idx] = old - eps
-                dn = float(_reg(E.explanations(model, x, t, normalize=normalize, create_graph=False)))
+                dn = float(_reg(E.explanations(model, x, t, normalize=normalize, create_graph=False, **kw)))
                 flat[idx] = old
             fd = (up - dn) / (2 * eps)
-            got = float(grad.view(-1)[idx])
+            got = float(grad.reshape(-1)[idx])
             assert abs(fd - got) <= 1e-5 + 1e-4 * abs(fd), (name, idx, fd, got)
 
 
@@ -155,6 +195,15 @@ def test_gradient_reaches_resnet_weights_matches_finite_differences():
     x, t = _inputs(model, dtype=torch.float64)
     _fd_check(model, x, t, ["visual.layer1.0.conv1.weight", "visual.layer4.0.conv3.weight",
                             "visual.attnpool.q_proj.weight"], normalize=True)
+
+
+def test_gradient_reaches_resnet_layer3_weights_matches_finite_differences():
+    from fastcbm.models import load_clip
+
+    model = load_clip("testbed")[0].double()
+    x, t = _inputs(model, dtype=torch.float64)
+    _fd_check(model, x, t, ["visual.layer1.0.conv1.weight", "visual.layer4.0.conv3.weight",
+                            "visual.attnpool.q_proj.weight"], normalize=True, layer="layer3")
 
 
 def test_gradient_reaches_vit_weights_matches_finite_differences():

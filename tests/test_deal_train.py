@@ -125,16 +125,31 @@ def test_deal_trains_image_tower_differently_from_plain(scenes, tmp_path):
     assert "visual.layer1.0.conv1.weight" in differ  # the regularisers reach the first stage too
 
 
-def test_explained_texts_without_gradient_train_only_through_captions(scenes, tmp_path):
-    cfg = DealConfig(steps=1, batch_size=6, lr=1e-4, checkpoint_every=0, explain_text_grad=False)
-    report = train_deal(scenes, D.testbed_concepts(), config=cfg, out=tmp_path / "nt", progress=False)
-    full = train_deal(scenes, D.testbed_concepts(), config=DealConfig(steps=1, batch_size=6, lr=1e-4,
-                                                                      checkpoint_every=0), progress=False)
-    assert report["history"][0] == full["history"][0]  # same forward values
+def test_explained_texts_without_gradient_by_default_text_grad_opt_in(scenes, tmp_path):
+    """Default (``explain_text_grad=False``): the K+1 explained texts are constants, so the regularisers train the image
+    tower only and the text tower moves as in plain fine-tuning (captions only); ``explain_text_grad=True`` also sends
+    the regularisers' gradient into the text tower. Same forward values either way."""
     from safetensors.torch import load_file
 
-    w = load_file(str(tmp_path / "nt" / "weights.safetensors"))
-    assert not torch.equal(w["visual.layer1.0.conv1.weight"], _visual_state("testbed")["visual.layer1.0.conv1.weight"])
+    assert DealConfig().explain_text_grad is False
+    cfg = dict(steps=1, batch_size=6, lr=1e-4, checkpoint_every=0)
+    runs = {}
+    for name, kw in (("plain", dict(plain=True)), ("default", {}), ("text_grad", dict(explain_text_grad=True))):
+        runs[name] = train_deal(scenes, D.testbed_concepts(), config=DealConfig(**cfg, **kw), out=tmp_path / name,
+                                progress=False)
+    assert runs["default"]["history"][0] == runs["text_grad"]["history"][0]  # same forward values
+    w = {name: load_file(str(tmp_path / name / "weights.safetensors")) for name in runs}
+    base = _visual_state("testbed")
+    key = "visual.layer1.0.conv1.weight"
+    assert not torch.equal(w["default"][key], base[key])  # the image tower trains
+    text = [k for k in w["plain"] if not k.startswith("visual.")]
+
+    def dist(a, b):
+        return max(float((w[a][k] - w[b][k]).abs().max()) for k in text)
+
+    # text tower: default ≈ plain (only float rounding of the shared contrastive gradient), text_grad moves elsewhere
+    assert dist("default", "plain") < 0.05 * dist("text_grad", "plain"), (dist("default", "plain"),
+                                                                          dist("text_grad", "plain"))
 
 
 def test_resume_equals_uninterrupted_run(scenes, tmp_path):
@@ -236,6 +251,28 @@ def test_cli_train_writes_model_that_load_clip_reads(folder, tmp_path, capsys):
     saved = load_file(str(out / "weights.safetensors"))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     assert tok("a blue circle").shape[-1] == 24  # the base model's tokenizer
+
+
+def test_cli_explain_layer_and_text_grad_flags(folder, tmp_path, capsys):
+    """--explain-layer layer3 and --explain-text-grad reach DealConfig; the output folder records the layer and
+    `fastcbm deal evaluate --model DIR` scores the maps at that layer by default."""
+    from fastcbm.cli import main
+
+    out = tmp_path / "m3"
+    rc = _cli(["--data", str(folder), "--concepts", str(folder / "concepts.json"), "--out", str(out), "--steps", "1",
+               "--batch-size", "4", "--lr", "1e-4", "--explain-layer", "layer3", "--explain-text-grad"])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    cfg = json.loads((out / "train_report.json").read_text())["config"]
+    assert cfg["explain_layer"] == "layer3" and cfg["explain_text_grad"] is True
+    assert json.loads((out / "config.json").read_text())["explain_layer"] == "layer3"
+    rc = main(["deal", "evaluate", "--data", "testbed", "--model", str(out), "--n", "2", "--k", "2",
+               "--localizability-images", "1", "--curve-steps", "2", "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["explain_layer"] == "layer3" and res["map_size"] == [4, 4]
+    with pytest.raises(ValueError, match="explain_layer must be"):
+        DealConfig(explain_layer="layer2").validate()
 
 
 @pytest.mark.parametrize("case,pattern", [

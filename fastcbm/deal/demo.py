@@ -49,6 +49,9 @@ class DealDemoConfig:
     localizability_images: int = 48
     seed: int = 0
     device: str = "cpu"
+    explain_layer: str = "layer4"
+    lambda_sep: float = 0.1
+    lambda_con: float = 0.01
     threads: int | None = 1  # many tiny ops: one thread is faster on a shared small machine, and deterministic
     progress: bool = True
 
@@ -94,7 +97,8 @@ def _run(cfg: DealDemoConfig) -> dict:
     timings: dict[str, float] = {}
     for name, plain in (("plain", True), ("deal", False)):
         dc = DealConfig(lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, plain=plain, k=k,
-                        checkpoint_every=0)
+                        checkpoint_every=0, explain_layer=cfg.explain_layer, lambda_sep=cfg.lambda_sep,
+                        lambda_con=cfg.lambda_con)
         report = train_deal(train_scenes, concepts, "testbed", dc, out / name, resume=False, progress=cfg.progress,
                             device=cfg.device)
         timings[f"{name}_train_s"] = round(report["seconds"], 2)
@@ -103,7 +107,7 @@ def _run(cfg: DealDemoConfig) -> dict:
     for name, (model, _, tok) in models.items():
         t0 = time.perf_counter()
         res = evaluate(model, tok, data, concepts, k=k, localizability_images=cfg.localizability_images,
-                       testbed_masks=True, progress=cfg.progress)
+                       testbed_masks=True, progress=cfg.progress, explain_layer=cfg.explain_layer)
         timings[f"{name}_eval_s"] = round(time.perf_counter() - t0, 2)
         results[name] = res
     # one image's maps from every model: the first evaluation scene whose class object has a part (more to see)
@@ -114,12 +118,14 @@ def _run(cfg: DealDemoConfig) -> dict:
     maps = {}
     for name, (model, _, tok) in models.items():
         emb = encode_texts(model, tok, [texts])
-        maps[name] = explanations(model, data.images[idx:idx + 1].to(cfg.device), emb, create_graph=False)[0].cpu()
+        maps[name] = explanations(model, data.images[idx:idx + 1].to(cfg.device), emb, create_graph=False,
+                                  layer=cfg.explain_layer)[0].cpu()
     raw = scenes.images[idx]
     headline = ("disentanglability", "mean_separation", "localizability", "insertion_auc", "concept_accuracy",
                 "zero_shot_accuracy", "part_miou")
     summary = {
         "method": "deal", "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed,
+        "explain_layer": cfg.explain_layer,
         "eval_images": cfg.n_eval, "localizability_images": min(cfg.localizability_images, cfg.n_eval),
         **{f"{m}_{key}": round(float(results[m][key]), 4) for m in results for key in headline},
         **{f"deal_minus_plain_{key}": round(float(results["deal"][key] - results["plain"][key]), 4)

@@ -165,12 +165,14 @@ def _read_masks(mask_root: Path, files: list[Path], size: int) -> list[dict[str,
 # ---- evaluation --------------------------------------------------------------------------------------------------
 def evaluate(model, tokenizer, data: EvalSet, concepts: dict[str, list[str]], *, k: int = 5, batch_size: int = 32,
              steps: int = 5, curve_steps: int = 20, localizability_images: int | None = None,
-             testbed_masks: bool = False, progress: bool = True) -> dict:
+             testbed_masks: bool = False, progress: bool = True, explain_layer: str = "layer4") -> dict:
     """All DEAL metrics of ``model`` on ``data``; returns a JSON-ready dict.
 
     concepts: ``{class: [descriptors]}`` (the first ``k`` of each class are explained; classes need at least k).
     localizability_images: insertion runs on the first this-many images only (it costs ~20 image-tower passes per
     concept); None = all. testbed_masks: match descriptors to masks with :func:`testbed_descriptor_mask`.
+    explain_layer: the ResNet stage the maps are computed at (:func:`fastcbm.deal.explain.explanations`' ``layer``);
+    score a DEAL model at the stage it was trained on, so the metrics see the maps its regularisers shaped.
     """
     from tqdm import tqdm
 
@@ -199,7 +201,7 @@ def evaluate(model, tokenizer, data: EvalSet, concepts: dict[str, list[str]], *,
         with torch.no_grad():
             text_emb = encode_texts(model, tokenizer, rows)
             img_emb.append(model.encode_image(x).float().cpu())
-        maps = explanations(model, x, text_emb, create_graph=False).detach()
+        maps = explanations(model, x, text_emb, create_graph=False, layer=explain_layer).detach()
         seps.append(M.separation_per_image(maps[:, 1:]).cpu())
         m_loc = max(0, min(sl.stop, n_loc) - start)
         if m_loc:
@@ -212,7 +214,7 @@ def evaluate(model, tokenizer, data: EvalSet, concepts: dict[str, list[str]], *,
            **M.accuracy_with_concepts(torch.cat(img_emb), data.labels, desc_emb, cls_emb),
            "disentanglability": M.disentanglability_from_separation(float(sep.mean())),
            "mean_separation": float(sep.mean()),
-           "map_size": list(maps.shape[-2:])}
+           "explain_layer": explain_layer, "map_size": list(maps.shape[-2:])}
     if ins:
         loc = M.summarize_insertion(ins)
         out.update(localizability=loc["localizability"], insertion_auc=loc["insertion_auc"],

@@ -9,8 +9,10 @@ batched with ``torch.autograd.grad(..., is_grads_batched=True, create_graph=True
 maps are differentiable functions of the tower's weights, so regularisers on them train the tower — unlike the authors'
 released code, which detaches the gradients (``detach=True`` here reproduces that: the maps then carry no graph).
 
-- ResNet (open_clip ``ModifiedResNet``, e.g. the bundled testbed CLIP): Grad-CAM on ``layer4``:
-  map_k = ReLU(Σ_c α_kc A_c), α_kc = spatial mean of ∂s_k/∂A_c.  Shape ``[B, K+1, h, w]`` at layer4's resolution.
+- ResNet (open_clip ``ModifiedResNet``, e.g. the bundled testbed CLIP): Grad-CAM on ``layer4`` (``layer="layer4"``,
+  the default, as published): map_k = ReLU(Σ_c α_kc A_c), α_kc = spatial mean of ∂s_k/∂A_c. Shape ``[B, K+1, h, w]``
+  at layer4's resolution. ``layer="layer3"``: the same Grad-CAM on ``layer3`` (a 2× finer grid); the K+1 gradients
+  then run through ``layer4`` and the attention pool (batched VJPs, ``create_graph`` as ever; no closed form).
 - ViT (open_clip ``VisionTransformer``): the last block's attention is recomputed explicitly from its weights
   (``nn.MultiheadAttention`` is called with ``need_weights=False``); relevance R = mean_heads ReLU(∂s_k/∂A ⊙ A) and the
   map is R's CLS row over the patch tokens, as ``[h, w]`` (the patch grid).
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MODES = ("auto", "fast", "batched", "expand", "loop")
+RESNET_LAYERS = ("layer4", "layer3")  # the ResNet stage Grad-CAM explains (ViT towers: always the last block)
 
 
 def tower_kind(model: nn.Module) -> str:
@@ -40,10 +43,19 @@ def tower_kind(model: nn.Module) -> str:
 
 
 # ---- towers split at the explained activation --------------------------------------------------------------------
-def resnet_trunk(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """``layer4`` output ``[B, C, h, w]`` of an open_clip ModifiedResNet."""
+def resnet_trunk(visual: nn.Module, images: torch.Tensor, layer: str = "layer4") -> torch.Tensor:
+    """``layer4`` (or ``layer3``) output ``[B, C, h, w]`` of an open_clip ModifiedResNet."""
     x = visual.stem(images.to(visual.conv1.weight.dtype))
-    return visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+    x = visual.layer3(visual.layer2(visual.layer1(x)))
+    return x if layer == "layer3" else visual.layer4(x)
+
+
+def check_layer(kind: str, layer: str) -> None:
+    if layer not in RESNET_LAYERS:
+        raise ValueError(f"explain layer must be one of {RESNET_LAYERS}, got {layer!r}")
+    if kind == "vit" and layer != "layer4":
+        raise ValueError(f"explain layer {layer!r} applies to ResNet image towers only (a ViT tower is explained at "
+                         "its last block); use the default 'layer4'")
 
 
 def vit_trunk(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -119,16 +131,19 @@ def resnet_head(pool: nn.Module, act: torch.Tensor) -> torch.Tensor:
     return pool.c_proj(o)
 
 
-def split_tower(model: nn.Module, images: torch.Tensor):
+def split_tower(model: nn.Module, images: torch.Tensor, layer: str = "layer4"):
     """Run the tower once up to the explained activation.
 
-    Returns ``(kind, A, head)`` with ``A`` the explained activation (ResNet: layer4 output ``[B, C, h, w]``; ViT: last
-    block attention ``[B, H, N, N]``) and ``head(A) -> image embedding [B, D]`` (the rest of the tower, a function of A
-    only, so VJPs through it see only the last stage / block)."""
+    Returns ``(kind, A, head)`` with ``A`` the explained activation (ResNet: ``layer`` output ``[B, C, h, w]``; ViT:
+    last block attention ``[B, H, N, N]``) and ``head(A) -> image embedding [B, D]`` (the rest of the tower, a
+    function of A only, so VJPs through it see only the last stage(s) / block)."""
     kind = tower_kind(model)
+    check_layer(kind, layer)
     visual = model.visual
     if kind == "resnet":
-        act = resnet_trunk(visual, images)
+        act = resnet_trunk(visual, images, layer)
+        if layer == "layer3":
+            return kind, act, (lambda a: resnet_head(visual.attnpool, visual.layer4(a)))
         return kind, act, (lambda a: resnet_head(visual.attnpool, a))
     x = vit_trunk(visual, images)
     probs = last_block_attention(visual.transformer.resblocks[-1], x)
@@ -252,7 +267,7 @@ def _minmax(maps: torch.Tensor) -> torch.Tensor:
 
 def explanations(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor, *, create_graph: bool = True,
                  normalize: bool = True, detach: bool = False, mode: str = "auto",
-                 return_embedding: bool = False):
+                 return_embedding: bool = False, layer: str = "layer4"):
     """Concept explanation maps ``[B, K+1, h, w]`` of ``model``'s image tower.
 
     images: normalised ``[B, 3, S, S]``; text_emb: ``[B, K+1, D]`` (row 0 the category, rows 1..K the concepts; any
@@ -260,7 +275,9 @@ def explanations(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
     ``normalize``: min-max each map (+1e-8). ``detach=True``: the authors' released form (gradient and activation
     detached): the maps carry no gradient to any weight. ``mode``: ``"auto"`` (default) takes the fast path where it
     applies (``"fast"``: ResNet :func:`resnet_alpha`, CLS-pooled ViT :func:`vit_cls_grads`), else ``"batched"``; the
-    autograd modes are described at :func:`score_grads` (``"loop"`` is the reference). ``h, w``: layer4's
+    autograd modes are described at :func:`score_grads` (``"loop"`` is the reference). ``layer``: the ResNet stage
+    Grad-CAM explains, ``"layer4"`` (default, as published) or ``"layer3"`` (2× finer grid; its gradients run
+    through layer4 and the pool, so it has no fast path: ``"auto"`` means ``"batched"``). ``h, w``: that stage's
     resolution (ResNet) or the patch grid (ViT)."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, S, S], got {tuple(images.shape)}")
@@ -271,7 +288,11 @@ def explanations(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     visual = model.visual
-    fast = mode == "fast" or (mode == "auto" and (kind == "resnet" or vit_fast_applicable(visual)))
+    check_layer(kind, layer)
+    if mode == "fast" and layer != "layer4":
+        raise ValueError(f"mode='fast' (closed-form Grad-CAM weights) needs layer='layer4', got {layer!r}")
+    fast = mode == "fast" or (mode == "auto" and ((kind == "resnet" and layer == "layer4")
+                                                  or (kind == "vit" and vit_fast_applicable(visual))))
     if mode == "auto" and not fast:
         mode = "batched"
     if fast and kind == "vit" and not vit_fast_applicable(visual):
@@ -299,7 +320,7 @@ def explanations(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
             gh, gw = _grid(visual, rel.shape[-1] - 1)
             maps = rel[:, :, 1:].reshape(*rel.shape[:2], gh, gw)
         else:
-            kind, act, head = split_tower(model, images)
+            kind, act, head = split_tower(model, images, layer)
             emb = head(act) if return_embedding else None
             grads = score_grads(act, head, text_emb, create_graph=keep, mode=mode, emb=emb)
             if not keep:
