@@ -119,6 +119,42 @@ def test_training_learns_the_clip_embedding(caches, tmp_path):
     assert not (tmp_path / "m" / "checkpoint.safetensors").exists()
 
 
+def test_standardized_training_folds_into_a_raw_z_translator(caches, tmp_path):
+    """standardize=True trains on (z − μ)/σ and folds μ, σ into the first layer: the saved model takes raw z_cat and
+    reproduces the reported validation cosine; the folded layer equals the standardised one exactly."""
+    from fastcbm.cefam.model import load_cefam
+    from fastcbm.cefam.train import _column_stats, _fold_standardization, _Rows
+    from fastcbm.cefam.translator import Translator
+    from fastcbm.salf.data import split_rows
+
+    _, _, cache, _ = caches
+    _, rep = train_translator_run(cache, tmp_path / "m", max_epochs=25, standardize=True)
+    assert rep["standardize"] is True and rep["config"]["standardize"] is True
+    tr, va = split_rows(len(cache), 0.1, 0)
+    assert rep["best"]["val_cos"] > max(0.7, _trivial_cos(cache, tr, va) + 0.05)
+    z = cache.z_cat(va).float()
+    with torch.no_grad():
+        h = load_cefam(tmp_path / "m").translator(z)
+    cos = torch.nn.functional.cosine_similarity(h, cache.global_embeddings(va, scaled=True), dim=-1).mean()
+    assert abs(float(cos) - rep["best"]["val_cos"]) < 1e-5
+    mu, sigma = _column_stats(_Rows(cache, None, torch.device("cpu")), tr.numpy())
+    assert_close(mu, cache.z_cat(tr).float().mean(0), atol=1e-5, rtol=1e-5, what="column means")
+    torch.manual_seed(0)
+    t = Translator(z.shape[1], cache.dim)
+    with torch.no_grad():
+        want = t((z - mu) / sigma)
+        _fold_standardization(t, mu, sigma)
+        assert_close(t(z), want, atol=1e-4, rtol=1e-4, what="folded translator")
+
+    def stop(epoch, _row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # a default run's checkpoint is not resumed by a standardised one
+        train_translator_run(cache, tmp_path / "c", max_epochs=2, on_epoch=stop)
+    with pytest.raises(ValueError, match="other training settings"):
+        train_translator_run(cache, tmp_path / "c", max_epochs=2, standardize=True)
+
+
 def train_translator_run(cache, out, **kw):
     from fastcbm.cefam import train_translator
 

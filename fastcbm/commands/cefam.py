@@ -67,6 +67,10 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--val-fraction", type=float, default=0.1,
                    help="seeded share of the cache held out for validation (default 0.1)")
     t.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the shuffling")
+    t.add_argument("--standardize", action="store_true",
+                   help="train on per-channel standardised z_cat (mean/std of the training rows), folded into the "
+                        "first layer when done: the saved model takes raw z_cat. Not in the released code (an "
+                        "option; on the testbed it lifts val cosine 0.85 -> 0.92)")
     t.add_argument("--no-resume", action="store_true",
                    help="refuse to continue from a checkpoint in --out (default: a rerun resumes)")
     t.add_argument("--overwrite", action="store_true", help="replace a model or checkpoint already in --out")
@@ -88,7 +92,7 @@ def run_train(args: argparse.Namespace) -> int:
         lam_sim=args.lam_sim, lr=args.lr, warmup=args.warmup, warmup_lr=args.warmup_lr,
         warmup_epochs=args.warmup_epochs, plateau_patience=args.plateau_patience, early_stop=args.early_stop,
         max_epochs=args.max_epochs, batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
-        resume=not args.no_resume, overwrite=args.overwrite, templates=tuple(args.template or ("{}",)),
+        resume=not args.no_resume, overwrite=args.overwrite, standardize=args.standardize, templates=tuple(args.template or ("{}",)),
         device=args.device, progress=not args.no_progress)
     best = report["best"]
     print(json.dumps({"model": str(args.out), "classifier": report["classifier"], "layers": report["layers"],
