@@ -130,6 +130,11 @@ def test_evaluate_against_loop_reference(tiny):
     assert set(res["clip_dissect"]["neurons"]) == set(ps["concepts"])
     assert 0.0 <= res["clip_dissect"]["mean"]["hit_rate"] <= 1.0
     assert set(res["cefam"]["per_layer"]) == set(LAYERS)
+    diag = res["cefam"]["stage_diagnostics"]
+    assert set(diag) == set(LAYERS) and all(v["z_channel_std"] > 0 for v in diag.values())
+    assoc = torch.tensor(ps["association"])
+    assert torch.equal(assoc.argmax(1), torch.tensor(ps["chosen"]))
+    assert [diag[n]["association_mean"] for n in LAYERS] == pytest.approx(assoc.mean(0).tolist(), abs=1e-4)
 
 
 def test_evaluate_bad_input(tiny):

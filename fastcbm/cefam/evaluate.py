@@ -256,6 +256,8 @@ def evaluate_cefam(model, dataset, *, text_emb: torch.Tensor, clip_model=None, c
     t0 = time.perf_counter()
     cefam_rows, base_rows = _PairScores(), _PairScores()
     chosen_all: list[torch.Tensor] = []
+    assoc_all: list[torch.Tensor] = []
+    z_spread: list[torch.Tensor] = []
     pair_types: list[str] = []
     pair_keys: list[str] = []
     pair_names: list[str] = []
@@ -287,6 +289,10 @@ def evaluate_cefam(model, dataset, *, text_emb: torch.Tensor, clip_model=None, c
                                        method=cfg.method, kind=c.kind, num_prefix_tokens=c.num_prefix_tokens,
                                        grads=grads)
             chosen_all.append(assoc[img_idx, con_idx].argmax(-1).cpu())
+            assoc_all.append(assoc[img_idx, con_idx].detach().cpu())
+            with torch.no_grad():  # per image, the spread over channels of each pooled stage (the masking's scale)
+                widths = [grads.maps[n].shape[1] for n in layers]
+                z_spread.append(torch.stack([zl.std(dim=1) for zl in grads.z.split(widths, dim=1)], dim=1).cpu())
             sel_col = torch.tensor([col[int(t)] for t in con_idx])
             per_layer = [_score_maps(list(maps[layer][img_idx, sel_col].detach().cpu()), masks, cfg.backend)
                          for layer in layers]
@@ -333,6 +339,12 @@ def evaluate_cefam(model, dataset, *, text_emb: torch.Tensor, clip_model=None, c
             "per_layer": {layer: summarize(pair_types, rows["nra"][:, i], rows["nra_paper"][:, i], rows["epg"][:, i],
                                            rows["has"][:, i])["mean"] for i, layer in enumerate(layers)},
             "association_variant": cfg.association_variant,
+            # why a stage wins: its mean association score over the pairs, and the spread over channels of its
+            # pooled activations z^l (masking replaces the top channels by the channel mean, so a stage whose z^l
+            # spreads wider perturbs the translator input more, whatever the concept)
+            "stage_diagnostics": {layer: {"association_mean": round(float(a), 4), "z_channel_std": round(float(z), 4)}
+                                  for layer, a, z in zip(layers, torch.cat(assoc_all).mean(0).tolist(),
+                                                         torch.cat(z_spread).mean(0).tolist())},
         },
     }
     if dissection is not None:
@@ -344,7 +356,8 @@ def evaluate_cefam(model, dataset, *, text_emb: torch.Tensor, clip_model=None, c
                                              for t in sorted(seen)}
     if cfg.keep_pairs:
         result["pair_scores"] = {"keys": pair_keys, "concepts": pair_names, "types": pair_types,
-                                 "chosen": chosen.tolist(), **{k: v.tolist() for k, v in rows.items()}}
+                                 "chosen": chosen.tolist(), "association": torch.cat(assoc_all).tolist(),
+                                 **{k: v.tolist() for k, v in rows.items()}}
         if dissection is not None:
             result["pair_scores"]["clip_dissect"] = {k: v[:, 0].tolist() for k, v in b.items()}
     result["seconds"] = {k: round(v, 2) for k, v in timings.items()}
