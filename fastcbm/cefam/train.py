@@ -244,7 +244,8 @@ def train_translator(cache: str | os.PathLike, out: str | os.PathLike | None, *,
                      plateau_patience: int = 6, early_stop: int = 10, max_epochs: int = 150, batch_size: int = 256,
                      val_fraction: float = 0.1, seed: int = 0, resume: bool = True, overwrite: bool = False,
                      standardize: bool = False, templates: Sequence[str] = ("{}",),
-                     device: str | torch.device = "auto", progress: bool = True, threads: int | None = None, on_epoch: Callable[[int, dict], None] | None = None
+                     device: str | torch.device = "auto", progress: bool = True, threads: int | None = None,
+                     on_epoch: Callable[[int, dict], None] | None = None
                      ) -> tuple[CEFAM, dict]:
     """Train a translator on a cache made with ``fastcbm precompute --cefam-classifier NAME``.
 
