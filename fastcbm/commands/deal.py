@@ -75,7 +75,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--explain-text-grad", action="store_true",
                    help="also send the regularisers' gradient into the text tower through the K+1 explained texts "
                         "(default: those texts are encoded without gradient, so the regularisers train the image "
-                        "tower only; about 2x the cost of a plain step on a ViT-B/32 instead of 1.1x)")
+                        "tower only; 2.5x the cost of a plain step on a ViT-B/32-shaped model instead of 1.5x)")
     t.add_argument("--explain-layer", choices=("layer4", "layer3"), default="layer4",
                    help="ResNet towers: the stage Grad-CAM explains (default layer4, as published; layer3: a 2x finer "
                         "grid, gradients through layer4). ViT towers: always the last block")

@@ -51,7 +51,7 @@ class DealConfig:
     False): the K+1 explained texts are encoded without gradient, so the regularisers train the image tower (what
     DEAL's explanations are for; the text tower still trains through the captions); True also sends the
     regularisers' gradient into the text tower through those texts — most of a DEAL step's extra cost on big text
-    towers (bench/deal.py: 2.1–2.4× a plain step on a ViT-B/32-shaped model, against 1.1× without).
+    towers (bench/deal.py: 2.5× a plain step on a ViT-B/32-shaped model, against 1.5× without).
     ``explain_layer``: the ResNet stage Grad-CAM explains, ``"layer4"`` (as published) or ``"layer3"`` (2× finer
     grid; gradients through layer4 and the pool); ViT towers are always explained at their last block."""
 
