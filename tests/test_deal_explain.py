@@ -76,17 +76,21 @@ def test_batched_equals_per_text_loop(tower, mode, testbed_clip):
     assert float(ref.detach().abs().max()) > 0
     assert_close(got, ref, atol=1e-6, rtol=1e-4, what=f"{tower} {mode} maps")
     # and their gradients w.r.t. the weights (second order through the head)
-    p = [q for q in model.visual.parameters()]
+    _assert_same_weight_grads(model, got, ref, what=f"{tower} {mode} grads")
+
+
+def _assert_same_weight_grads(model, got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """The image tower's weight gradients of Σ got² and Σ ref² agree. fp32, different summation orders: tolerance on
+    the scale of each tensor, floored at the global scale because attnpool.k_proj.bias has an exactly-zero true
+    gradient (softmax shift invariance) and only rounding noise."""
+    p = list(model.visual.parameters())
     g_ref = torch.autograd.grad((ref ** 2).sum(), p, allow_unused=True)
     g_got = torch.autograd.grad((got ** 2).sum(), p, allow_unused=True)
-    # fp32, different summation orders; tolerance on the scale of each tensor, floored at the global scale because
-    # attnpool.k_proj.bias has an exactly-zero true gradient (softmax shift invariance) and only rounding noise
     scale = max(float(b.abs().max()) for b in g_ref if b is not None)
     for a, b in zip(g_got, g_ref):
         assert (a is None) == (b is None)
         if a is not None:
-            atol = max(1e-3 * float(b.abs().max()), 1e-4 * scale)
-            assert_close(a, b, atol=atol, rtol=1e-2, what=f"{tower} {mode} grads")
+            assert_close(a, b, atol=max(1e-3 * float(b.abs().max()), 1e-4 * scale), rtol=1e-2, what=what)
 
 
 @pytest.mark.parametrize("mode", ["auto", "batched", "expand"])
@@ -113,14 +117,7 @@ def test_resnet_layer3_batched_equals_loop_with_grads(mode, testbed_clip):
                          for k in range(5)], 1)
     hand = torch.relu(torch.einsum("btc,bchw->bthw", alpha, a3))
     assert_close(got.detach(), hand, atol=1e-6, rtol=1e-4, what="layer3 Grad-CAM by hand")
-    p = list(model.visual.parameters())
-    g_ref = torch.autograd.grad((ref ** 2).sum(), p, allow_unused=True)
-    g_got = torch.autograd.grad((got ** 2).sum(), p, allow_unused=True)
-    scale = max(float(b.abs().max()) for b in g_ref if b is not None)
-    for a, b in zip(g_got, g_ref):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert_close(a, b, atol=max(1e-3 * float(b.abs().max()), 1e-4 * scale), rtol=1e-2, what="layer3 grads")
+    _assert_same_weight_grads(model, got, ref, what="layer3 grads")
     with pytest.raises(ValueError, match="needs layer='layer4'"):
         E.explanations(model, x, t, mode="fast", layer="layer3")
     with pytest.raises(ValueError, match="explain layer must be"):
@@ -225,7 +222,7 @@ def test_detached_form_sends_exactly_zero_gradient(tower, testbed_clip):
     # inside a loss that does train the tower, the detached regulariser adds exactly zero gradient
     emb = model.encode_image(x)
     base = emb.pow(2).sum()
-    g_base = torch.autograd.grad(base, params, allow_unused=True, retain_graph=True)
+    g_base = torch.autograd.grad(base, params, allow_unused=True)
     g_both = torch.autograd.grad(base + _reg(detached), params, allow_unused=True)
     for a, b in zip(g_base, g_both):
         assert (a is None and b is None) or torch.equal(a, b)
