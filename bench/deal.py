@@ -47,6 +47,8 @@ METHODS = ("plain", "deal", "deal_text_grad", "deal_layer3")
 
 def methods_for(name: str) -> tuple[str, ...]:
     return METHODS if name == "testbed" else tuple(m for m in METHODS if m != "deal_layer3")
+
+
 MODELS = {"testbed": {"batch": 16, "quick_batch": 16}, "vit-b-32": {"batch": 4, "quick_batch": 2}}
 
 
@@ -199,8 +201,7 @@ def run(quick: bool, device: str, models: list[str] | None = None, repeats: int 
                          "mem_ratio_vs_plain": res[method]["extra_bytes"] / max(plain_mem, 1),
                          "params_m": res[method]["params"] / 1e6, "threads": res[method]["threads"],
                          "quick": quick,
-                         "note": note if note is not None else ("shared, loaded 2-core machine" if device == "cpu"
-                                                                else "")})
+                         "note": note if note is not None else os.environ.get("FASTCBM_BENCH_NOTE", "")})
     return rows
 
 
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads in the measured processes (default: torch's; 1 is steadier on a loaded box)")
     ap.add_argument("--note", default=None,
-                    help="the CSV rows' note (default on CPU: 'shared, loaded 2-core machine')")
+                    help="the CSV rows' note, e.g. 'shared, loaded 2-core machine' (default: $FASTCBM_BENCH_NOTE, "
+                         "as `python -m bench --note` sets it)")
     ap.add_argument("--no-csv", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
