@@ -12,19 +12,20 @@ from fastcbm.cli import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_deal_demo_tiny(tmp_path):
+def test_deal_demo_tiny(tmp_path, capsys):
     from fastcbm.deal.demo import DealDemoConfig, run_deal_demo
 
     out = tmp_path / "demo"
-    s = run_deal_demo(DealDemoConfig(out=out, steps=2, batch_size=8, n_train=32, n_eval=6,
+    s = run_deal_demo(DealDemoConfig(out=out, steps=2, batch_size=8, n_train=32, n_eval=6, n_accuracy=10,
                                      localizability_images=2, progress=False))
+    assert s["k"] == 3 and s["concepts"].startswith("distinct") and s["accuracy_images"] == 10
     for m in ("base", "plain", "deal"):
         for key in ("disentanglability", "localizability", "concept_accuracy", "zero_shot_accuracy", "part_miou"):
             assert 0.0 <= s[f"{m}_{key}"] <= 1.0, (m, key)
     assert s["deal_minus_plain_disentanglability"] == pytest.approx(
         s["deal_disentanglability"] - s["plain_disentanglability"], abs=2e-4)
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 * 7  # 3 models × (image + category + 5 concepts)
+    assert page.count("data:image/png;base64,") == 3 * 5  # 3 models × (image + category + 3 concepts)
     assert "accuracy with concepts" in page and "part mIoU" in page
     saved = json.loads((out / "summary.json").read_text())
     assert set(saved["results"]) == {"base", "plain", "deal"}
@@ -33,6 +34,15 @@ def test_deal_demo_tiny(tmp_path):
     deal = json.loads((out / "deal" / "train_report.json").read_text())
     assert plain["steps"] == deal["steps"] == 2
     assert deal["final"]["separation"] > 0 and plain["final"]["separation"] == 0
+    # a DEAL output folder is scored with the concepts it was trained on unless --concepts / --k say otherwise
+    assert json.loads((out / "deal" / "config.json").read_text())["concepts"]["blue circle"] == ["circle", "border",
+                                                                                                 "dot"]
+    assert main(["deal", "evaluate", "--data", "testbed", "--model", str(out / "deal"), "--n", "2",
+                 "--localizability-images", "0", "--device", "cpu", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["k"] == 3
+    assert main(["deal", "evaluate", "--data", "testbed", "--model", str(out / "deal"), "--n", "2", "--k", "5",
+                 "--localizability-images", "0", "--device", "cpu", "--no-progress"]) == 2
+    assert "config.json: class 'blue circle' has 3 descriptors, fewer than k=5" in capsys.readouterr().err
 
 
 def test_demo_cli_dispatches_to_deal(monkeypatch, tmp_path, capsys):
@@ -121,34 +131,39 @@ def test_deal_lowers_separation_vs_plain_same_steps(tmp_path):
     assert sep[False] < sep[True] - 0.2, sep
 
 
-def test_deal_layer3_raises_localizability_and_part_miou_vs_plain(tmp_path):
-    """The issue's localisation claims, on the testbed at the demo's explanation stage (layer3, 4×4 maps): DEAL raises
-    disentanglability, localizability and part mIoU over plain fine-tuning with the same steps, data order and
-    captions. Cheap version of `python -m fastcbm.deal.demo 0 1 2` (there: +0.270, +0.060, +0.041, every seed);
-    here 20 steps at lr 1e-4, 64 evaluation scenes (insertion on 16); measured DEAL − plain, two training seeds:
-    disentanglability +0.173 / +0.054, localizability +0.085 / +0.042, part mIoU +0.032 / +0.017 (seed 0 is this
-    test). Accuracy with concepts is not asserted: it is not reliably kept (demo: −0.018 ± 0.013)."""
+def test_deal_demo_settings_raise_localisation_without_lowering_accuracy(tmp_path):
+    """The issue's quality claim at the demo's settings (layer3 maps, lr 3e-5, 60 steps of 32, the testbed's distinct
+    concepts shape / border / dot): DEAL raises disentanglability, localizability and part mIoU over plain
+    fine-tuning with the same steps, data order and captions, and accuracy with concepts does not drop (on 1,024
+    fresh scenes). `python -m fastcbm.deal.demo 0 1 2` measures the same on more scenes and seeds (its module
+    docstring). Measured here, DEAL − plain: disentanglability +0.065, localizability +0.031, part mIoU +0.033,
+    accuracy with concepts 0.000 (the six-descriptor set, whose shape/colour/texture share pixels, lowers accuracy
+    by 0.3–2.3 points at these settings, ten seeds)."""
     from fastcbm.data import synthetic as S
     from fastcbm.deal.data import testbed_concepts
-    from fastcbm.deal.demo import DEMO_LAYER
-    from fastcbm.deal.evaluate import evaluate, testbed_set
+    from fastcbm.deal.demo import DEMO_LAYER, DEMO_LR, DEMO_STEPS
+    from fastcbm.deal.evaluate import accuracy, evaluate, testbed_set
     from fastcbm.deal.train import DealConfig, load_deal_clip, train_deal
 
     assert DEMO_LAYER == "layer3"
-    concepts = testbed_concepts()
-    train = S.generate(20 * 16, seed=S.TRAINING_SEED_LIMIT + 72_000)
+    concepts = testbed_concepts(distinct=True)
+    train = S.generate(2048, seed=S.TRAINING_SEED_LIMIT + 72_000)
     data = testbed_set(64, seed=S.TRAINING_SEED_LIMIT + 73_000)
+    acc_data = testbed_set(1024, seed=S.TRAINING_SEED_LIMIT + 74_000)
     res = {}
     for plain in (True, False):
         out = tmp_path / ("plain" if plain else "deal")
-        train_deal(train, concepts, "testbed", DealConfig(lr=1e-4, steps=20, batch_size=16, plain=plain,
-                                                          checkpoint_every=0, explain_layer=DEMO_LAYER),
+        train_deal(train, concepts, "testbed", DealConfig(lr=DEMO_LR, steps=DEMO_STEPS, batch_size=32, k=3,
+                                                          plain=plain, checkpoint_every=0, explain_layer=DEMO_LAYER),
                    out, resume=False, progress=False)
         model, _, tok = load_deal_clip(out)
-        res[plain] = evaluate(model, tok, data, concepts, localizability_images=16, testbed_masks=True,
+        res[plain] = evaluate(model, tok, data, concepts, k=3, localizability_images=48, testbed_masks=True,
                               progress=False, explain_layer=DEMO_LAYER)
-    diff = {k: res[False][k] - res[True][k] for k in ("disentanglability", "localizability", "part_miou")}
+        res[plain].update(accuracy(model, tok, acc_data, concepts, k=3))
+    diff = {k: res[False][k] - res[True][k]
+            for k in ("disentanglability", "localizability", "part_miou", "concept_accuracy")}
     assert res[False]["map_size"] == [4, 4]
-    assert diff["disentanglability"] > 0.05, diff
-    assert diff["localizability"] > 0.02, diff
+    assert diff["disentanglability"] > 0.02, diff
+    assert diff["localizability"] > 0.01, diff
     assert diff["part_miou"] > 0.01, diff
+    assert diff["concept_accuracy"] > -0.01, diff

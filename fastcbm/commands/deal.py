@@ -125,10 +125,12 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="'testbed' (fresh synthetic scenes with concept masks), an ImageFolder DIR/<class>/<image>, "
                         "or a mask folder DIR/images/<class>/<name>.jpg + DIR/masks/<name>/<concept>.png")
     e.add_argument("--concepts", type=Path, default=None,
-                   help="JSON {class: [descriptors]} (default for --data testbed: the testbed's descriptors)")
+                   help="JSON {class: [descriptors]} (default: the concepts a DEAL output folder was trained with; "
+                        "for another model with --data testbed, the testbed's six descriptors per class)")
     e.add_argument("--model", default="testbed", help="'testbed', an open_clip name, or a DEAL output folder")
     e.add_argument("--pretrained", default=None, help="open_clip pretrained tag")
-    e.add_argument("--k", type=int, default=5, help="descriptors per class (default 5)")
+    e.add_argument("--k", type=int, default=None,
+                   help="descriptors per class (default: the DEAL output folder's k, else 5)")
     e.add_argument("--n", type=int, default=200, help="testbed scenes (default 200)")
     e.add_argument("--seed", type=int, default=None, help="testbed scene seed (default: a fixed evaluation seed)")
     e.add_argument("--batch-size", type=int, default=32)
@@ -151,14 +153,22 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from fastcbm.distributed import resolve_device
     from fastcbm.models import load_clip
 
-    if args.k < 1 or args.n < 1 or args.batch_size < 1:
+    cfg_file = Path(args.model) / "config.json"
+    saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    saved = saved if saved.get("format") == "fastcbm-deal" else {}
+    k = args.k if args.k is not None else int(saved.get("k", 5))
+    if k < 1 or args.n < 1 or args.batch_size < 1:
         raise ValueError("--k, --n and --batch-size must be >= 1")
     device = resolve_device(args.device)
     testbed = args.data == "testbed"
-    if args.concepts is None and not testbed:
-        raise ValueError("--concepts: required unless --data testbed")
-    concepts = (deal_data.load_concepts_json(args.concepts, args.k) if args.concepts is not None
-                else deal_data.testbed_concepts())
+    if args.concepts is not None:
+        concepts = deal_data.load_concepts_json(args.concepts, k)
+    elif saved.get("concepts"):  # a DEAL model is scored with the concepts it was trained on
+        concepts = deal_data.select_concepts(saved["concepts"], k, source=str(cfg_file))
+    elif testbed:
+        concepts = deal_data.testbed_concepts()
+    else:
+        raise ValueError("--concepts: required unless --data testbed or --model is a DEAL output folder")
     model, preprocess, tokenizer = load_clip(args.model, args.pretrained, device=str(device))
     if testbed:
         data = testbed_set(args.n, seed=args.seed)
@@ -168,12 +178,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     display = [deal_data.class_display_name(c, concepts) for c in data.class_names]
     concepts = {d: per_class[c] for c, d in zip(data.class_names, display)}
     data.class_names = display
-    layer = args.explain_layer
-    if layer is None:
-        cfg_file = Path(args.model) / "config.json"
-        saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-        layer = saved.get("explain_layer", "layer4") if saved.get("format") == "fastcbm-deal" else "layer4"
-    result = evaluate(model, tokenizer, data, concepts, k=args.k, batch_size=args.batch_size, explain_layer=layer,
+    layer = args.explain_layer or saved.get("explain_layer", "layer4")
+    result = evaluate(model, tokenizer, data, concepts, k=k, batch_size=args.batch_size, explain_layer=layer,
                       steps=args.insertion_steps, curve_steps=args.curve_steps,
                       localizability_images=args.localizability_images, testbed_masks=testbed,
                       progress=not args.no_progress)

@@ -59,12 +59,21 @@ def captions(class_name: str, descriptors: list[str], form: str = "code") -> str
     return f"An image of {class_name} with {listed}"
 
 
-def testbed_concepts() -> dict[str, list[str]]:
-    """Six descriptors for each of the synthetic testbed's 12 classes ("blue circle", ...), from its generator: the
-    class object's shape and colour, its optional parts (border, dot) and the two patterned textures — every word is
-    in the testbed tokenizer's vocabulary and every descriptor has a ground-truth concept mask where present."""
+def testbed_concepts(distinct: bool = False) -> dict[str, list[str]]:
+    """Descriptors for each of the synthetic testbed's 12 classes ("blue circle", ...), from its generator; every word
+    is in the testbed tokenizer's vocabulary and every descriptor has a ground-truth concept mask where present.
+
+    ``distinct=False``: six per class, the class object's shape and colour, its optional parts (border, dot) and the two
+    patterned textures (the authors' format holds six, of which DEAL uses the first five). Shape, colour and texture
+    name the *same* pixels (the class object), so DEAL's separation term pushes apart maps whose true regions coincide.
+    ``distinct=True``: three per class that occupy different pixels — the object's shape, its border, its dot — as
+    DEAL's concepts are meant to be (the authors ask their LLM for "discriminative visual features with minimum
+    overlap"); the DEAL demo uses these (``k=3``; the testbed has no more non-overlapping descriptors per class).
+    """
     from fastcbm.data import synthetic as S
 
+    if distinct:
+        return {f"{color} {shape}": [shape, "border", "dot"] for shape, color in S.class_concepts()}
     return {f"{color} {shape}": [shape, color, "border", "dot", "striped", "checkered"]
             for shape, color in S.class_concepts()}
 

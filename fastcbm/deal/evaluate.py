@@ -178,18 +178,12 @@ def evaluate(model, tokenizer, data: EvalSet, concepts: dict[str, list[str]], *,
 
     from fastcbm.deal.explain import encode_texts, explanations
 
-    for c in data.class_names:
-        if len(concepts.get(c, [])) < k:
-            raise ValueError(f"concepts: the class {c!r} has {len(concepts.get(c, []))} descriptors, {k} needed")
+    desc = _descriptors(data, concepts, k)
     model.eval()
     device = next(model.parameters()).device
     n = len(data)
     n_loc = n if localizability_images is None else min(n, localizability_images)
-    desc = {c: list(concepts[c][:k]) for c in data.class_names}
-    with torch.no_grad():
-        sentences = M.descriptor_sentences(data.class_names, desc)
-        desc_emb = [encode_texts(model, tokenizer, [s])[0] for s in sentences]
-        cls_emb = encode_texts(model, tokenizer, [[M.CLASS_TEMPLATE.format(cls=c) for c in data.class_names]])[0]
+    desc_emb, cls_emb = _accuracy_texts(model, tokenizer, data.class_names, desc)
     seps, ins, img_emb = [], [], []
     parts = M.PartIoU(sorted({d for c in data.class_names for d in desc[c]})) if data.masks is not None else None
     bar = tqdm(range(0, n, batch_size), desc="deal evaluate", unit="batch", disable=not progress)
@@ -223,6 +217,37 @@ def evaluate(model, tokenizer, data: EvalSet, concepts: dict[str, list[str]], *,
         p = parts.compute()
         out.update({"part_miou": p["part_miou"], "part_pairs": p["pairs"], "part_iou_per_concept": p["per_concept"]})
     return out
+
+
+def _descriptors(data: EvalSet, concepts: dict[str, list[str]], k: int) -> dict[str, list[str]]:
+    for c in data.class_names:
+        if len(concepts.get(c, [])) < k:
+            raise ValueError(f"concepts: the class {c!r} has {len(concepts.get(c, []))} descriptors, {k} needed")
+    return {c: list(concepts[c][:k]) for c in data.class_names}
+
+
+@torch.no_grad()
+def _accuracy_texts(model, tokenizer, class_names: list[str], desc: dict[str, list[str]]):
+    """Per class its descriptor-sentence embeddings ``[k, D]`` and the class prompts ``[C, D]`` (eq. 6, zero-shot)."""
+    from fastcbm.deal.explain import encode_texts
+
+    desc_emb = [encode_texts(model, tokenizer, [s])[0] for s in M.descriptor_sentences(class_names, desc)]
+    cls_emb = encode_texts(model, tokenizer, [[M.CLASS_TEMPLATE.format(cls=c) for c in class_names]])[0]
+    return desc_emb, cls_emb
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, data: EvalSet, concepts: dict[str, list[str]], *, k: int = 5,
+             batch_size: int = 256) -> dict[str, float]:
+    """Only :func:`evaluate`'s accuracies (with concepts, eq. 6, and zero-shot): one image-tower pass per image and no
+    explanations, so it affords the thousands of images that resolve differences of a point or less."""
+    desc = _descriptors(data, concepts, k)
+    model.eval()
+    device = next(model.parameters()).device
+    desc_emb, cls_emb = _accuracy_texts(model, tokenizer, data.class_names, desc)
+    img = torch.cat([model.encode_image(data.images[i:i + batch_size].to(device)).float().cpu()
+                     for i in range(0, len(data), batch_size)])
+    return M.accuracy_with_concepts(img, data.labels, desc_emb, cls_emb)
 
 
 def _update_parts(parts: M.PartIoU, maps: torch.Tensor, masks: list[dict[str, torch.Tensor]],

@@ -387,7 +387,9 @@ def train_deal(data, concepts, model_name: str = "testbed", config: DealConfig |
         _save_checkpoint(out_dir, model, opt, names, total, {**meta, "history": history})
         _atomic_save(model.state_dict(), out_dir / "weights.safetensors")
         _atomic_json({"format": FORMAT, "base_model": model_name, "pretrained": pretrained,
-                      "weights": "weights.safetensors", "plain": cfg.plain, "explain_layer": cfg.explain_layer},
+                      "weights": "weights.safetensors", "plain": cfg.plain, "explain_layer": cfg.explain_layer,
+                      # what `fastcbm deal evaluate` scores the model with when no --concepts is given
+                      "k": cfg.k, "concepts": concepts},
                      out_dir / "config.json")
         _atomic_json(report, out_dir / "train_report.json")
     return report
