@@ -137,6 +137,25 @@ def test_evaluate_against_loop_reference(tiny):
     assert [diag[n]["association_mean"] for n in LAYERS] == pytest.approx(assoc.mean(0).tolist(), abs=1e-4)
 
 
+def test_evaluate_clip_dissect_probe_set(tiny, monkeypatch):
+    """``EvalConfig.probe``: CLIP-Dissect labels its neurons on a separate probe set (as its authors probe a large
+    dataset), not on the evaluated images; the neurons are those :func:`dissect` picks from the probe's activations."""
+    import fastcbm.cefam.evaluate as E
+
+    model, clip, pre, ds, text = tiny
+    probe = TestbedDataset(5, seed=ds.seed + 17)
+    seen = []
+    real = E._probe
+    monkeypatch.setattr(E, "_probe", lambda m, c, cc, d, cfg: seen.append(d) or real(m, c, cc, d, cfg))
+    res = evaluate_cefam(model, ds, text_emb=text, clip_model=clip, clip_preprocess=pre,
+                         config=EvalConfig(batch_size=2, progress=False, wpmi_top_k=3, probe=probe))
+    assert seen == [probe]
+    pooled, emb = real(model, clip, E.clip_input_config(clip, pre), probe, EvalConfig(batch_size=2, progress=False))
+    want = CD.dissect(pooled, emb, text, LAYERS, top_k=3)
+    assert {c: (v["layer"], v["channel"]) for c, v in res["clip_dissect"]["neurons"].items()} == {
+        c: want.neuron[ds.concepts.index(c)] for c in res["clip_dissect"]["neurons"]}
+
+
 def test_evaluate_bad_input(tiny):
     model, _, _, ds, text = tiny
 

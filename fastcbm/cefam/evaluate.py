@@ -52,6 +52,7 @@ class EvalConfig:
     progress: bool = True
     device: str = "cpu"
     keep_pairs: bool = False  # also return every pair's per-stage scores (``pair_scores``)
+    probe: object | None = None  # CLIP-Dissect's probe images (a dataset reader); None: the evaluated images
 
 
 # ---------------------------------------------------------------------------------------------------- input helpers
@@ -249,7 +250,8 @@ def evaluate_cefam(model, dataset, *, text_emb: torch.Tensor, clip_model=None, c
             raise ValueError("the CLIP-Dissect baseline needs clip_model (or set baseline=False)")
         from fastcbm.cefam.clip_dissect import dissect
 
-        pooled, clip_emb = _probe(model, clip_model, clip_input_config(clip_model, clip_preprocess), dataset, cfg)
+        probe = dataset if cfg.probe is None else cfg.probe
+        pooled, clip_emb = _probe(model, clip_model, clip_input_config(clip_model, clip_preprocess), probe, cfg)
         dissection = dissect(pooled, clip_emb, text_emb.cpu(), layers, top_k=cfg.wpmi_top_k)
         timings["clip_dissect_probe"] = time.perf_counter() - t0
 
