@@ -34,3 +34,4 @@ def test_readme_python_blocks_run_as_written(tmp_path, capsys):
     assert namespace["x"].shape[0] == 2 and len(namespace["explanations"]) == 2
     assert namespace["before"].shape == namespace["after"].shape
     assert namespace["report"]["val_accuracy"] >= 0
+    assert namespace["deal_report"]["steps"] == 2 and namespace["deal_metrics"]["map_size"] == [4, 4]
