@@ -44,8 +44,9 @@ with one other 1-thread job):
   localizability +0.060 ± 0.018, part mIoU +0.041 ± 0.009, but accuracy with concepts lowered in every seed: −0.022 /
   −0.004 / −0.003 (seeds 0–2) and −0.015 ± 0.005 (sample std) over seeds 3–9, on 2,048 scenes. The λ control: with
   all λ = 0 DEAL equals plain exactly (same accuracy to the image), so the cost is the regularisers'; λ × 0.01 gives
-  −0.001 (seeds 3–5) and smaller gains: part mIoU +0.009, localizability +0.028, disentanglability +0.084. Other variants, same set: λ_sep, λ_con / 4: accuracy −0.016 ± 0.013 (128 scenes); the paper's
-  L1 form (``loss_form="paper"``): disentanglability −0.086 / −0.062 / −0.016, accuracy −0.023 / −0.019 / −0.015;
+  −0.001 (seeds 3–5) and smaller gains: part mIoU +0.009, localizability +0.028, disentanglability +0.084. Other
+  variants, same set: λ_sep, λ_con / 4: accuracy −0.016 ± 0.013 (128 scenes); the paper's L1 form
+  (``loss_form="paper"``): disentanglability −0.086 / −0.062 / −0.016, accuracy −0.023 / −0.019 / −0.015;
   ``explain_text_grad=True``: accuracy −0.023 / −0.005 / −0.022.
 - layer4 (published stage), six-descriptor set: disentanglability +0.036 ± 0.003, localizability −0.008 ± 0.019, part
   mIoU +0.002 ± 0.003, accuracy with concepts −0.010 / −0.006 / −0.011 (2,048 scenes).
