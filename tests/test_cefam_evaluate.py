@@ -172,6 +172,10 @@ def test_evaluate_bad_input(tiny):
         evaluate_cefam(model, ds, text_emb=text[:3], config=EvalConfig(baseline=False, progress=False))
     with pytest.raises(ValueError, match="needs clip_model"):
         evaluate_cefam(model, ds, text_emb=text, config=EvalConfig(progress=False))
+    _, clip, pre, _, _ = tiny
+    with pytest.raises(ValueError, match="probe set holds no images"):
+        evaluate_cefam(model, ds, text_emb=text, clip_model=clip, clip_preprocess=pre,
+                       config=EvalConfig(progress=False, probe=Empty()))
 
 
 def test_evaluate_broden_tree(tmp_path, tiny):

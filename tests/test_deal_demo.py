@@ -72,6 +72,27 @@ def test_deal_evaluate_cli_testbed(tmp_path, capsys):
     assert printed["images"] == 4 and printed["localizability_pairs"] == 2 and 0 <= printed["part_miou"] <= 1
 
 
+def test_accuracy_alone_equals_evaluate():
+    """``deal.evaluate.accuracy`` (no explanations, for thousands of scenes) gives :func:`evaluate`'s accuracies."""
+    import dataclasses
+
+    from fastcbm.deal.data import testbed_concepts
+    from fastcbm.deal.evaluate import accuracy, evaluate, testbed_set
+    from fastcbm.models import load_clip
+
+    model, _, tok = load_clip("testbed")
+    data = testbed_set(12)
+    concepts = testbed_concepts(distinct=True)
+    full = evaluate(model, tok, data, concepts, k=3, batch_size=5, localizability_images=0, progress=False)
+    alone = accuracy(model, tok, data, concepts, k=3, batch_size=7)
+    assert alone == {k: full[k] for k in ("concept_accuracy", "zero_shot_accuracy")}
+    with pytest.raises(ValueError, match="has 3 descriptors, 5 needed"):
+        accuracy(model, tok, data, concepts, k=5)
+    empty = dataclasses.replace(data, images=data.images[:0], labels=data.labels[:0], masks=None, names=None)
+    with pytest.raises(ValueError, match="no images"):
+        accuracy(model, tok, empty, concepts, k=3)
+
+
 def test_deal_evaluate_cli_folder_and_errors(tmp_path, capsys):
     import numpy as np
     from PIL import Image

@@ -210,6 +210,8 @@ def _probe(model, clip_model, clip_cfg, dataset, cfg: EvalConfig) -> tuple[dict[
             xc = to_input(images, clip_cfg[0], clip_cfg[1], clip_cfg[2], cfg.device)
             embs.append(clip_model.encode_image(xc).float().cpu())
             bar.update(len(batch))
+    if not embs:
+        raise ValueError("CLIP-Dissect's probe set holds no images (EvalConfig.probe or the evaluated dataset)")
     return {k: torch.cat(v) for k, v in pooled.items()}, torch.cat(embs)
 
 

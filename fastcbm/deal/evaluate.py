@@ -241,6 +241,8 @@ def accuracy(model, tokenizer, data: EvalSet, concepts: dict[str, list[str]], *,
              batch_size: int = 256) -> dict[str, float]:
     """Only :func:`evaluate`'s accuracies (with concepts, eq. 6, and zero-shot): one image-tower pass per image and no
     explanations, so it affords the thousands of images that resolve differences of a point or less."""
+    if len(data) == 0:
+        raise ValueError("data: no images to score")
     desc = _descriptors(data, concepts, k)
     model.eval()
     device = next(model.parameters()).device
