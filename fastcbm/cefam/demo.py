@@ -3,7 +3,9 @@
 testbed scenes (fresh seeds) → ImageFolder export → global-only precompute with the classifier's pooled stages z_cat
 (``fastcbm precompute --grid 0 --cefam-classifier testbed``) → ``train_translator`` (the ``fastcbm cefam train``
 path) → evaluation of the regions against the generator's concept masks, CE-FAM (association top-1 and the oracle)
-vs the CLIP-Dissect baseline on the same classifier and scenes → HTML page + JSON summary.
+vs the CLIP-Dissect baseline on the same classifier (its neurons labelled on 2,000 separate fresh probe scenes) →
+HTML page + JSON summary. ``classifier="testbed-vit"`` (``--classifier testbed-vit``) explains the bundled ViT, whose
+translator reads one stage, instead of the 4-stage CNN (measurements: README, docs/cefam_testbed.md).
 
 The summary's ``quality`` block states the issue's claim (CE-FAM's mean NRA and hit rate beat CLIP-Dissect's) for
 both readings, measured — never assumed.
@@ -20,7 +22,11 @@ from typing import Any
 
 import torch
 
+from fastcbm.cefam.evaluate import TESTBED_PROBE_SCENES
+
 log = logging.getLogger("fastcbm.cefam.demo")
+
+DEMO_CLASSIFIERS = ("testbed", "testbed-vit")  # the bundled CNN (4 stages) and ViT (1 stage)
 
 
 @dataclass
@@ -37,6 +43,8 @@ class CEFAMDemoConfig:
     progress: bool = True
     threads: int | None = 1
     train: dict[str, Any] = field(default_factory=dict)
+    classifier: str = "testbed"  # or "testbed-vit": one stage (the last block's 8×8 tokens), no layer choice
+    n_probe: int = TESTBED_PROBE_SCENES  # CLIP-Dissect's separate probe scenes (0: it probes the test scenes)
 
 
 def _seed(seed: int, split: str) -> int:
@@ -69,7 +77,7 @@ def run_cefam_demo(cfg: CEFAMDemoConfig) -> dict:
 
 def _run(cfg: CEFAMDemoConfig) -> dict:
     from fastcbm.cefam.datasets import TestbedDataset, concept_texts
-    from fastcbm.cefam.evaluate import EvalConfig, encode_concepts, evaluate_cefam
+    from fastcbm.cefam.evaluate import EvalConfig, encode_concepts, evaluate_cefam, testbed_probe
     from fastcbm.cefam.explain import explain
     from fastcbm.cefam.report import write_cefam_report
     from fastcbm.cefam.train import DEMO_PRECOMPUTE, DEMO_TRAIN, train_translator
@@ -82,6 +90,8 @@ def _run(cfg: CEFAMDemoConfig) -> dict:
     for name in ("n_train", "n_test"):
         if getattr(cfg, name) < 10:
             raise ValueError(f"{name} must be >= 10, got {getattr(cfg, name)}")
+    if cfg.classifier not in DEMO_CLASSIFIERS:
+        raise ValueError(f"classifier must be one of {DEMO_CLASSIFIERS}, got {cfg.classifier!r}")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(cfg.out)
@@ -97,8 +107,9 @@ def _run(cfg: CEFAMDemoConfig) -> dict:
 
     clip, clip_pre, tokenizer = load_clip("testbed", device=str(device))
     t0 = time.perf_counter()
-    cache = precompute(folder, clip, out / "cache" / f"{tag}-cefam", model_name="testbed", preprocess=clip_pre,
-                       device=device, progress=cfg.progress, **DEMO_PRECOMPUTE)
+    cache = precompute(folder, clip, out / "cache" / f"{tag}-cefam-{cfg.classifier}", model_name="testbed",
+                       preprocess=clip_pre, device=device, progress=cfg.progress,
+                       **{**DEMO_PRECOMPUTE, "cefam_classifier": cfg.classifier})
     timings["precompute"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -112,7 +123,8 @@ def _run(cfg: CEFAMDemoConfig) -> dict:
     test = TestbedDataset(cfg.n_test, seed=_seed(cfg.seed, "test"))
     text_emb = encode_concepts(clip, tokenizer, test)
     evaluation = evaluate_cefam(model, test, text_emb=text_emb, clip_model=clip, clip_preprocess=clip_pre,
-                                config=EvalConfig(progress=cfg.progress, device=str(device)))
+                                config=EvalConfig(progress=cfg.progress, device=str(device),
+                                                  probe=testbed_probe(cfg.n_probe)))
     timings["evaluate"] = time.perf_counter() - t0
 
     # report: explanations of the first test scenes, and CE-FAM vs CLIP-Dissect regions for their first pairs
@@ -129,7 +141,8 @@ def _run(cfg: CEFAMDemoConfig) -> dict:
         "cefam_hit_rate_oracle": evaluation["cefam"]["oracle_best_layer"]["mean"]["hit_rate"],
         "clip_dissect_nra": evaluation["clip_dissect"]["mean"]["nra"],
         "clip_dissect_hit_rate": evaluation["clip_dissect"]["mean"]["hit_rate"],
-        "translator_val_cosine": _val_cosine(train_report),
+        "translator_val_cosine": _val_cosine(train_report), "classifier": cfg.classifier,
+        "stages": list(model.config.layers),
         "train_scenes": cfg.n_train, "test_scenes": cfg.n_test, "pairs": evaluation["pairs"],
     }
     report_path = write_cefam_report(out / "report.html", images=scenes.images[:n_rep], explanations=explanations,

@@ -13,8 +13,9 @@ hit rate (NRA official > 0.5). As published, NRA/EPG average only the pairs *wit
 counts every pair (a pair without a map is a miss). Per concept type (object, part, color, material — whatever types
 the data has), then the unweighted mean over types.
 
-CLIP-Dissect (:mod:`fastcbm.cefam.clip_dissect`): soft-WPMI neuron labels from a probe pass over the same images
-(classifier stage activations + CLIP image embeddings), each concept's region = its best neuron's activation map.
+CLIP-Dissect (:mod:`fastcbm.cefam.clip_dissect`): soft-WPMI neuron labels from a probe pass (classifier stage
+activations + CLIP image embeddings) over the evaluated images, or over ``EvalConfig.probe`` (the testbed evaluations
+use :data:`TESTBED_PROBE_SCENES` separate fresh scenes); each concept's region = its best neuron's activation map.
 """
 
 from __future__ import annotations
@@ -31,6 +32,24 @@ from tqdm.auto import tqdm
 from fastcbm.cefam.datasets import Record, concept_texts
 
 log = logging.getLogger("fastcbm.cefam.evaluate")
+
+# CLIP-Dissect labels a neuron by its top_k = 100 most-activating probe images out of a large probe set (its authors
+# probe ImageNet val / Broden). On the testbed, probing the 40-200 evaluated scenes would put most of them into every
+# neuron's top 100, which makes soft-WPMI degenerate and the chosen neuron vary with the scenes: the testbed
+# evaluations probe this many separate fresh scenes instead (docs/cefam_testbed.md). 0: probe the evaluated scenes.
+TESTBED_PROBE_SCENES = 2000
+
+
+def testbed_probe(n: int = TESTBED_PROBE_SCENES):
+    """``n`` fresh testbed scenes for CLIP-Dissect's probe pass, disjoint from the demo's and the CLI's test scenes
+    (None for ``n = 0``: the evaluated scenes are probed)."""
+    from fastcbm.cefam.datasets import TestbedDataset
+    from fastcbm.data.synthetic import TRAINING_SEED_LIMIT
+
+    if n < 0:
+        raise ValueError(f"the probe set size must be >= 0, got {n}")
+    return TestbedDataset(n, seed=TRAINING_SEED_LIMIT + 777_000) if n else None
+
 
 ORACLE_NOTE = ("oracle_best_layer is an oracle (paper Table 1): for each pair and metric it takes the best of the "
                "stage candidates, using the ground-truth mask; association_top1 (paper Table 2) is what a user gets")
@@ -254,6 +273,8 @@ def evaluate_cefam(model, dataset, *, text_emb: torch.Tensor, clip_model=None, c
 
         probe = dataset if cfg.probe is None else cfg.probe
         pooled, clip_emb = _probe(model, clip_model, clip_input_config(clip_model, clip_preprocess), probe, cfg)
+        probe_info = {"probe_images": int(clip_emb.shape[0]),
+                      "probe": "the evaluated images" if cfg.probe is None else "a separate probe set"}
         dissection = dissect(pooled, clip_emb, text_emb.cpu(), layers, top_k=cfg.wpmi_top_k)
         timings["clip_dissect_probe"] = time.perf_counter() - t0
 
@@ -358,6 +379,7 @@ def evaluate_cefam(model, dataset, *, text_emb: torch.Tensor, clip_model=None, c
         result["clip_dissect"]["neurons"] = {names[t]: {"layer": dissection.neuron[t][0],
                                                         "channel": dissection.neuron[t][1]}
                                              for t in sorted(seen)}
+        result["clip_dissect"].update(probe_info)
     if cfg.keep_pairs:
         result["pair_scores"] = {"keys": pair_keys, "concepts": pair_names, "types": pair_types,
                                  "chosen": chosen.tolist(), "association": torch.cat(assoc_all).tolist(),
@@ -405,6 +427,7 @@ __all__ = [
     "encode_concepts",
     "evaluate_cefam",
     "evaluate_model_dir",
+    "testbed_probe",
     "group_images",
     "map_metrics",
     "summarize",

@@ -26,6 +26,9 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--limit", type=int, default=None, help="Broden / ImageNet-S: at most this many mask files")
     e.add_argument("--n", type=int, default=200, help="testbed: number of fresh scenes (default 200)")
     e.add_argument("--seed", type=int, default=None, help="testbed: first seed (>= 1,000,000; default fixed)")
+    e.add_argument("--probe-n", type=int, default=None,
+                   help="testbed: CLIP-Dissect labels its neurons on this many separate fresh scenes (default 2000; "
+                        "0: on the evaluated scenes). Broden / ImageNet-S: always the evaluated images")
     e.add_argument("--names", type=Path, default=None, help="ImageNet-S: list file of 'image mask' lines")
     e.add_argument("--class-names", type=Path, default=None,
                    help="ImageNet-S: JSON {wnid: name} or 'wnid name' lines (default: the wnid is the concept)")
@@ -61,8 +64,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if kind == "imagenet-s":
         options.update(names=args.names, class_names=args.class_names,
                        authors_target=args.imagenet_s_authors_target)
+    if args.probe_n is not None and kind != "testbed":
+        raise ValueError("--probe-n applies to --data testbed only (Broden / ImageNet-S probe the evaluated images)")
+    from fastcbm.cefam.evaluate import TESTBED_PROBE_SCENES, testbed_probe
+
+    probe = testbed_probe(TESTBED_PROBE_SCENES if args.probe_n is None else args.probe_n) if kind == "testbed" else None
     cfg = EvalConfig(batch_size=args.batch_size, association_variant=args.association_variant, top_k=args.top_k,
-                     baseline=not args.no_baseline, progress=not args.no_progress, device=args.device)
+                     baseline=not args.no_baseline, progress=not args.no_progress, device=args.device, probe=probe)
     result = evaluate_model_dir(args.model, kind, rest[0] if rest else None, config=cfg,
                                 n=args.n if kind == "testbed" else None, seed=args.seed, **options)
     text = json.dumps(result, indent=2)
@@ -96,7 +104,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     out = args.out if str(args.out) != "fastcbm_out/demo" else Path("fastcbm_out/demo-cefam")
     result = run_cefam_demo(CEFAMDemoConfig(out=out, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
-                                            device=args.device, progress=not args.no_progress))
+                                            device=args.device, progress=not args.no_progress,
+                                            classifier=getattr(args, "classifier", "testbed")))
     print(json.dumps({k: result[k] for k in ("method", "quality", "summary", "report", "model", "seconds")},
                      separators=(",", ":")))
     return 0

@@ -26,7 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=("salf", "deal", "cefam"), default="salf",
                    help="salf (default): the SALF-CBM demo; deal: DEAL vs plain fine-tuning of the testbed CLIP, "
                         "metrics before/after and an HTML page of concept maps (fastcbm.deal.demo); cefam: CE-FAM translator on "
-                        "the bundled CNN, regions vs the scenes' concept masks against CLIP-Dissect (fastcbm.cefam.demo)")
+                        "the bundled CNN (or --classifier testbed-vit), regions vs the scenes' concept masks against "
+                        "CLIP-Dissect (fastcbm.cefam.demo)")
+    p.add_argument("--classifier", choices=("testbed", "testbed-vit"), default="testbed",
+                   help="--method cefam: the classifier explained, the bundled CNN (default; four stages, the "
+                        "association picks one per concept) or the bundled ViT (its last block's tokens, one stage)")
     p.set_defaults(func=run)
 
 
