@@ -45,7 +45,7 @@ def register_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from fastcbm.cefam.evaluate import EvalConfig, evaluate_model_dir
+    from fastcbm.cefam.evaluate import TESTBED_PROBE_SCENES, EvalConfig, evaluate_model_dir, testbed_probe
 
     kind, *rest = args.data
     if kind not in ("broden", "imagenet-s", "testbed"):
@@ -66,8 +66,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
                        authors_target=args.imagenet_s_authors_target)
     if args.probe_n is not None and kind != "testbed":
         raise ValueError("--probe-n applies to --data testbed only (Broden / ImageNet-S probe the evaluated images)")
-    from fastcbm.cefam.evaluate import TESTBED_PROBE_SCENES, testbed_probe
-
     probe = testbed_probe(TESTBED_PROBE_SCENES if args.probe_n is None else args.probe_n) if kind == "testbed" else None
     cfg = EvalConfig(batch_size=args.batch_size, association_variant=args.association_variant, top_k=args.top_k,
                      baseline=not args.no_baseline, progress=not args.no_progress, device=args.device, probe=probe)
