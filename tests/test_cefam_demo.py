@@ -170,6 +170,11 @@ def test_demo_cli_passes_the_classifier(monkeypatch, tmp_path, capsys):
     assert main(["demo", "--method", "cefam", "--classifier", "testbed-vit", "--no-progress", "--out",
                  str(tmp_path)]) == 0
     assert seen["cfg"].classifier == "testbed-vit" and seen["cfg"].n_probe == 2000
+    # the CLI keeps its imports light, so it spells the choices out: they must stay the demo's
+    from fastcbm.cli import build_parser
+
+    demo_parser = build_parser()._subparsers._group_actions[0].choices["demo"]
+    assert tuple(next(a for a in demo_parser._actions if a.dest == "classifier").choices) == D.DEMO_CLASSIFIERS
     assert json.loads(capsys.readouterr().out)["method"] == "method"
     monkeypatch.undo()
     with pytest.raises(ValueError, match="classifier must be one of"):

@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "metrics before/after and an HTML page of concept maps (fastcbm.deal.demo); cefam: CE-FAM translator on "
                         "the bundled CNN (or --classifier testbed-vit), regions vs the scenes' concept masks against "
                         "CLIP-Dissect (fastcbm.cefam.demo)")
+    # = fastcbm.cefam.demo.DEMO_CLASSIFIERS (spelled out: importing it here would load torch for every command)
     p.add_argument("--classifier", choices=("testbed", "testbed-vit"), default="testbed",
                    help="--method cefam: the classifier explained, the bundled CNN (default; four stages, the "
                         "association picks one per concept) or the bundled ViT (its last block's tokens, one stage)")
