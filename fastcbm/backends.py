@@ -27,8 +27,7 @@ from fastcbm import _ext
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 
-class BackendUnavailableError(RuntimeError):
-    """The requested backend is not built, not installed, or cannot run on the given tensors."""
+from fastcbm.errors import BackendUnavailableError, InvalidArgument  # noqa: E402  (re-exported)
 
 
 def triton_interpreted() -> bool:
@@ -82,7 +81,7 @@ def select_backend(op: str, backend: str, device: torch.device, implemented: Ite
                 return name
         return "reference"
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {('auto',) + BACKENDS}")
+        raise InvalidArgument(f"backend={backend!r} is not one of {('auto',) + BACKENDS}")
     if backend not in implemented:
         raise BackendUnavailableError(
             f"{op}: no {backend!r} implementation; this op has {', '.join(implemented)}"

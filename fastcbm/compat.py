@@ -137,8 +137,7 @@ def remove_torchvision_hook() -> None:
     _finder = None
 
 
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be fetched (typically: offline). The CLI prints its message as one line."""
+from fastcbm.errors import WeightsUnavailableError  # noqa: E402  (re-exported: its home is fastcbm.errors)
 
 
 _DOWNLOAD_LOGGERS = ("huggingface_hub", "urllib3", "timm", "open_clip", "filelock")
