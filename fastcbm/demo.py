@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from fastcbm.errors import InvalidArgument
+
 log = logging.getLogger("fastcbm.demo")
 
 
@@ -61,13 +63,13 @@ def check_grid(grid: int, size: int) -> None:
     from fastcbm.prompts import default_ring_geometry, ring_centers
 
     if isinstance(grid, bool) or not isinstance(grid, int) or not 1 <= grid <= MAX_GRID:
-        raise ValueError(f"--grid must be an integer from 1 to {MAX_GRID} (rings per axis), got {grid}")
+        raise InvalidArgument(f"--grid must be an integer from 1 to {MAX_GRID} (rings per axis), got {grid}")
     radius = default_ring_geometry(size)[0]
     try:
         ring_centers(size, grid, radius)
     except ValueError as exc:
-        raise ValueError(f"--grid {grid}: rings of radius {radius:.1f} px do not fit the {size}-px testbed image "
-                         f"({exc})") from None
+        raise InvalidArgument(f"--grid {grid}: rings of radius {radius:.1f} px do not fit the {size}-px testbed image "
+                              f"({exc})") from None
 
 
 def run_demo(cfg: DemoConfig) -> dict:

@@ -21,6 +21,7 @@ import torch
 from fastcbm import _ext
 from fastcbm.backends import select_backend
 from fastcbm.cam.reference import fuse_reference
+from fastcbm.errors import InvalidArgument
 
 FUSE_BACKENDS = ("reference", "cpu", "triton", "cuda")
 _COMPILED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -28,20 +29,20 @@ _COMPILED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _check(weights: torch.Tensor, acts: torch.Tensor, size) -> tuple[int, int] | None:
     if not isinstance(weights, torch.Tensor) or not isinstance(acts, torch.Tensor):
-        raise ValueError("fuse: weights and acts must be torch tensors")  # noqa: TRY004 (input error)
+        raise InvalidArgument("fuse: weights and acts must be torch tensors")  # noqa: TRY004 (input error)
     if weights.dim() != 3:
-        raise ValueError(f"fuse: weights must be [B, T, C], got shape {tuple(weights.shape)}")
+        raise InvalidArgument(f"fuse: weights must be [B, T, C], got shape {tuple(weights.shape)}")
     if acts.dim() != 4:
-        raise ValueError(f"fuse: acts must be [B, C, h, w], got shape {tuple(acts.shape)}")
+        raise InvalidArgument(f"fuse: acts must be [B, C, h, w], got shape {tuple(acts.shape)}")
     if weights.shape[0] != acts.shape[0] or weights.shape[2] != acts.shape[1]:
-        raise ValueError(f"fuse: weights [B, T, C] = {tuple(weights.shape)} do not match acts [B, C, h, w] = "
-                         f"{tuple(acts.shape)} (B and C must agree)")
+        raise InvalidArgument(f"fuse: weights [B, T, C] = {tuple(weights.shape)} do not match acts [B, C, h, w] = "
+                              f"{tuple(acts.shape)} (B and C must agree)")
     if not (weights.is_floating_point() and acts.is_floating_point()) or weights.dtype != acts.dtype:
-        raise ValueError(f"fuse: weights and acts must share one float dtype, got {weights.dtype} and {acts.dtype}")
+        raise InvalidArgument(f"fuse: weights and acts must share one float dtype, got {weights.dtype} and {acts.dtype}")
     if weights.device != acts.device:
-        raise ValueError(f"fuse: weights and acts must be on one device, got {weights.device} and {acts.device}")
+        raise InvalidArgument(f"fuse: weights and acts must be on one device, got {weights.device} and {acts.device}")
     if acts.shape[2] < 1 or acts.shape[3] < 1:
-        raise ValueError(f"fuse: acts maps must be at least 1x1, got shape {tuple(acts.shape)}")
+        raise InvalidArgument(f"fuse: acts maps must be at least 1x1, got shape {tuple(acts.shape)}")
     if size is None:
         return None
     try:
@@ -50,7 +51,7 @@ def _check(weights: torch.Tensor, acts: torch.Tensor, size) -> tuple[int, int] |
     except (TypeError, ValueError, IndexError):
         ok = False
     if not ok:
-        raise ValueError(f"fuse: size must be None or (H, W) with H, W >= 1, got {size!r}")
+        raise InvalidArgument(f"fuse: size must be None or (H, W) with H, W >= 1, got {size!r}")
     return out
 
 
@@ -89,10 +90,10 @@ def fuse(weights: torch.Tensor, acts: torch.Tensor, *, size: tuple[int, int] | N
     if chosen == "reference":
         return fuse_reference(weights, acts, out_size, normalize)
     if needs_grad:
-        raise ValueError(f"fuse: backend {chosen!r} is forward-only and the inputs require grad; use "
-                         "backend='reference' (or 'auto') to differentiate")
+        raise InvalidArgument(f"fuse: backend {chosen!r} is forward-only and the inputs require grad; use "
+                              "backend='reference' (or 'auto') to differentiate")
     if weights.dtype not in _COMPILED_DTYPES:
-        raise ValueError(f"fuse: backend {chosen!r} takes float16/bfloat16/float32, got {weights.dtype}")
+        raise InvalidArgument(f"fuse: backend {chosen!r} takes float16/bfloat16/float32, got {weights.dtype}")
     if b * t == 0:
         return torch.zeros((b, t, oh, ow), dtype=weights.dtype, device=weights.device)
     raw = _raw(weights, acts)

@@ -45,6 +45,7 @@ from torch.autograd.function import once_differentiable
 from fastcbm import _ext
 from fastcbm.backends import select_backend, triton_interpreted
 from fastcbm.losses.reference import EPS, cubic_cosine_loss_reference
+from fastcbm.errors import InvalidArgument
 
 IMPLEMENTED = ("reference", "cpu", "triton")
 _CPU_TILE_ELEMS = 1 << 22  # cpu backend: 16 MB per fp32 tile buffer (2x faster copies than 8 MB, same GEMM speed)
@@ -56,30 +57,30 @@ def _check_inputs(weight, features, prompt_emb, text_emb, min_batch: int = 2) ->
     named = {"weight": weight, "features": features, "prompt_emb": prompt_emb, "text_emb": text_emb}
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise InvalidArgument(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+            raise InvalidArgument(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     for name, t, nd, spec in (("weight", weight, 2, "[M, C]"), ("features", features, 3, "[B, C, L]"),
                               ("prompt_emb", prompt_emb, 3, "[B, L, D]"), ("text_emb", text_emb, 2, "[M, D]")):
         if t.dim() != nd:
-            raise ValueError(f"{name} must be {spec}, got shape {tuple(t.shape)}")
+            raise InvalidArgument(f"{name} must be {spec}, got shape {tuple(t.shape)}")
     M, C = weight.shape
     B, C2, L = features.shape
     if C2 != C:
-        raise ValueError(f"features must be [B, C={C}, L] to match weight [M, C]; got shape {tuple(features.shape)}")
+        raise InvalidArgument(f"features must be [B, C={C}, L] to match weight [M, C]; got shape {tuple(features.shape)}")
     if tuple(prompt_emb.shape[:2]) != (B, L):
-        raise ValueError(f"prompt_emb must be [B={B}, L={L}, D] to match features; got {tuple(prompt_emb.shape)}")
+        raise InvalidArgument(f"prompt_emb must be [B={B}, L={L}, D] to match features; got {tuple(prompt_emb.shape)}")
     D = prompt_emb.shape[2]
     if tuple(text_emb.shape) != (M, D):
-        raise ValueError(f"text_emb must be [M={M}, D={D}] to match weight and prompt_emb; got {tuple(text_emb.shape)}")
+        raise InvalidArgument(f"text_emb must be [M={M}, D={D}] to match weight and prompt_emb; got {tuple(text_emb.shape)}")
     if B < min_batch:
-        raise ValueError(f"features: need a batch of at least {min_batch} samples (columns are centred over it), "
-                         f"got B={B}")
+        raise InvalidArgument(f"features: need a batch of at least {min_batch} samples (columns are centred over it), "
+                              f"got B={B}")
     for name, t in named.items():
         if t.dtype != weight.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype}, expected weight's dtype {weight.dtype}")
+            raise InvalidArgument(f"{name} has dtype {t.dtype}, expected weight's dtype {weight.dtype}")
         if t.device != weight.device:
-            raise ValueError(f"{name} is on {t.device}, expected weight's device {weight.device}")
+            raise InvalidArgument(f"{name} is on {t.device}, expected weight's device {weight.device}")
     return B, C, L, D, M
 
 
@@ -131,7 +132,7 @@ def _tile_rows(batch: int, per_row: int, batch_tile: int | None, budget: int) ->
     """Batch rows per tile: ``batch_tile`` if given, else as many as keep each per-tile buffer under ``budget``."""
     if batch_tile is not None:
         if batch_tile < 1:
-            raise ValueError(f"batch_tile must be >= 1, got {batch_tile}")
+            raise InvalidArgument(f"batch_tile must be >= 1, got {batch_tile}")
         return min(batch_tile, batch)
     return max(1, min(batch, budget // max(per_row, 1)))
 
@@ -290,19 +291,19 @@ def cubic_cosine_loss(
     name = select_backend("cubic_cosine_loss", backend, weight.device, IMPLEMENTED)
     if name == "reference":
         if process_group is not None:
-            raise ValueError("process_group: the reference backend is single-process; use a fused backend")
+            raise InvalidArgument("process_group: the reference backend is single-process; use a fused backend")
         return cubic_cosine_loss_reference(weight, features, prompt_emb, text_emb, eps)
     if torch.is_grad_enabled():
         for arg, t in (("prompt_emb", prompt_emb), ("text_emb", text_emb)):
             if t.requires_grad:
-                raise ValueError(
-                    f"{arg} requires grad, but the fused {name!r} backend only differentiates weight and features; "
-                    f"pass {arg}.detach() or use backend='reference'"
-                )
+                raise InvalidArgument(
+                         f"{arg} requires grad, but the fused {name!r} backend only differentiates weight and features; "
+                         f"pass {arg}.detach() or use backend='reference'"
+                     )
     if weight.dtype not in (torch.float32, torch.float64):
         # Cubing triples relative errors and sixth powers overflow fp16: the fused backends compute in fp32/fp64.
-        raise ValueError(f"weight: the fused {name!r} backend takes float32 or float64, got {weight.dtype}; "
-                         "cast the inputs with .float() or use backend='reference'")
+        raise InvalidArgument(f"weight: the fused {name!r} backend takes float32 or float64, got {weight.dtype}; "
+                              "cast the inputs with .float() or use backend='reference'")
     budget = _CPU_TILE_ELEMS if weight.device.type == "cpu" else _GPU_TILE_ELEMS
     # Per-tile buffers are [tile, M·L] (q, p, g) and [tile, L, C] / [tile, L, D] (re-laid-out features/embeddings).
     tile = _tile_rows(B, L * max(M, C, D), batch_tile, budget)

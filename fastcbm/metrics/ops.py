@@ -20,6 +20,7 @@ from fastcbm import _ext
 from fastcbm.backends import select_backend
 from fastcbm.metrics import reference as ref
 from fastcbm.metrics._common import descending_keys, key_index, official_step, prepare
+from fastcbm.errors import InternalError, InvalidArgument
 
 NRA_BACKENDS = ("reference", "cpu", "triton", "cuda")
 EPG_BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -33,12 +34,12 @@ _DEVICE_CHUNK_ELEMENTS = 1 << 25
 # ---- launchers: inputs are prepared (float32 / bool, [N, n], contiguous, same device) ------------------------------
 def _check_prepared(x: torch.Tensor, mask: torch.Tensor, device_type: str) -> None:
     if x.dtype != torch.float32 or mask.dtype != torch.bool or x.dim() != 2 or x.shape != mask.shape:
-        raise ValueError(f"launcher: expected float32 x and bool mask [N, n], got {x.dtype} {tuple(x.shape)} and "
+        raise InternalError(f"launcher: expected float32 x and bool mask [N, n], got {x.dtype} {tuple(x.shape)} and "
                          f"{mask.dtype} {tuple(mask.shape)}")
     if not (x.is_contiguous() and mask.is_contiguous()):
-        raise ValueError("launcher: x and mask must be contiguous")
+        raise InternalError("launcher: x and mask must be contiguous")
     if x.device.type != device_type or mask.device.type != device_type:
-        raise ValueError(f"launcher: expected {device_type} tensors, got {x.device} and {mask.device}")
+        raise InternalError(f"launcher: expected {device_type} tensors, got {x.device} and {mask.device}")
 
 
 def _cpu_call(name: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -135,7 +136,7 @@ def nra(maps: torch.Tensor, masks: torch.Tensor, variant: str = "official", back
         BackendUnavailableError: an explicitly requested backend cannot run here.
     """
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise InvalidArgument(f"variant must be one of {VARIANTS}, got {variant!r}")
     x, mask = prepare(maps, masks)
     if variant == "official":
         official_step(x.shape[1])  # the same clear error for every backend
@@ -197,7 +198,7 @@ def hit_rate(nra_values: torch.Tensor | np.ndarray | Sequence[float], threshold:
     else:
         values = torch.as_tensor(np.asarray(nra_values, dtype=np.float64))
     if values.dim() != 1 or values.numel() == 0:
-        raise ValueError(f"nra_values must be a non-empty 1-D sequence, got shape {tuple(values.shape)}")
+        raise InvalidArgument(f"nra_values must be a non-empty 1-D sequence, got shape {tuple(values.shape)}")
     if not bool(torch.isfinite(values).all()):
-        raise ValueError("nra_values contains NaN or inf")
+        raise InvalidArgument("nra_values contains NaN or inf")
     return float((values > threshold).to(torch.float64).mean())

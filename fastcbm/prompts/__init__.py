@@ -25,6 +25,7 @@ from fastcbm.prompts.reference import (
     render_rings_reference,
     ring_centers,
 )
+from fastcbm.errors import InvalidArgument
 
 __all__ = [
     "CLIP_MEAN",
@@ -50,7 +51,7 @@ def ring_masks(
 
     ``radius`` None → ``default_ring_geometry(size)[0]`` (32 px at 224, scaled with the image)."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
+        raise InvalidArgument(f"size must be a positive int, got {size!r}")
     if radius is None:
         radius = default_ring_geometry(size)[0]
     plan = make_plan(size, grid, radius, width, centers, None, None, include_plain=False)
@@ -91,7 +92,7 @@ def render_rings(
     """
     S = check_images(images)
     if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype!r}")
+        raise InvalidArgument(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype!r}")
     if radius is None:
         radius = default_ring_geometry(S)[0]
     plan = make_plan(S, grid, radius, width, centers, mean, std, bool(include_plain))

@@ -10,20 +10,21 @@ import torch
 
 from fastcbm import _ext
 from fastcbm.prompts.reference import OUT_DTYPES, RingPlan
+from fastcbm.errors import InvalidArgument
 
 _OUT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _check(images: torch.Tensor, plan: RingPlan, out_dtype: torch.dtype, device_type: str) -> None:
     if images.dtype != torch.uint8 or images.ndim != 4 or not images.is_contiguous():
-        raise ValueError(f"images must be contiguous uint8 [B, 3, S, S], got {images.dtype} {tuple(images.shape)}")
+        raise InvalidArgument(f"images must be contiguous uint8 [B, 3, S, S], got {images.dtype} {tuple(images.shape)}")
     if images.device.type != device_type:
-        raise ValueError(f"images must be on {device_type}, got {images.device}")
+        raise InvalidArgument(f"images must be on {device_type}, got {images.device}")
     if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+        raise InvalidArgument(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
     S = images.shape[2]
     if plan.dy2.shape[1] != S or plan.dx2.shape != plan.dy2.shape:
-        raise ValueError(f"plan was made for size {plan.dy2.shape[1]}, images have size {S}")
+        raise InvalidArgument(f"plan was made for size {plan.dy2.shape[1]}, images have size {S}")
 
 
 def _empty_out(images: torch.Tensor, plan: RingPlan, out_dtype: torch.dtype) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastcbm.salf.model import SALFCBM
+from fastcbm.errors import InvalidArgument
 
 
 @torch.no_grad()
@@ -47,7 +48,7 @@ def explain_folder(model: SALFCBM, backbone, data: str | os.PathLike, out: str |
         except BadImageError as exc:
             skipped.append(f"{f}: {exc}")
     if not good:
-        raise ValueError(f"{data}: no readable image")
+        raise InvalidArgument(f"{data}: no readable image")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n, m, (gy, gx) = len(good), len(model.config.concepts), model.config.grid
