@@ -140,7 +140,7 @@ def overlay_png(path: str | os.PathLike, image: torch.Tensor, explanation: CEFAM
     import numpy as np
     from PIL import Image
 
-    from fastcbm.report import _hwc, _overlay
+    from fastcbm.salf.report import _hwc, _overlay
 
     img = image.detach().cpu().numpy()
     hwc = _hwc(img)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from fastcbm.cam import fuse
 from fastcbm.cefam.translator import Translator, concept_scores
-from fastcbm.features import as_feature_map
+from fastcbm.models.features import as_feature_map
 from fastcbm.errors import InvalidArgument
 
 METHODS = ("batched", "loop")

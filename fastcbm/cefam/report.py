@@ -1,5 +1,5 @@
 """Self-contained HTML page of CE-FAM explanations and evaluation (``fastcbm explain --method cefam --html``,
-``fastcbm demo --method cefam``), built from :mod:`fastcbm.report`'s helpers (inline PNGs, same style sheet).
+``fastcbm demo --method cefam``), built from :mod:`fastcbm.salf.report`'s helpers (inline PNGs, same style sheet).
 
 Sections: summary table; the localisation evaluation (per concept type: CE-FAM by association top-1, the oracle,
 CLIP-Dissect); one card per explained image (prediction, top concepts with score, chosen stage and contribution bars,
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fastcbm.report import (
+from fastcbm.salf.report import (
     _CSS,
     DISPLAY_SIZE,
     _atomic_write,

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         from fastcbm.commands.cefam_eval import run_demo as run_cefam_demo
 
         return run_cefam_demo(args)
-    from fastcbm.demo import DemoConfig, run_demo
+    from fastcbm.salf.demo import DemoConfig, run_demo
 
     for name in ("n_train", "n_val", "n_test"):
         if getattr(args, name) < 10:

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         result["region"] = [{"concept": n, "score": round(s, 4)}
                             for n, s in ex.explain_region(model, x, tuple(args.region), top_k=args.top_k)]
     if args.html:
-        from fastcbm.report import write_salf_report
+        from fastcbm.salf.report import write_salf_report
 
         write_salf_report(args.html, images=image[None], explanations=[explanation],
                           rules=ex.decision_rules(model), summary={"image": str(args.image)},

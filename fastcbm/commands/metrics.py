@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if not math.isfinite(args.threshold):
         raise InvalidArgument(f"--threshold must be a finite number, got {args.threshold}")
     if args.out is not None:  # checked before any work: a bad --out must not cost the evaluation
-        from fastcbm.checks import check_output_file
+        from fastcbm.files import check_output_file
 
         check_output_file(args.out, "--out")
     maps = load_array(args.maps, "maps")

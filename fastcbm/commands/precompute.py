@@ -86,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_precompute(args: argparse.Namespace) -> int:
     from fastcbm.precompute import precompute
 
-    from fastcbm.checks import check_output_dir
+    from fastcbm.files import check_output_dir
 
     if args.features_layer and not args.features:
         raise InvalidArgument("--features-layer needs --features BACKBONE")
@@ -156,7 +156,7 @@ def run_similarities(args: argparse.Namespace) -> int:
     from fastcbm.models import load_clip
 
     from fastcbm.cache import CacheCorruptError
-    from fastcbm.checks import check_output_dir
+    from fastcbm.files import check_output_dir
 
     if args.chunk < 1:
         raise InvalidArgument(f"--chunk must be >= 1, got {args.chunk}")

@@ -1,7 +1,7 @@
 """Self-contained HTML page of ``fastcbm demo --method deal``: the metrics of each model side by side and one image's
 concept maps from each model (one row per model: the image, the category map, then the K concept maps).
 
-Built from :mod:`fastcbm.report`'s helpers (inline base64 PNGs, jet overlays, atomic write); no external files.
+Built from :mod:`fastcbm.salf.report`'s helpers (inline base64 PNGs, jet overlays, atomic write); no external files.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastcbm.report import (
+from fastcbm.salf.report import (
     _CSS,
     _atomic_write,
     _check_images,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcbm.features import FeatureHooks, as_feature_map, resize_to_grid
+from fastcbm.models.features import FeatureHooks, as_feature_map, resize_to_grid
 from fastcbm.heads import pool_concept_maps
 from fastcbm.errors import InvalidArgument
 

@@ -105,7 +105,7 @@ def run_explain_engine(args) -> int:
                          for n, c, a in explanation.top_concepts],
     }
     if getattr(args, "html", None):
-        from fastcbm.report import write_salf_report
+        from fastcbm.salf.report import write_salf_report
 
         write_salf_report(args.html, images=image[None], explanations=[explanation], rules={},
                           summary={"image": str(args.image), "engine": str(args.engine)},

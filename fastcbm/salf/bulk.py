@@ -35,7 +35,7 @@ def explain_folder(model: SALFCBM, backbone, data: str | os.PathLike, out: str |
                    progress: bool = True) -> dict:
     """Explain every image of ``data`` (a folder, recursive, or a list file) into ``out``; returns a summary."""
     from fastcbm.data.folder import BadImageError, decode_image, list_images
-    from fastcbm.report import write_salf_report
+    from fastcbm.salf.report import write_salf_report
     from fastcbm.salf import explain as ex
 
     files = list_images(data)

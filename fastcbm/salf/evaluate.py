@@ -145,7 +145,7 @@ def _read_mask(root: Path, rel: Path, size: int) -> torch.Tensor | None:
 
 
 def _segmentation_pair(model: SALFCBM, backbone, x: torch.Tensor, masks: torch.Tensor, salf_meter, cam_meter):
-    from fastcbm.gradcam import grad_cam
+    from fastcbm.cam.gradcam import grad_cam
     from fastcbm.salf import explain as ex
 
     salf_meter.update(ex.class_heatmap(model, x).cpu(), masks)

@@ -153,7 +153,7 @@ def train_salf_from_cache(
         raise OutputExists(f"out: {out} already holds a model; choose another folder or pass overwrite=True "
                            "(--overwrite)")
     if out is not None:  # an existing file or an unwritable folder fails now, not after the training
-        from fastcbm.checks import check_output_dir
+        from fastcbm.files import check_output_dir
 
         check_output_dir(out, "out")
     t_start = time.perf_counter()

@@ -18,7 +18,7 @@ import torch
 
 from fastcbm.errors import InvalidArgument
 
-log = logging.getLogger("fastcbm.demo")
+log = logging.getLogger("fastcbm.salf.demo")
 
 
 @dataclass
@@ -96,10 +96,10 @@ def _run_demo(cfg: DemoConfig) -> dict:
     from fastcbm import metrics
     from fastcbm.data import synthetic
     from fastcbm.data.export import export_image_folder
-    from fastcbm.gradcam import grad_cam
+    from fastcbm.cam.gradcam import grad_cam
     from fastcbm.models import load_backbone, load_clip
     from fastcbm.precompute import encoder_input_config, precompute
-    from fastcbm.report import write_salf_report
+    from fastcbm.salf.report import write_salf_report
     from fastcbm.salf import explain as ex
     from fastcbm.salf.pipeline import normalize_for_backbone
     from fastcbm.salf.train import TrainConfig, train_salf_from_cache

@@ -71,12 +71,12 @@ def backbone_feature_fn(name: str, *, pretrained: bool | str | None = True, laye
     ``fastcbm.models.load_backbone(name, pretrained)`` on uint8 images ``[B, 3, S, S]``, resized to the backbone's
     input size and normalised with its mean/std exactly as SALF-CBM training and inference do → ``[B, C, h, w]``.
     The function carries ``.name`` and ``.source`` (backbone, pretrained, layer: what ``fastcbm train`` rebuilds)."""
-    from fastcbm.features import extract_feature_maps, normalize_for_backbone
+    from fastcbm.models.features import extract_feature_maps, normalize_for_backbone
     from fastcbm.models import load_backbone
 
     backbone = load_backbone(name, pretrained=pretrained, device=str(device))
     layer = layer or backbone.feature_layers[-1]
-    from fastcbm.features import split_layer
+    from fastcbm.models.features import split_layer
 
     if split_layer(layer)[0] not in dict(backbone.model.named_modules()):  # "blocks.11+cls": ViT patch + CLS tokens
         raise InvalidArgument(f"features layer: {name} has no module {layer!r} (feature layers: {backbone.feature_layers})")
@@ -100,7 +100,7 @@ def cefam_stage_fn(name: str, *, pretrained: bool | str | None = True, layers: S
     ``[B, Z]`` fp32. ``.source`` records classifier, pretrained, layers, widths, kind and num_prefix_tokens (what
     ``fastcbm cefam train`` and the saved model rebuild); ``size`` is the probe image's side."""
     from fastcbm.cefam.translator import pool_stages, stage_activations
-    from fastcbm.features import normalize_for_backbone
+    from fastcbm.models.features import normalize_for_backbone
     from fastcbm.models import load_backbone
 
     backbone = load_backbone(name, pretrained=pretrained, device=str(device))
@@ -212,7 +212,7 @@ class _Encoder:
         if self.global_only:
             del out[PROMPT], out[PROMPT_NORM]
         if self.features is not None:
-            from fastcbm.features import resize_to_grid
+            from fastcbm.models.features import resize_to_grid
 
             with torch.inference_mode():
                 f = resize_to_grid(self.features(images).float(), self.grid_hw)
