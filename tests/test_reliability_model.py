@@ -67,7 +67,7 @@ def test_flipped_byte_in_tensors_is_refused(saved, tmp_path):
 
 
 def _meta_edit(root, fn, *, fix_checksum=True):
-    from fastcbm.cache.store import canonical_sha256
+    from fastcbm.files import canonical_sha256
 
     meta = json.loads((root / "config.json").read_text())
     fn(meta)

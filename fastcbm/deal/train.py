@@ -29,6 +29,7 @@ from fastcbm.deal.data import (CAPTION_FORMS, captions, class_display_name, load
 from fastcbm.deal.explain import MODES, RESNET_LAYERS, explanations, tokenize_checked
 from fastcbm.deal.losses import LOSS_FORMS, deal_loss
 from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
+from fastcbm.files import atomic_path, atomic_write_json
 
 log = logging.getLogger("fastcbm.deal")
 
@@ -202,15 +203,12 @@ def _batches(n: int, cfg: DealConfig, total: int) -> list[list[int]]:
 def _atomic_save(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def _atomic_json(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=2)
 
 
 def _save_checkpoint(out: Path, model, opt, names: dict, step: int, meta: dict) -> None:
