@@ -413,7 +413,6 @@ def _fake_models(monkeypatch, model):
 def test_cli_precompute_and_similarities(images, model, reference, tmp_path, monkeypatch, capsys):
     from fastcbm.cache import load_similarities
     from fastcbm.cli import main
-    from fastcbm.commands.precompute import encode_texts
 
     tokenizer = _fake_models(monkeypatch, model)
     out = tmp_path / "c"
@@ -427,7 +426,8 @@ def test_cli_precompute_and_similarities(images, model, reference, tmp_path, mon
                  "--out", str(tmp_path / "P"), "--chunk", "5", "--dtype", "float32"]) == 0
     index = json.loads((tmp_path / "P" / "index.json").read_text())
     assert index["concepts"] == ["red fur", "wheel", "sky"] and len(index["chunks"]) == 3
-    t = encode_texts(model, tokenizer, index["concepts"], "cpu")
+    with torch.no_grad():  # independent of fastcbm's text encoder: the definition, one unit embedding per concept
+        t = torch.nn.functional.normalize(model.encode_text(tokenizer(index["concepts"])).float(), dim=-1)
     want = torch.einsum("ngd,md->ngm", CacheReader(out).prompt_embeddings(dtype=torch.float32), t)
     assert_close(torch.from_numpy(load_similarities(tmp_path / "P")), want, atol=1e-5, rtol=1e-5, what="P file")
     assert main(["similarities", "--cache", str(out), "--concepts", str(tmp_path / "concepts.txt"), "--model",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from fastcbm.errors import InvalidArgument, InvalidFile
+from fastcbm.errors import InvalidArgument
 
 log = logging.getLogger("fastcbm.commands.precompute")
 
@@ -116,43 +116,11 @@ def run_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_concepts(path: str) -> list[str]:
-    """Concepts from a text file: ``fastcbm.concepts.load_concepts`` when available, else one per line (blank lines
-    and ``#`` comments skipped, duplicates dropped keeping the first)."""
-    try:
-        from fastcbm.concepts import load_concepts  # type: ignore[attr-defined]
-    except ImportError:
-        load_concepts = None
-    if load_concepts is not None:
-        return list(load_concepts(path))
-    seen, out = set(), []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            c = line.strip()
-            if c and not c.startswith("#") and c not in seen:
-                seen.add(c)
-                out.append(c)
-    if not out:
-        raise InvalidFile(f"--concepts: {path} lists no concepts")
-    return out
-
-
-def encode_texts(model, tokenizer, texts: list[str], device, batch: int = 256):
-    """[M, D] unit text embeddings."""
-    import torch
-
-    outs = []
-    with torch.inference_mode():
-        for lo in range(0, len(texts), batch):
-            tok = tokenizer(texts[lo:lo + batch]).to(device)
-            outs.append(torch.nn.functional.normalize(model.encode_text(tok).float(), dim=-1))
-    return torch.cat(outs)
-
-
 def run_similarities(args: argparse.Namespace) -> int:
     import torch
 
     from fastcbm.cache import CacheReader, write_similarities
+    from fastcbm.concepts import encode_texts, load_concepts
     from fastcbm.models import load_clip
 
     from fastcbm.cache import CacheCorruptError
@@ -174,11 +142,12 @@ def run_similarities(args: argparse.Namespace) -> int:
                               "live in another space")
     if "{}" not in args.template:
         raise InvalidArgument(f"--template must contain '{{}}', got {args.template!r}")
-    concepts = read_concepts(args.concepts)
+    concepts = list(load_concepts(args.concepts))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, _, tokenizer = load_clip(args.model, args.pretrained)
     model = model.eval().to(device)
-    text = encode_texts(model, tokenizer, [args.template.format(c) for c in concepts], device)
+    text = encode_texts(model, tokenizer, concepts, templates=(args.template,), device=device,
+                        progress=not getattr(args, "no_progress", False))
     index = write_similarities(reader, text, args.out, concepts=concepts, chunk=args.chunk, dtype=args.dtype,
                                device=device)
     print(f"wrote P [{index['num_images']}, {index['num_prompts']}, {index['num_concepts']}] {args.dtype} in "

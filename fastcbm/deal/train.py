@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from fastcbm.deal.data import (CAPTION_FORMS, captions, class_display_name, load_concepts_json, match_classes,
                                select_concepts)
-from fastcbm.deal.explain import MODES, RESNET_LAYERS, explanations, tokenize_checked
+from fastcbm.concepts.encode import tokenize_checked
+from fastcbm.deal.explain import MODES, RESNET_LAYERS, explanations
 from fastcbm.deal.losses import LOSS_FORMS, deal_loss
 from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
 from fastcbm.files import atomic_path, atomic_write_json
