@@ -108,7 +108,7 @@ def export_clip_onnx(model: Any, path: str | os.PathLike, *, pretrained: str | N
     """Export a CLIP image tower (``model.encode_image``; a model or a :func:`fastcbm.models.load_clip` name) as an
     ONNX graph ``images [N, 3, S, S]`` → ``embedding [N, D]`` (fp32, un-normalised). ``input_dtype`` defaults to
     ``"normalized"``: the input space ``fastcbm precompute`` renders its ring prompts in."""
-    from fastcbm.precompute import encoder_input_config
+    from fastcbm.models.inputs import encoder_input_config
 
     _check_common(input_dtype, precision, max_batch, opset, exporter)
     if isinstance(model, str):
