@@ -31,12 +31,11 @@ from fastcbm.deal.explain import MODES, RESNET_LAYERS, explanations
 from fastcbm.deal.losses import LOSS_FORMS, deal_loss
 from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
 from fastcbm.files import atomic_path, atomic_write_json
+from fastcbm.models.inputs import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger("fastcbm.deal")
 
 FORMAT = "fastcbm-deal"
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class NonFiniteLossError(ValueError):
@@ -253,8 +252,8 @@ def _check_resume(meta: dict, model_name: str, pretrained, cfg: DealConfig, out:
 
 # ---- training ------------------------------------------------------------------------------------------------------
 def _normalizer(model, device):
-    mean = getattr(model.visual, "image_mean", None) or OPENAI_MEAN
-    std = getattr(model.visual, "image_std", None) or OPENAI_STD
+    mean = getattr(model.visual, "image_mean", None) or CLIP_MEAN
+    std = getattr(model.visual, "image_std", None) or CLIP_STD
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
     return lambda u8: (u8.to(device).float() / 255 - m) / s
