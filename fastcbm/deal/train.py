@@ -130,19 +130,17 @@ class _Source:
 
     def _init_folder(self, root: Path) -> None:
         from fastcbm.data.folder import ImageFileDataset, list_images
+        from fastcbm.data.labels import folder_labels
 
         if not root.is_dir():
             raise MissingFile(f"data: {root} is not a directory (expected an ImageFolder root/<class>/<image>)")
         if (root / "images").is_dir() and (root / "labels.csv").is_file():
             root = root / "images"  # a `fastcbm testbed export` folder
         files = list_images(root)
-        rel = [Path(f).relative_to(root).parts for f in files]
-        if any(len(p) < 2 for p in rel):
+        if any(Path(f).parent == root for f in files):
             raise InvalidFile(f"data: {root} has images outside class folders (expected an ImageFolder "
                               "root/<class>/<image>)")
-        self.class_names = sorted({p[0] for p in rel})
-        index = {c: i for i, c in enumerate(self.class_names)}
-        self.labels = torch.tensor([index[p[0]] for p in rel])
+        self.labels, self.class_names = folder_labels(files)
         self.dataset = ImageFileDataset(files, self.size)
         self.images = None
         self.description = str(root)
