@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from fastcbm.deal.data import (CAPTION_FORMS, captions, class_display_name, load
 from fastcbm.concepts.encode import tokenize_checked
 from fastcbm.deal.explain import MODES, RESNET_LAYERS, explanations
 from fastcbm.deal.losses import LOSS_FORMS, deal_loss
+from fastcbm.configs import JsonConfig
 from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
 from fastcbm.files import atomic_path, atomic_write_json
 from fastcbm.models.inputs import CLIP_MEAN, CLIP_STD, normalize_uint8
@@ -43,7 +44,7 @@ class NonFiniteLossError(ValueError):
 
 
 @dataclass
-class DealConfig:
+class DealConfig(JsonConfig):
     """DEAL's published settings (DESIGN.md §3) plus run options.
 
     ``steps``: total optimiser steps (``None``: ``epochs`` passes over the data, ``⌊N / batch_size⌋`` steps each).
@@ -56,6 +57,8 @@ class DealConfig:
     towers (bench/deal.py: 2.5× a plain step on a ViT-B/32-shaped model, against 1.5× without).
     ``explain_layer``: the ResNet stage Grad-CAM explains, ``"layer4"`` (as published) or ``"layer3"`` (2× finer
     grid; gradients through layer4 and the pool); ViT towers are always explained at their last block."""
+
+    json_unknown = "ignore"  # older output folders carry keys this version dropped
 
     lr: float = 5e-7
     betas: tuple[float, float] = (0.9, 0.98)
@@ -101,18 +104,6 @@ class DealConfig:
         if self.lr <= 0:
             raise InvalidArgument(f"lr must be > 0, got {self.lr}")
 
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> DealConfig:
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        if "betas" in kw:
-            kw["betas"] = tuple(kw["betas"])
-        return cls(**kw)
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
