@@ -158,13 +158,6 @@ def map_metrics(maps: torch.Tensor, masks: torch.Tensor, backend: str = "auto") 
             metrics.epg(maps, masks, backend=backend), has)
 
 
-def _by_mask_shape(masks: Sequence[torch.Tensor]) -> dict[tuple[int, int], list[int]]:
-    groups: dict[tuple[int, int], list[int]] = {}
-    for p, m in enumerate(masks):
-        groups.setdefault(tuple(m.shape), []).append(p)
-    return groups
-
-
 def _score_maps(maps: list[torch.Tensor], masks: list[torch.Tensor], backend: str) -> tuple[torch.Tensor, ...]:
     """Metrics of pair ``p``'s map ``maps[p] [h, w]`` (maps may differ in resolution) against ``masks[p]``."""
     n = len(maps)

@@ -45,7 +45,7 @@ class NonFiniteLossError(ValueError):
 
 @dataclass
 class DealConfig(JsonConfig):
-    """DEAL's published settings (DESIGN.md §3) plus run options.
+    """DEAL's published settings (docs/design.md §3) plus run options.
 
     ``steps``: total optimiser steps (``None``: ``epochs`` passes over the data, ``⌊N / batch_size⌋`` steps each).
     ``plain``: the baseline (same steps and captions, regularisers off). ``mode``: how the K+1 explanation VJPs are
