@@ -102,7 +102,7 @@ def metrics_rows(rows: list[dict]) -> list[Row]:
     return out
 
 
-def cubic_loss_rows(rows: list[dict]) -> list[Row]:
+def losses_rows(rows: list[dict]) -> list[Row]:
     out: list[Row] = []
     rows = [r for r in rows if not _truthy(r.get("features_grad"))]
     pick = latest(rows, lambda r: (r["backend"], r["B"], r["M"]))
@@ -114,7 +114,7 @@ def cubic_loss_rows(rows: list[dict]) -> list[Row]:
             continue
         if int(b) < max(int(k[3]) for k in pick if k[:2] == (mach, dev)):
             continue  # the largest batch measured on this machine
-        out.append((f"`bench/cubic_loss.py` B={int(b):,}, {int(m):,} concepts × {row['L']} cells, C=D={row['C']}, "
+        out.append((f"`bench/losses.py` B={int(b):,}, {int(m):,} concepts × {row['L']} cells, C=D={row['C']}, "
                     f"fwd+bwd{_quick(row)}", f"{mach} ({dev})",
                     f"fused {'C++' if backend == 'cpu' else backend}: {_f(row, 'median_s'):.1f} s, "
                     f"{_n(_f(row, 'peak_extra_mib'))} MiB extra",
@@ -236,7 +236,7 @@ def generic_rows(name: str, rows: list[dict]) -> list[Row]:
 
 SUMMARISERS: dict[str, Callable[[list[dict]], list[Row]]] = {
     "metrics": metrics_rows,
-    "cubic_loss": cubic_loss_rows,
+    "losses": losses_rows,
     "precompute": precompute_rows,
     "deploy": deploy_rows,
     "cefam": cefam_rows,

@@ -51,12 +51,12 @@ $PY -m fastcbm info || true
 unset TRITON_INTERPRET
 step "pytest -m gpu" 150 $PY -m pytest -q -x -m gpu -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
 step "pytest op tests: cuda/triton cases" 150 $PY -m pytest -q -p no:cacheprovider -k "cuda or triton" \
-  tests/test_metrics.py tests/test_prompts.py tests/test_cubic_loss.py $(ls tests/test_cam.py 2>/dev/null) \
+  tests/test_metrics.py tests/test_prompts.py tests/test_losses.py $(ls tests/test_cam.py 2>/dev/null) \
   --junitxml="$OUT/op_tests.xml"
 
 # 3. every benchmark, quick, on the GPU; then the 16 GB batch search of the cubic loss
 step "python -m bench --device cuda --quick" 240 $PY -m bench --device cuda --quick --keep-going --note "gpu_check.sh"
-step "cubic loss: largest B in 16 GB" 90 $PY bench/cubic_loss.py --device cuda --search-16gb --quick
+step "cubic loss: largest B in 16 GB" 90 $PY bench/losses.py --device cuda --search-16gb --quick
 
 # 4. TensorRT (not installable from the package index here: the check says so in one line where it is missing)
 if $PY -c "import tensorrt" 2>/dev/null; then

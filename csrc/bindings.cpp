@@ -10,12 +10,12 @@ namespace py = pybind11;
 #ifndef FASTCBM_CUDA_MODULE
 void register_metrics_cpu(py::module_& m);
 void register_prompts_cpu(py::module_& m);
-void register_cubic_loss_cpu(py::module_& m);
+void register_losses_cpu(py::module_& m);
 void register_cam_cpu(py::module_& m);
 #else
 void register_metrics_cuda(py::module_& m);
 void register_prompts_cuda(py::module_& m);
-void register_cubic_loss_cuda(py::module_& m);
+void register_losses_cuda(py::module_& m);
 void register_cam_cuda(py::module_& m);
 #endif
 
@@ -48,12 +48,12 @@ PYBIND11_MODULE(FASTCBM_MODULE_NAME, m) {
 #ifndef FASTCBM_CUDA_MODULE
   register_metrics_cpu(m);
   register_prompts_cpu(m);
-  register_cubic_loss_cpu(m);
+  register_losses_cpu(m);
   register_cam_cpu(m);
 #else
   register_metrics_cuda(m);
   register_prompts_cuda(m);
-  register_cubic_loss_cuda(m);
+  register_losses_cuda(m);
   register_cam_cuda(m);
 #endif
 }

@@ -79,7 +79,7 @@ def test_replace_in_readme_roundtrip(tmp_path):
 def test_runner_lists_and_refuses_unknown_names():
     out = subprocess.run([sys.executable, "-m", "bench", "--list"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0
-    for name in ("metrics", "cubic_loss", "precompute"):
+    for name in ("metrics", "losses", "precompute"):
         assert name in out.stdout
     bad = subprocess.run([sys.executable, "-m", "bench", "nope"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown benchmark" in bad.stderr

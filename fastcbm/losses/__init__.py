@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastcbm.losses.cubic import IMPLEMENTED, CubicCosineLossFunction, cubic_cosine_loss
+from fastcbm.losses.ops import IMPLEMENTED, CubicCosineLossFunction, cubic_cosine_loss
 from fastcbm.losses.reference import (
     EPS,
     cubic_cosine_loss_dense,

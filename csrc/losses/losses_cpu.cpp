@@ -1,19 +1,19 @@
 // C++ CPU kernels for the fused cubic-cosine loss: the elementwise accumulate (forward) and gradient (backward) steps
 // on one batch tile. The GEMMs that produce the tile stay in torch (oneDNN/MKL beat any hand-written blocked GEMM
 // here), so these kernels exist to fuse the ~15 elementwise ops per element into one pass with fp64 accumulation.
-// See cubic_loss.h for the formulas.
+// See losses.h for the formulas.
 #include <algorithm>
 #include <cmath>
 #include <string>
 
 #include "common.h"
-#include "cubic_loss/cubic_loss.h"
+#include "losses/losses.h"
 
 namespace fastcbm {
 namespace {
 
-using cubic_loss::kNumCoefs;
-using cubic_loss::kNumSums;
+using losses::kNumCoefs;
+using losses::kNumSums;
 
 void check_tile(py::ssize_t rows, py::ssize_t cols, const char* name, py::ssize_t r, py::ssize_t c) {
   if (r != rows || c != cols) {
@@ -125,20 +125,20 @@ void gradient(const carray<T>& q, const carray<T>& p, const carray<double>& mu_q
 }  // namespace
 }  // namespace fastcbm
 
-void register_cubic_loss_cpu(pybind11::module_& m) {
+void register_losses_cpu(pybind11::module_& m) {
   using namespace fastcbm;
   const char* acc_doc =
-      "cubic_loss_accumulate(q [R, K], p [R, K], mu_q [K] f64, mu_p [K] f64, sums [5, K] f64): add the tile's "
+      "losses_cubic_accumulate(q [R, K], p [R, K], mu_q [K] f64, mu_p [K] f64, sums [5, K] f64): add the tile's "
       "S_ab, S_aa, S_bb, S_a2b3, S_a5 into sums (in place)";
   const char* grad_doc =
-      "cubic_loss_gradient(q [R, K], p [R, K], mu_q [K] f64, mu_p [K] f64, coefs [3, K] f64, out [R, K]): "
+      "losses_cubic_gradient(q [R, K], p [R, K], mu_q [K] f64, mu_p [K] f64, coefs [3, K] f64, out [R, K]): "
       "out = a^2 (alpha b^3 - beta a^3) - gbar; out may be q";
-  m.def("cubic_loss_accumulate", &accumulate<float>, acc_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
+  m.def("losses_cubic_accumulate", &accumulate<float>, acc_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
         py::arg("mu_q"), py::arg("mu_p"), py::arg("sums").noconvert());
-  m.def("cubic_loss_accumulate", &accumulate<double>, acc_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
+  m.def("losses_cubic_accumulate", &accumulate<double>, acc_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
         py::arg("mu_q"), py::arg("mu_p"), py::arg("sums").noconvert());
-  m.def("cubic_loss_gradient", &gradient<float>, grad_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
+  m.def("losses_cubic_gradient", &gradient<float>, grad_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
         py::arg("mu_q"), py::arg("mu_p"), py::arg("coefs"), py::arg("out").noconvert());
-  m.def("cubic_loss_gradient", &gradient<double>, grad_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
+  m.def("losses_cubic_gradient", &gradient<double>, grad_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
         py::arg("mu_q"), py::arg("mu_p"), py::arg("coefs"), py::arg("out").noconvert());
 }

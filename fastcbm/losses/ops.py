@@ -33,7 +33,7 @@ steps keep the replicas of ``W`` equal without a DDP wrapper (which would averag
 Backends: ``reference`` (materialises, autograd); ``cpu`` (torch GEMMs per batch tile plus one C++/OpenMP kernel per
 tile for the fused elementwise accumulate/gradient step — the GEMMs are ~80 % of the time and torch's MKL/oneDNN GEMM
 runs at ~170 GFLOP/s on the 2-core dev machine, which a simple blocked C++ GEMM would not approach, so no hand-written
-GEMM was built); ``triton`` (fused q/p GEMM + accumulation kernels, kernels/cubic_loss.py). No CUDA C++ kernel:
+GEMM was built); ``triton`` (fused q/p GEMM + accumulation kernels, kernels/losses.py). No CUDA C++ kernel:
 Triton covers GPUs.
 """
 
@@ -175,7 +175,7 @@ def _cpu_forward(W, F, E, T, mu_q, mu_p, tile) -> torch.Tensor:
     mq, mp, s = mu_q.numpy(), mu_p.numpy(), sums.numpy()
     for b0 in range(0, F.shape[0], tile):
         q, p, _ = tiles.qp(b0, min(b0 + tile, F.shape[0]))
-        ext.cubic_loss_accumulate(q.numpy(), p.numpy(), mq, mp, s)
+        ext.losses_cubic_accumulate(q.numpy(), p.numpy(), mq, mp, s)
     return sums
 
 
@@ -190,7 +190,7 @@ def _cpu_backward(W, F, E, T, mu_q, mu_p, coefs, tile, need_dw, need_df):
         b1 = min(b0 + tile, B)
         q, p, fr = tiles.qp(b0, b1)
         qn = q.numpy()
-        ext.cubic_loss_gradient(qn, p.numpy(), mq, mp, cf, qn)  # g_q overwrites q
+        ext.losses_cubic_gradient(qn, p.numpy(), mq, mp, cf, qn)  # g_q overwrites q
         g = tiles.q[: (b1 - b0) * L]  # [tb·L, M]
         if dW is not None:
             dW.addmm_(g.t(), fr)
@@ -203,13 +203,13 @@ def _cpu_backward(W, F, E, T, mu_q, mu_p, coefs, tile, need_dw, need_df):
 
 
 def _triton_forward(W, F, E, T, mu_q, mu_p, tile) -> torch.Tensor:
-    from fastcbm.kernels import cubic_loss as kern  # lazy: importing triton is slow and optional
+    from fastcbm.kernels import losses as kern  # lazy: importing triton is slow and optional
 
     return kern.forward_sums(W, F, E, T, mu_q, mu_p, interpreted=triton_interpreted())
 
 
 def _triton_backward(W, F, E, T, mu_q, mu_p, coefs, tile, need_dw, need_df):
-    from fastcbm.kernels import cubic_loss as kern
+    from fastcbm.kernels import losses as kern
 
     interp = triton_interpreted()
     B, C, L = F.shape

@@ -10,9 +10,9 @@ Extra memory = peak memory of one forward+backward step beyond the inputs and th
 Timing: warm-up, then ``--repeats`` timed forward+backward steps (synchronised on GPU); median and p10/p90.
 On GPU ``--search-16gb`` also finds the largest batch whose inputs + step fit in 16 GB, per backend.
 
-    python bench/cubic_loss.py            # B=4096, M=1000, L=49, C=512, D=512
-    python bench/cubic_loss.py --quick    # B=1024, M=250
-Rows are appended to bench/results/cubic_loss.csv.
+    python bench/losses.py            # B=4096, M=1000, L=49, C=512, D=512
+    python bench/losses.py --quick    # B=1024, M=250
+Rows are appended to bench/results/losses.csv.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from _timing import peak_extra_bytes, peak_start, quantiles
 
-RESULTS = Path(__file__).resolve().parent / "results" / "cubic_loss.csv"
+RESULTS = Path(__file__).resolve().parent / "results" / "losses.csv"
 
 
 

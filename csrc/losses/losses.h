@@ -10,10 +10,10 @@
 #pragma once
 
 namespace fastcbm {
-namespace cubic_loss {
+namespace losses {
 
 constexpr int kNumSums = 5;  // rows of the sums array: S_ab, S_aa, S_bb, S_a2b3, S_a5
 constexpr int kNumCoefs = 3;  // rows of the coefficient array: alpha, beta, gbar
 
-}  // namespace cubic_loss
+}  // namespace losses
 }  // namespace fastcbm
