@@ -21,6 +21,15 @@ void register_cam_cuda(py::module_& m);
 
 PYBIND11_MODULE(FASTCBM_MODULE_NAME, m) {
   m.doc() = "fastcbm compiled kernels (private; use the fastcbm Python API)";
+  // A broken launcher invariant is a bug: raise fastcbm.errors.InternalError (imported when it first happens).
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const fastcbm::internal_error& e) {
+      py::object cls = py::module_::import("fastcbm.errors").attr("InternalError");
+      PyErr_SetString(cls.ptr(), e.what());
+    }
+  });
   m.def("build_info", []() {
     py::dict info;
 #ifdef FASTCBM_WITH_OPENMP

@@ -8,14 +8,14 @@ import torch
 
 from fastcbm.backends import BackendUnavailableError
 from fastcbm.losses import (
-    IMPLEMENTED,
+    OP,
     cubic_cosine_loss,
     cubic_cosine_loss_reference,
     cubic_cosine_similarity,
 )
 from tests.conftest import assert_close, devices_under_test, runnable_backends
 
-FAST = [b for b in runnable_backends(IMPLEMENTED) if b != "reference"]
+FAST = [b for b in runnable_backends(OP) if b != "reference"]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
@@ -112,7 +112,7 @@ def test_triton_cuda_matches_reference(shape):
     check(loss_and_grads("triton", W, F, E, T), expected(W, F, E, T), torch.float32, f"triton cuda {shape}")
 
 
-@pytest.mark.parametrize("backend", runnable_backends(IMPLEMENTED))
+@pytest.mark.parametrize("backend", runnable_backends(OP))
 def test_zero_variance_columns_finite_and_match(backend):
     # Exactly zero columns: every backend sees a = 0 (resp. b = 0) exactly, so cos = 0 there by the eps semantics.
     W, F, E, T = make_inputs(6, 5, 3, 4, 2)
@@ -128,7 +128,7 @@ def test_zero_variance_columns_finite_and_match(backend):
     assert all(torch.isfinite(t).all() for t in got), f"{backend}: non-finite result on constant columns"
 
 
-@pytest.mark.parametrize("backend", runnable_backends(IMPLEMENTED))
+@pytest.mark.parametrize("backend", runnable_backends(OP))
 def test_batch_of_two(backend):
     # Two centred samples are ±a: every column's cosine is exactly ±1, so the loss is -mean(sign) and the true
     # gradient is 0; what any backend returns is cancellation noise, which must stay tiny next to a real gradient.
@@ -181,7 +181,7 @@ def test_cpu_gradcheck():
 
 def test_weight_only_and_features_only_gradients():
     W, F, E, T = make_inputs(7, 4, 3, 5, 3)
-    for backend in runnable_backends(IMPLEMENTED):
+    for backend in runnable_backends(OP):
         Wg = W.clone().requires_grad_(True)
         (dw,) = torch.autograd.grad(cubic_cosine_loss(Wg, F, E, T, backend=backend), Wg)
         Fg = F.clone().requires_grad_(True)

@@ -14,7 +14,7 @@ from fastcbm.backends import BackendUnavailableError
 from fastcbm.prompts import (
     CLIP_MEAN,
     CLIP_STD,
-    IMPLEMENTED,
+    OP,
     default_ring_geometry,
     render_rings,
     ring_centers,
@@ -28,7 +28,7 @@ HALF_TOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}  # relative rounding of t
 DEVICE_BACKENDS = [
     pytest.param(dev, b, marks=[pytest.mark.gpu] if dev == "cuda" else [], id=f"{dev}-{b}")
     for dev in devices_under_test()
-    for b in runnable_backends(IMPLEMENTED, dev)
+    for b in runnable_backends(OP, device=dev)
 ]
 
 
@@ -182,7 +182,7 @@ def test_include_plain_and_empty_batch(device, backend):
 def test_cuda_default_geometry_matches_reference():
     imgs = _images(3, 224, seed=11).cuda()
     ref = render_rings(imgs.cpu(), backend="reference", out_dtype=torch.bfloat16, include_plain=True)
-    for backend in runnable_backends(("cuda", "triton"), "cuda"):
+    for backend in [b for b in runnable_backends(OP, device="cuda") if b in ("cuda", "triton")]:
         out = render_rings(imgs, backend=backend, out_dtype=torch.bfloat16, include_plain=True).cpu()
         assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), backend
 

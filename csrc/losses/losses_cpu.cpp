@@ -17,7 +17,7 @@ using losses::kNumSums;
 
 void check_tile(py::ssize_t rows, py::ssize_t cols, const char* name, py::ssize_t r, py::ssize_t c) {
   if (r != rows || c != cols) {
-    throw std::invalid_argument(std::string(name) + ": expected [" + std::to_string(rows) + ", " +
+    throw internal_error(std::string(name) + ": expected [" + std::to_string(rows) + ", " +
                                 std::to_string(cols) + "], got [" + std::to_string(r) + ", " + std::to_string(c) +
                                 "]");
   }
@@ -40,7 +40,7 @@ CentredTile<T> centred_tile(const carray<T>& q, const carray<T>& p, const carray
   check_tile(t.rows, t.cols, "p", p.shape(0), p.shape(1));
   t.mu_q = checked_data(mu_q, "mu_q", 1);
   t.mu_p = checked_data(mu_p, "mu_p", 1);
-  if (mu_q.shape(0) != t.cols || mu_p.shape(0) != t.cols) throw std::invalid_argument("mu_q/mu_p: expected [K]");
+  if (mu_q.shape(0) != t.cols || mu_p.shape(0) != t.cols) throw internal_error("mu_q/mu_p: expected [K]");
   return t;
 }
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from fastcbm.errors import InvalidArgument
+
 EPS = 1e-12
 """Added to each column's L2 norm before dividing (``x / (‖x‖ + EPS)``), in every backend."""
 
@@ -28,11 +30,11 @@ def cubic_cosine_similarity(q: torch.Tensor, p: torch.Tensor, eps: float = EPS) 
     per-column dot product. Needs B >= 2 (centring one sample leaves nothing).
     """
     if q.dim() != 2 or p.dim() != 2:
-        raise ValueError(f"q and p must be [B, K]; got q {tuple(q.shape)}, p {tuple(p.shape)}")
+        raise InvalidArgument(f"q and p must be [B, K]; got q {tuple(q.shape)}, p {tuple(p.shape)}")
     if q.shape != p.shape:
-        raise ValueError(f"p must have the shape of q {tuple(q.shape)}; got {tuple(p.shape)}")
+        raise InvalidArgument(f"p must have the shape of q {tuple(q.shape)}; got {tuple(p.shape)}")
     if q.shape[0] < 2:
-        raise ValueError(f"q: need a batch of at least 2 samples to centre over, got B={q.shape[0]}")
+        raise InvalidArgument(f"q: need a batch of at least 2 samples to centre over, got B={q.shape[0]}")
     return (_centre_cube_normalise(q, eps) * _centre_cube_normalise(p, eps)).sum(dim=0)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastcbm.errors import InvalidArgument
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -17,27 +19,27 @@ def _describe(t: torch.Tensor) -> str:
 
 
 def check_maps_masks(maps: torch.Tensor, masks: torch.Tensor, *, maps_name: str = "maps") -> None:
-    """Raise ``ValueError`` naming the argument unless maps is float ``[N, h, w]`` and masks bool ``[N, H, W]``."""
+    """Raise ``InvalidArgument`` naming the argument unless maps is float ``[N, h, w]`` and masks bool ``[N, H, W]``."""
     if not isinstance(maps, torch.Tensor):
-        raise ValueError(f"{maps_name} must be a torch.Tensor, got {type(maps).__name__}")
+        raise InvalidArgument(f"{maps_name} must be a torch.Tensor, got {type(maps).__name__}")
     if not isinstance(masks, torch.Tensor):
-        raise ValueError(f"masks must be a torch.Tensor, got {type(masks).__name__}")
+        raise InvalidArgument(f"masks must be a torch.Tensor, got {type(masks).__name__}")
     if maps.dim() != 3:
-        raise ValueError(f"{maps_name} must have shape [N, h, w], got {_describe(maps)}")
+        raise InvalidArgument(f"{maps_name} must have shape [N, h, w], got {_describe(maps)}")
     if maps.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{maps_name} must be fp16/bf16/fp32/fp64, got {_describe(maps)}")
+        raise InvalidArgument(f"{maps_name} must be fp16/bf16/fp32/fp64, got {_describe(maps)}")
     if masks.dim() != 3:
-        raise ValueError(f"masks must have shape [N, H, W], got {_describe(masks)}")
+        raise InvalidArgument(f"masks must have shape [N, H, W], got {_describe(masks)}")
     if masks.dtype != torch.bool:
-        raise ValueError(f"masks must be a bool tensor, got {_describe(masks)} (convert 0/1 masks with masks.bool())")
+        raise InvalidArgument(f"masks must be a bool tensor, got {_describe(masks)} (convert 0/1 masks with masks.bool())")
     if maps.shape[0] != masks.shape[0]:
-        raise ValueError(f"{maps_name} and masks disagree on N: {maps_name} {_describe(maps)}, masks {_describe(masks)}")
+        raise InvalidArgument(f"{maps_name} and masks disagree on N: {maps_name} {_describe(maps)}, masks {_describe(masks)}")
     if maps.numel() == 0:
-        raise ValueError(f"{maps_name} is empty (N=0 or h*w=0): {_describe(maps)}")
+        raise InvalidArgument(f"{maps_name} is empty (N=0 or h*w=0): {_describe(maps)}")
     if masks.numel() == 0:
-        raise ValueError(f"masks is empty (N=0 or H*W=0): {_describe(masks)}")
+        raise InvalidArgument(f"masks is empty (N=0 or H*W=0): {_describe(masks)}")
     if maps.device != masks.device:
-        raise ValueError(f"{maps_name} is on {maps.device} but masks is on {masks.device}")
+        raise InvalidArgument(f"{maps_name} is on {maps.device} but masks is on {masks.device}")
 
 
 def check_finite(x: torch.Tensor, original: torch.Tensor, maps_name: str) -> None:
@@ -49,8 +51,8 @@ def check_finite(x: torch.Tensor, original: torch.Tensor, maps_name: str) -> Non
     if bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all()):
         return
     if original.dtype == torch.float64 and bool(torch.isfinite(original).all()):
-        raise ValueError(f"{maps_name} overflows float32 ({_describe(original)})")
-    raise ValueError(f"{maps_name} contains NaN or inf ({_describe(original)})")
+        raise InvalidArgument(f"{maps_name} overflows float32 ({_describe(original)})")
+    raise InvalidArgument(f"{maps_name} contains NaN or inf ({_describe(original)})")
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -73,7 +75,7 @@ def prepare(maps: torch.Tensor, masks: torch.Tensor, *, maps_name: str = "maps")
 def official_step(n_pixels: int) -> int:
     """The authors' step ``HW // 100``; their loop (``idx % step``) needs at least 100 pixels."""
     if n_pixels < 100:
-        raise ValueError(
+        raise InvalidArgument(
             f"masks has H*W={n_pixels} pixels; the official NRA (CE-FAM authors' formula, step = H*W // 100, "
             "then idx % step) needs H*W >= 100; use variant='paper' or larger masks"
         )

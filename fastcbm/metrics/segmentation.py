@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from fastcbm.errors import InvalidArgument
 from fastcbm.metrics._common import check_finite, check_maps_masks, resize_maps
 
 _CHUNK_ELEMENTS = 1 << 21
@@ -103,7 +104,7 @@ class SegmentationScores:
     def compute(self) -> dict[str, float]:
         """``{"pixel_accuracy", "miou", "map"}`` over everything seen since the last reset."""
         if self._images == 0:
-            raise ValueError("SegmentationScores.compute() called before any update()")
+            raise InvalidArgument("SegmentationScores.compute() called before any update()")
         valid = self._union > 0
         iou = self._inter[valid].to(torch.float64) / self._union[valid].to(torch.float64)
         return {

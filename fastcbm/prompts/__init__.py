@@ -6,12 +6,19 @@ Public API; the dispatcher is :mod:`fastcbm.prompts.ops`, the definition :mod:`f
 from fastcbm.prompts.ops import (
     CLIP_MEAN,
     CLIP_STD,
-    IMPLEMENTED,
+    OP,
     default_ring_geometry,
     render_rings,
     ring_centers,
     ring_masks,
 )
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "IMPLEMENTED", "default_ring_geometry", "render_rings", "ring_centers",
-           "ring_masks"]
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "OP",
+    "default_ring_geometry",
+    "render_rings",
+    "ring_centers",
+    "ring_masks",
+]

@@ -1,4 +1,4 @@
-"""Red-ring visual prompts for SALF-CBM (DESIGN.md §3 "Red-circle prompts").
+"""Red-ring visual prompts (DESIGN.md §3 "Red-circle prompts"): public functions and dispatch.
 
 ``render_rings`` turns a batch of decoded uint8 images ``[B, 3, S, S]`` (already resized/cropped to the encoder's
 input) into every prompted copy ``[B, G(+1), 3, S, S]``, normalised for the encoder and in its dtype, in one kernel:
@@ -13,7 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
-from fastcbm.backends import select_backend
+from fastcbm import backends
+from fastcbm.errors import InvalidArgument
+from fastcbm.prompts import launchers
 from fastcbm.prompts.reference import (
     CLIP_MEAN,
     CLIP_STD,
@@ -29,14 +31,30 @@ from fastcbm.prompts.reference import (
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
-    "IMPLEMENTED",
     "default_ring_geometry",
     "render_rings",
     "ring_centers",
     "ring_masks",
 ]
 
-IMPLEMENTED = ("reference", "cpu", "triton", "cuda")
+OP = "prompts.render_rings"
+
+
+def _reference(images: torch.Tensor, plan, out_dtype: torch.dtype, mean, std) -> torch.Tensor:
+    return render_rings_reference(images, plan, mean, std, out_dtype)
+
+
+def _compiled(launcher):
+    """A launcher as an implementation: the compiled kernels take the plan's value table, not mean/std."""
+    return lambda images, plan, out_dtype, mean, std: launcher(images.contiguous(), plan, out_dtype)
+
+
+backends.define_op(OP, {"default": {
+    "reference": _reference,
+    "cpu": _compiled(launchers.render_rings_cpu),
+    "triton": _compiled(launchers.render_rings_triton),
+    "cuda": _compiled(launchers.render_rings_cuda),
+}})
 
 
 def ring_masks(
@@ -50,7 +68,7 @@ def ring_masks(
 
     ``radius`` None → ``default_ring_geometry(size)[0]`` (32 px at 224, scaled with the image)."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
+        raise InvalidArgument(f"size must be a positive int, got {size!r}")
     if radius is None:
         radius = default_ring_geometry(size)[0]
     plan = make_plan(size, grid, radius, width, centers, None, None, include_plain=False)
@@ -91,18 +109,9 @@ def render_rings(
     """
     S = check_images(images)
     if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype!r}")
+        raise InvalidArgument(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype!r}")
     if radius is None:
         radius = default_ring_geometry(S)[0]
     plan = make_plan(S, grid, radius, width, centers, mean, std, bool(include_plain))
-    name = select_backend("render_rings", backend, images.device, IMPLEMENTED)
-    if name == "reference":
-        return render_rings_reference(images, plan, mean, std, out_dtype)
-    from fastcbm.prompts import launchers
-
-    images = images.contiguous()
-    if name == "cpu":
-        return launchers.render_rings_cpu(images, plan, out_dtype)
-    if name == "triton":
-        return launchers.render_rings_triton(images, plan, out_dtype)
-    return launchers.render_rings_cuda(images, plan, out_dtype)
+    impl = backends.resolve(OP, backend, images.device)
+    return impl.fn(images, plan, out_dtype, mean, std)

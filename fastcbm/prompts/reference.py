@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastcbm.errors import InvalidArgument
+
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
@@ -55,7 +57,7 @@ def default_ring_geometry(size: int) -> tuple[float, float]:
 
 def _check_size(size: int) -> int:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive int (image side in pixels), got {size!r}")
+        raise InvalidArgument(f"size must be a positive int (image side in pixels), got {size!r}")
     return size
 
 
@@ -63,9 +65,9 @@ def _check_positive(name: str, value: float) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+        raise InvalidArgument(f"{name} must be a positive number, got {value!r}") from None
     if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        raise InvalidArgument(f"{name} must be a positive finite number, got {value!r}")
     return v
 
 
@@ -85,9 +87,9 @@ def normalize_grid(grid: int | Sequence[int]) -> tuple[int, int]:
         else:
             raise TypeError
     except TypeError:
-        raise ValueError(f"grid must be an int or a pair (rows, cols) of ints, got {grid!r}") from None
+        raise InvalidArgument(f"grid must be an int or a pair (rows, cols) of ints, got {grid!r}") from None
     if gy < 1 or gx < 1:
-        raise ValueError(f"grid must be >= 1 along both axes, got {grid!r}")
+        raise InvalidArgument(f"grid must be >= 1 along both axes, got {grid!r}")
     return gy, gx
 
 
@@ -115,9 +117,9 @@ def ring_centers(
     gy, gx = normalize_grid(grid)
     r = _check_positive("radius", radius)
     if not isinstance(centers, str) or centers not in CENTER_MODES:
-        raise ValueError(f"centers must be one of {CENTER_MODES} or a float tensor [G, 2], got {centers!r}")
+        raise InvalidArgument(f"centers must be one of {CENTER_MODES} or a float tensor [G, 2], got {centers!r}")
     if centers == "inset" and 2 * r > size - 1:
-        raise ValueError(
+        raise InvalidArgument(
             f"radius={radius!r} is too large for centers='inset' at size {size}: rings need 2*radius <= size-1 "
             f"= {size - 1} to fit inside the image"
         )
@@ -128,13 +130,13 @@ def ring_centers(
 
 def _check_centers_tensor(centers: torch.Tensor) -> torch.Tensor:
     if not centers.is_floating_point() or centers.ndim != 2 or centers.shape[1] != 2 or centers.shape[0] < 1:
-        raise ValueError(
+        raise InvalidArgument(
             f"centers tensor must be a float tensor [G, 2] of (y, x) with G >= 1, got dtype {centers.dtype} "
             f"shape {tuple(centers.shape)}"
         )
     c = centers.detach().to(device="cpu", dtype=torch.float64)
     if not bool(torch.isfinite(c).all()):
-        raise ValueError("centers tensor must contain only finite values")
+        raise InvalidArgument("centers tensor must contain only finite values")
     return c
 
 
@@ -147,13 +149,13 @@ def _check_mean_std(mean: Sequence[float] | None, std: Sequence[float] | None) -
         try:
             vals = [float(v) for v in val]
         except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a sequence of 3 numbers or None, got {val!r}") from None
+            raise InvalidArgument(f"{name} must be a sequence of 3 numbers or None, got {val!r}") from None
         if len(vals) != 3:
-            raise ValueError(f"{name} must have 3 values (one per RGB channel), got {len(vals)}: {val!r}")
+            raise InvalidArgument(f"{name} must have 3 values (one per RGB channel), got {len(vals)}: {val!r}")
         if not all(math.isfinite(v) for v in vals):
-            raise ValueError(f"{name} must be finite, got {val!r}")
+            raise InvalidArgument(f"{name} must be finite, got {val!r}")
         if name == "std" and any(v == 0 for v in vals):
-            raise ValueError(f"std must not contain 0, got {val!r}")
+            raise InvalidArgument(f"std must not contain 0, got {val!r}")
         out.append(vals)
     return out[0], out[1]
 
@@ -161,17 +163,17 @@ def _check_mean_std(mean: Sequence[float] | None, std: Sequence[float] | None) -
 def check_images(images: torch.Tensor) -> int:
     """Validate ``images`` (uint8 ``[B, 3, S, S]``) and return S."""
     if not isinstance(images, torch.Tensor):
-        raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        raise InvalidArgument(f"images must be a torch.Tensor, got {type(images).__name__}")
     if images.dtype != torch.uint8:
-        raise ValueError(f"images must be uint8 (0..255 pixels in the encoder's input space), got {images.dtype}")
+        raise InvalidArgument(f"images must be uint8 (0..255 pixels in the encoder's input space), got {images.dtype}")
     if images.ndim != 4:
-        raise ValueError(f"images must have shape [B, 3, S, S], got rank {images.ndim} shape {tuple(images.shape)}")
+        raise InvalidArgument(f"images must have shape [B, 3, S, S], got rank {images.ndim} shape {tuple(images.shape)}")
     if images.shape[1] != 3:
-        raise ValueError(f"images must have 3 channels (RGB), got shape {tuple(images.shape)}")
+        raise InvalidArgument(f"images must have 3 channels (RGB), got shape {tuple(images.shape)}")
     if images.shape[2] != images.shape[3]:
-        raise ValueError(f"images must be square [B, 3, S, S], got shape {tuple(images.shape)}")
+        raise InvalidArgument(f"images must be square [B, 3, S, S], got shape {tuple(images.shape)}")
     if images.shape[2] < 1:
-        raise ValueError(f"images must have S >= 1, got shape {tuple(images.shape)}")
+        raise InvalidArgument(f"images must have S >= 1, got shape {tuple(images.shape)}")
     return int(images.shape[2])
 
 

@@ -1,0 +1,191 @@
+"""Launchers of the fused cubic-cosine loss backends: the streamed forward sums and the recomputed backward tiles,
+and the Triton launch tables. The maths (what is summed, the gradient coefficients) is in :mod:`fastcbm.losses.ops`.
+
+A fused backend is a :class:`FusedLoss`: ``forward(W, F, E, T, mu_q, mu_p, tile) -> sums [5, L·M]`` (fp64) and
+``backward(W, F, E, T, mu_q, mu_p, coefs, tile, need_dw, need_df) -> (dW | None, dF | None)``, with weight W [M, C],
+features F [B, C, L], prompt embeddings E [B, L, D], text embeddings T [M, D] (float32 or float64, any strides, one
+device) and per-column batch means / coefficients contiguous fp64 in column order (l, m).
+
+- ``cpu``: torch GEMMs per batch tile (oneDNN/MKL) + one C++/OpenMP kernel per tile for the fused elementwise step
+  (``fastcbm._C.losses_cubic_accumulate`` / ``losses_cubic_gradient``);
+- ``triton``: fused q/p GEMM + accumulation kernels (``fastcbm.kernels.losses``): nothing of size [B, M·L] exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fastcbm import _ext
+from fastcbm.backends import triton_interpreted
+from fastcbm.errors import InternalError
+from fastcbm.triton_launch import TritonKernel, signatures
+
+
+@dataclass(frozen=True)
+class FusedLoss:
+    """One fused backend: its forward (streamed column sums) and backward (recomputed tiles) drivers."""
+
+    forward: Callable[..., torch.Tensor]
+    backward: Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]]
+
+
+def _check(W: torch.Tensor, device_type: str) -> None:
+    if W.dtype not in (torch.float32, torch.float64):
+        raise InternalError(f"launcher: the fused cubic loss takes float32 or float64, got {W.dtype}")
+    _ext.expect_device("weight", W, device_type)
+
+
+# ---- cpu: torch GEMMs per tile + C++ elementwise kernels ---------------------------------------------------------
+class _Tiles:
+    """Reusable per-tile buffers; ``qp(b0, b1)`` returns q, p as [tb, K] views and the [tb·L, C] features rows."""
+
+    def __init__(self, W, F, E, T, tile):
+        self.W, self.F, self.E, self.T, self.tile = W, F, E, T, tile
+        _, C, L = F.shape
+        M, D = W.shape[0], E.shape[2]
+        self.L, self.M, self.C, self.D = L, M, C, D
+        kw = dict(dtype=W.dtype, device=W.device)
+        self.fr = torch.empty((tile * L, C), **kw)
+        self.er = None if E.is_contiguous() else torch.empty((tile * L, D), **kw)
+        self.q = torch.empty((tile * L, M), **kw)
+        self.p = torch.empty((tile * L, M), **kw)
+
+    def qp(self, b0: int, b1: int):
+        tb, L = b1 - b0, self.L
+        rows = tb * L
+        fr = self.fr[:rows]
+        fr.view(tb, L, self.C).copy_(self.F[b0:b1].transpose(1, 2))  # rows (b, l): one big GEMM instead of B small ones
+        if self.E.is_contiguous():
+            er = self.E[b0:b1].reshape(rows, self.D)  # a view: already rows (b, l)
+        else:
+            er = self.er[:rows]
+            er.view(tb, L, self.D).copy_(self.E[b0:b1])
+        q, p = self.q[:rows], self.p[:rows]
+        torch.mm(fr, self.W.t(), out=q)
+        torch.mm(er, self.T.t(), out=p)
+        return q.view(tb, L * self.M), p.view(tb, L * self.M), fr
+
+
+def cpu_forward(W, F, E, T, mu_q, mu_p, tile) -> torch.Tensor:
+    _check(W, "cpu")
+    ext = _ext.cpu_module()
+    sums = torch.zeros((5, mu_q.numel()), dtype=torch.float64)
+    tiles = _Tiles(W, F, E, T, tile)
+    mq, mp, s = mu_q.numpy(), mu_p.numpy(), sums.numpy()
+    for b0 in range(0, F.shape[0], tile):
+        q, p, _ = tiles.qp(b0, min(b0 + tile, F.shape[0]))
+        ext.losses_cubic_accumulate(q.numpy(), p.numpy(), mq, mp, s)
+    return sums
+
+
+def cpu_backward(W, F, E, T, mu_q, mu_p, coefs, tile, need_dw, need_df):
+    _check(W, "cpu")
+    ext = _ext.cpu_module()
+    B, C, L = F.shape
+    dW = torch.zeros_like(W, memory_format=torch.contiguous_format) if need_dw else None
+    dF = torch.empty_like(F, memory_format=torch.contiguous_format) if need_df else None
+    tiles = _Tiles(W, F, E, T, tile)
+    mq, mp, cf = mu_q.numpy(), mu_p.numpy(), coefs.numpy()
+    for b0 in range(0, B, tile):
+        b1 = min(b0 + tile, B)
+        q, p, fr = tiles.qp(b0, b1)
+        qn = q.numpy()
+        ext.losses_cubic_gradient(qn, p.numpy(), mq, mp, cf, qn)  # g_q overwrites q
+        g = tiles.q[: (b1 - b0) * L]  # [tb·L, M]
+        if dW is not None:
+            dW.addmm_(g.t(), fr)
+        if dF is not None:
+            dF[b0:b1].copy_((g @ W).view(b1 - b0, L, C).transpose(1, 2))
+    return dW, dF
+
+
+CPU = FusedLoss(cpu_forward, cpu_backward)
+
+
+# ---- triton: launch tables and drivers ---------------------------------------------------------------------------
+_STRIDES = ("s_wm", "s_wc", "s_fb", "s_fc", "s_fl", "s_eb", "s_el", "s_ed", "s_tm", "s_td")
+_FWD = ("W", "F", "E", "T", "MU_Q", "MU_P", "SUMS", "B", "C", "L", "D", "M", *_STRIDES)
+_GRAD = ("W", "F", "E", "T", "MU_Q", "MU_P", "COEFS", "G", "TB", "C", "L", "D", "M", *_STRIDES)
+_DW = ("G", "F", "DW", "TB", "C", "L", "M", "s_fb", "s_fc", "s_fl")
+_DF = ("G", "W", "DF", "TB", "C", "L", "M", "s_wm", "s_wc", "s_db", "s_dc", "s_dl")
+_DTYPES = ("fp32", "fp64")  # the fused backends compute in the inputs' dtype (fp32 dots are IEEE, not TF32)
+
+
+def _sigs(params: tuple[str, ...], fp64_ptrs: tuple[str, ...]) -> tuple[dict[str, str], ...]:
+    """One signature per input dtype: tensors of that dtype, the fp64 sums/means/coefficients, i32 sizes/strides."""
+    ints = {p: "i32" for p in params if p.startswith("s_") or p in ("B", "C", "L", "D", "M", "TB")}
+    fixed = {**ints, **{p: "*fp64" for p in fp64_ptrs}}
+    return signatures(params, *({p: f"*{dt}" for p in params if p not in fixed} for dt in _DTYPES), **fixed)
+
+
+_QP_GPU = ({"BLOCK_B": 64, "BLOCK_M": 64, "BLOCK_C": 32, "BLOCK_D": 32},)
+_QP_INTERP = ({"BLOCK_B": 16, "BLOCK_M": 16, "BLOCK_C": 16, "BLOCK_D": 16},)  # 16 is tl.dot's minimum
+FORWARD_KERNEL = TritonKernel("losses", "_forward_sums_kernel", _FWD, _sigs(_FWD, ("MU_Q", "MU_P", "SUMS")),
+                              gpu=_QP_GPU, interpreter=_QP_INTERP)
+GRAD_KERNEL = TritonKernel("losses", "_grad_tile_kernel", _GRAD, _sigs(_GRAD, ("MU_Q", "MU_P", "COEFS")),
+                           gpu=_QP_GPU, interpreter=_QP_INTERP)
+DWEIGHT_KERNEL = TritonKernel("losses", "_dweight_kernel", _DW, _sigs(_DW, ()),
+                              gpu=({"BLOCK_R": 32, "BLOCK_M": 64, "BLOCK_C": 64},),
+                              interpreter=({"BLOCK_R": 16, "BLOCK_M": 16, "BLOCK_C": 16},))
+DFEATURES_KERNEL = TritonKernel("losses", "_dfeatures_kernel", _DF, _sigs(_DF, ()),
+                                gpu=({"BLOCK_R": 64, "BLOCK_M": 32, "BLOCK_C": 64},),
+                                interpreter=({"BLOCK_R": 16, "BLOCK_M": 16, "BLOCK_C": 16},))
+TRITON_KERNELS = (FORWARD_KERNEL, GRAD_KERNEL, DWEIGHT_KERNEL, DFEATURES_KERNEL)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _strides(W, F, E, T) -> tuple[int, ...]:
+    return (*W.stride(), *F.stride(), *E.stride(), *T.stride())
+
+
+def triton_forward(W, F, E, T, mu_q, mu_p, tile) -> torch.Tensor:
+    """Per-column sums [5, L·M] fp64 over the whole batch in one launch (``tile`` is not needed: nothing is held)."""
+    _check(W, W.device.type)
+    interpreted = triton_interpreted()
+    M, C = W.shape
+    B, _, L = F.shape
+    D = E.shape[2]
+    with _ext.on_device(W.device):
+        sums = torch.empty((5, L * M), dtype=torch.float64, device=W.device)
+        cx = FORWARD_KERNEL.constexpr_sets(interpreted)[0]
+        FORWARD_KERNEL.launch((L, _cdiv(M, cx["BLOCK_M"])),
+                              (W, F, E, T, mu_q, mu_p, sums, B, C, L, D, M, *_strides(W, F, E, T)), cx, interpreted)
+    return sums
+
+
+def triton_backward(W, F, E, T, mu_q, mu_p, coefs, tile, need_dw, need_df):
+    """Per batch tile: g_q into a [tile, L, M] buffer (recomputing q and p), then dW += and dF = from it."""
+    _check(W, W.device.type)
+    interpreted = triton_interpreted()
+    B, C, L = F.shape
+    M, D = W.shape[0], E.shape[2]
+    cg = GRAD_KERNEL.constexpr_sets(interpreted)[0]
+    cw = DWEIGHT_KERNEL.constexpr_sets(interpreted)[0]
+    cf = DFEATURES_KERNEL.constexpr_sets(interpreted)[0]
+    with _ext.on_device(W.device):
+        dW = torch.zeros((M, C), dtype=W.dtype, device=W.device) if need_dw else None
+        dF = torch.empty_like(F, memory_format=torch.contiguous_format) if need_df else None
+        gbuf = torch.empty((tile, L, M), dtype=W.dtype, device=W.device)
+        for b0 in range(0, B, tile):
+            b1 = min(b0 + tile, B)
+            tb, Ft, Et, g = b1 - b0, F[b0:b1], E[b0:b1], gbuf[: b1 - b0]
+            GRAD_KERNEL.launch((_cdiv(tb, cg["BLOCK_B"]), L, _cdiv(M, cg["BLOCK_M"])),
+                               (W, Ft, Et, T, mu_q, mu_p, coefs, g, tb, C, L, D, M, *_strides(W, Ft, Et, T)), cg,
+                               interpreted)
+            if dW is not None:
+                DWEIGHT_KERNEL.launch((_cdiv(M, cw["BLOCK_M"]), _cdiv(C, cw["BLOCK_C"])),
+                                      (g, Ft, dW, tb, C, L, M, *Ft.stride()), cw, interpreted)
+            if dF is not None:
+                dFt = dF[b0:b1]
+                DFEATURES_KERNEL.launch((_cdiv(tb * L, cf["BLOCK_R"]), _cdiv(C, cf["BLOCK_C"])),
+                                        (g, W, dFt, tb, C, L, M, *W.stride(), *dFt.stride()), cf, interpreted)
+    return dW, dF
+
+
+TRITON = FusedLoss(triton_forward, triton_backward)
