@@ -119,7 +119,7 @@ def losses_rows(rows: list[dict]) -> list[Row]:
                     f"fused {'C++' if backend == 'cpu' else backend}: {_f(row, 'median_s'):.1f} s, "
                     f"{_n(_f(row, 'peak_extra_mib'))} MiB extra",
                     f"materialised reference: {_f(ref, 'median_s'):.1f} s, {_n(_f(ref, 'peak_extra_mib'))} MiB",
-                    f"**{_f(ref, 'peak_extra_mib') / _f(row, 'peak_extra_mib'):.0f}× less memory**, "
+                    f"**{_f(ref, 'peak_extra_mib') / max(_f(row, 'peak_extra_mib'), 0.1):.0f}× less memory**, "
                     f"{_f(ref, 'median_s') / _f(row, 'median_s'):.1f}× faster"))
     return out
 
