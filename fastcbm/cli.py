@@ -13,7 +13,7 @@ import logging
 import sys
 
 from fastcbm import __version__
-from fastcbm.compat import WeightsUnavailableError
+from fastcbm.errors import EXIT_SYSTEM, EXIT_USER_ERROR, UserError
 
 # command modules, in the order `fastcbm --help` lists them
 COMMAND_MODULES = (
@@ -62,17 +62,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, WeightsUnavailableError) as exc:
-        # user errors: one clear line, no traceback (use -vv for one)
+    except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
+        # bad input (fastcbm.errors; a path that does not exist or is of the wrong kind): one line, exit 2
         if args.verbose >= 2:
             raise
-        print(f"fastcbm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # read-only folders (EROFS), full disks, a cache's writer lock, I/O errors: one line
+        text = str(exc) if isinstance(exc, UserError) else _os_error_text(exc)
+        print(f"fastcbm {args.command}: error: {text}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # the system refused: read-only folder (EROFS), full disk, I/O error, a writer's lock
         if args.verbose >= 2:
             raise
         print(f"fastcbm {args.command}: error: {_os_error_text(exc)}", file=sys.stderr)
-        return 1
+        return EXIT_SYSTEM
+    # anything else is a bug in fastcbm: it propagates with its traceback (exit 1)
 
 
 def _os_error_text(exc: OSError) -> str:

@@ -137,7 +137,7 @@ def remove_torchvision_hook() -> None:
     _finder = None
 
 
-from fastcbm.errors import WeightsUnavailableError  # noqa: E402  (re-exported: its home is fastcbm.errors)
+from fastcbm.errors import WeightsUnavailableError  # noqa: E402,F401  (re-exported: its home is fastcbm.errors)
 
 
 _DOWNLOAD_LOGGERS = ("huggingface_hub", "urllib3", "timm", "open_clip", "filelock")

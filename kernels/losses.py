@@ -1,4 +1,4 @@
-"""Triton kernels of the fused cubic-cosine loss (see ``fastcbm.losses.cubic`` for the maths and the driver).
+"""Triton kernels of the fused cubic-cosine loss (see ``fastcbm.losses.ops`` for the maths and ``fastcbm.losses.launchers`` for the drivers).
 
 Column k of the loss is a (cell l, concept m) pair. Layout conventions (all kernels take strides, so inputs may be any
 strided view): weight W [M, C], features F [B, C, L], prompt embeddings E [B, L, D], text embeddings T [M, D];

@@ -36,7 +36,7 @@ def caches(tmp_path_factory):
 
 def _direct_z(backbone, images_uint8: torch.Tensor) -> torch.Tensor:
     from fastcbm.cefam import pool_stages, stage_activations
-    from fastcbm.features import normalize_for_backbone
+    from fastcbm.models.features import normalize_for_backbone
 
     with torch.no_grad():
         x = normalize_for_backbone(images_uint8, backbone, torch.device("cpu"))
@@ -322,7 +322,7 @@ def test_cli_precompute_global_only_with_a_vit_classifier(caches, tmp_path, caps
     vit = load_backbone("testbed-vit")
     order = torch.tensor([scene_index(f) for f in reader.files])
     from fastcbm.cefam import pool_stages, stage_activations
-    from fastcbm.features import normalize_for_backbone
+    from fastcbm.models.features import normalize_for_backbone
 
     with torch.no_grad():
         x = normalize_for_backbone(batch.images[order], vit, torch.device("cpu"))

@@ -13,7 +13,7 @@ import torch
 
 from fastcbm.deploy import export_clip_onnx, export_onnx, load, read_metadata
 from fastcbm.deploy import tensorrt as T
-from fastcbm.features import normalize_for_backbone
+from fastcbm.models.features import normalize_for_backbone
 from fastcbm.heads import LinearHead
 from fastcbm.models import load_backbone
 from fastcbm.salf import explain as ex
@@ -31,7 +31,7 @@ def make_salf(backbone_name: str = "testbed", *, m: int = 12, k: int = 5, grid=(
     bb = load_backbone(backbone_name)
     layer = bb.feature_layers[-1]
     with torch.no_grad():
-        from fastcbm.features import extract_feature_maps
+        from fastcbm.models.features import extract_feature_maps
 
         s = bb.input_size if bb.kind == "vit" else 64  # a CNN's channel count does not depend on the input size
         c = extract_feature_maps(bb.model, torch.zeros(1, 3, s, s), layer, kind=bb.kind,

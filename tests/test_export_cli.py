@@ -96,12 +96,13 @@ def test_explain_from_engine_matches_model_folder(tmp_path, capsys):
 
 def test_precompute_engine_flag_reaches_precompute(tmp_path, monkeypatch, capsys):
     import fastcbm.precompute
+    from fastcbm.errors import InvalidArgument
 
     seen = {}
 
     def fake(*args, **kwargs):
         seen.update(kwargs)
-        raise ValueError("stop here")
+        raise InvalidArgument("stop here")
 
     monkeypatch.setattr(fastcbm.precompute, "precompute", fake)
     assert main(["precompute", "--data", str(tmp_path), "--model", "testbed", "--out", str(tmp_path / "c"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastcbm.features import extract_feature_maps
+from fastcbm.models.features import extract_feature_maps
 from fastcbm.models import Backbone, available_models, load_backbone, load_clip
 from fastcbm.models import testbed as T
 

@@ -104,7 +104,7 @@ def test_os_errors_during_a_run_are_one_line(tmp_path, capsys, monkeypatch):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "c" / "manifest.json"))
 
     monkeypatch.setattr(P, "precompute", erofs)
-    assert main(["precompute", "--data", str(imgs), "--model", "testbed", "--out", str(tmp_path / "c")]) == 1
+    assert main(["precompute", "--data", str(imgs), "--model", "testbed", "--out", str(tmp_path / "c")]) == 3  # EXIT_SYSTEM
     assert "Read-only file system" in _err(capsys)
 
 

@@ -1,4 +1,4 @@
-"""The self-contained HTML report (fastcbm.report): content, escaping, inline PNGs, empty case, shape errors."""
+"""The self-contained HTML report (fastcbm.salf.report): content, escaping, inline PNGs, empty case, shape errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastcbm.report import write_salf_report
+from fastcbm.salf.report import write_salf_report
 from fastcbm.salf.explain import Explanation
 
 CLASSES = ["circle", "square", "triangle"]

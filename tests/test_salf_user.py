@@ -304,7 +304,7 @@ def test_every_option_has_help():
 
 def test_vit_patch_plus_cls_layer_end_to_end():
     """'blocks.N+cls': the ViT appendix variant, patch tokens with the CLS token concatenated on channels."""
-    from fastcbm.features import (
+    from fastcbm.models.features import (
         FeatureHooks,
         concat_cls,
         extract_feature_maps,
@@ -331,7 +331,7 @@ def test_vit_patch_plus_cls_layer_end_to_end():
 
 
 def test_report_separates_absent_evidence_and_flattens_the_summary(tmp_path):
-    from fastcbm.report import write_salf_report
+    from fastcbm.salf.report import write_salf_report
     from fastcbm.salf.explain import Explanation
 
     e = Explanation(predicted=0, class_name="cat", probabilities=torch.tensor([0.7, 0.3]),
@@ -350,7 +350,7 @@ def test_report_separates_absent_evidence_and_flattens_the_summary(tmp_path):
 
 def test_failed_demo_leaves_no_half_folder(tmp_path, monkeypatch):
     import fastcbm.precompute as pc
-    from fastcbm.demo import DemoConfig, run_demo
+    from fastcbm.salf.demo import DemoConfig, run_demo
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire")

@@ -19,6 +19,7 @@ from fastcbm.cache.store import (
     load_manifest,
     npy_header,
 )
+from fastcbm.errors import InvalidArgument, InvalidFile
 
 Rows = slice | int | Sequence[int] | np.ndarray | torch.Tensor
 
@@ -49,7 +50,7 @@ class CacheReader:
 
     def __init__(self, root: str | os.PathLike, *, verify: str = "checksum") -> None:
         if verify not in ("checksum", "size"):
-            raise ValueError(f"verify must be 'checksum' or 'size', got {verify!r}")
+            raise InvalidFile(f"verify must be 'checksum' or 'size', got {verify!r}")
         self.root = Path(root)
         self.verify_mode = verify
         self.manifest: dict[str, Any] = load_manifest(self.root)
@@ -65,7 +66,7 @@ class CacheReader:
             n_inputs = len(self.manifest["inputs"])
             if int(self._rows.sum()) != int(self.manifest["num_images"]) or any(
                     set(s["files"]) != set(self.arrays) for s in self._shards):
-                raise ValueError("shard rows or files disagree with the header")
+                raise InvalidFile("shard rows or files disagree with the header")
         except (KeyError, TypeError, ValueError) as exc:
             raise CacheCorruptError(f"the cache manifest {self.root / 'manifest.json'} is damaged or inconsistent "
                                     f"({type(exc).__name__}: {exc})") from None
@@ -194,7 +195,7 @@ class CacheReader:
             return r, r + 1
         idx = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
         if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-            raise ValueError(f"rows: expected a slice, an int or a 1-D integer index, got {idx.dtype} {idx.shape}")
+            raise InvalidArgument(f"rows: expected a slice, an int or a 1-D integer index, got {idx.dtype} {idx.shape}")
         idx = np.where(idx < 0, idx + n, idx)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise IndexError(f"rows: indices out of range for a cache of {n} rows")
@@ -203,7 +204,7 @@ class CacheReader:
     def array(self, name: str, rows: Rows = slice(None)) -> np.ndarray:
         """Rows of the named array as a numpy array (a copy; a view of the memmap when the rows lie in one shard)."""
         if name not in self.arrays:
-            raise ValueError(f"name: the cache has arrays {sorted(self.arrays)}, not {name!r}")
+            raise InvalidArgument(f"name: the cache has arrays {sorted(self.arrays)}, not {name!r}")
         spec = self.arrays[name]
         sel = self._normalize_rows(rows)
         if isinstance(sel, np.ndarray):  # fancy index: gather contiguous runs shard by shard
@@ -236,8 +237,8 @@ class CacheReader:
                           dtype: torch.dtype | None = None) -> torch.Tensor:
         """[n, G, D] unit prompt embeddings (fp16 as stored unless ``dtype``); ``scaled`` multiplies back the norms."""
         if PROMPT not in self.arrays:
-            raise ValueError(f"the cache at {self.root} holds global embeddings only (precompute --grid 0): no ring "
-                             "prompt embeddings; run fastcbm precompute with --grid N (default 7) into a new --out")
+            raise InvalidFile(f"the cache at {self.root} holds global embeddings only (precompute --grid 0): no ring "
+                              "prompt embeddings; run fastcbm precompute with --grid N (default 7) into a new --out")
         e = self._tensor(PROMPT, rows, device, dtype if not scaled else (dtype or torch.float32))
         if scaled:
             e = e * self._tensor(PROMPT_NORM, rows, device, e.dtype).unsqueeze(-1)
@@ -262,22 +263,22 @@ class CacheReader:
     def features(self, rows: Rows = slice(None), *, device=None, dtype=None) -> torch.Tensor:
         """[n, C, h, w] backbone feature maps, when the cache was made with ``features=``."""
         if FEATURES not in self.arrays:
-            raise ValueError("this cache has no backbone features (precompute with --features BACKBONE)")
+            raise InvalidArgument("this cache has no backbone features (precompute with --features BACKBONE)")
         return self._tensor(FEATURES, rows, device, dtype)
 
     def z_cat(self, rows: Rows = slice(None), *, device=None, dtype=None) -> torch.Tensor:
         """[n, Z] a classifier's pooled stage activations (CE-FAM), when made with ``cefam_classifier=``; the
         manifest's ``settings["cefam"]`` names the classifier, its layers and their widths."""
         if Z_CAT not in self.arrays:
-            raise ValueError(f"the cache at {self.root} has no CE-FAM stage activations (precompute with "
-                             "--cefam-classifier NAME)")
+            raise InvalidFile(f"the cache at {self.root} has no CE-FAM stage activations (precompute with "
+                              "--cefam-classifier NAME)")
         return self._tensor(Z_CAT, rows, device, dtype)
 
     def iter_batches(self, batch_size: int, arrays: Sequence[str] = (PROMPT, GLOBAL), *, device=None,
                      dtype: torch.dtype | None = None) -> Iterator[dict[str, Any]]:
         """Yield ``{"rows": slice, name: tensor, ...}`` for consecutive batches of rows, in input order."""
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
         for lo in range(0, len(self), batch_size):
             sl = slice(lo, min(lo + batch_size, len(self)))
             out: dict[str, Any] = {"rows": sl}

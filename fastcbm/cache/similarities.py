@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from fastcbm.cache.store import atomic_write_json
+from fastcbm.errors import InvalidArgument
 
 
 def prompt_similarities(prompt_emb: torch.Tensor, text_emb: torch.Tensor, *, normalize_text: bool = True) -> torch.Tensor:
@@ -18,9 +19,9 @@ def prompt_similarities(prompt_emb: torch.Tensor, text_emb: torch.Tensor, *, nor
     text embeddings ``text_emb`` [M, D] (normalised here unless ``normalize_text=False``). One GEMM, fp32 or the
     input's dtype."""
     if prompt_emb.dim() != 3:
-        raise ValueError(f"prompt_emb: expected [n, G, D], got shape {tuple(prompt_emb.shape)}")
+        raise InvalidArgument(f"prompt_emb: expected [n, G, D], got shape {tuple(prompt_emb.shape)}")
     if text_emb.dim() != 2 or text_emb.shape[1] != prompt_emb.shape[2]:
-        raise ValueError(f"text_emb: expected [M, {prompt_emb.shape[2]}], got shape {tuple(text_emb.shape)}")
+        raise InvalidArgument(f"text_emb: expected [M, {prompt_emb.shape[2]}], got shape {tuple(text_emb.shape)}")
     t = text_emb.to(prompt_emb.dtype)
     if normalize_text:
         t = torch.nn.functional.normalize(t.float(), dim=-1).to(prompt_emb.dtype)
@@ -34,12 +35,12 @@ def write_similarities(reader, text_emb: torch.Tensor, out: str | os.PathLike, *
     ``P_global-00000.npy`` [rows, M] for the plain images), plus ``index.json`` (concepts, chunks, cache path).
     Each chunk is written to a temporary name and renamed when complete (no half-written chunk is ever visible)."""
     if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+        raise InvalidArgument(f"chunk must be >= 1, got {chunk}")
     if reader.num_prompts == 0:  # checked before the output folder is created
-        raise ValueError(f"the cache at {reader.root} holds global embeddings only (precompute --grid 0): it has no "
-                         "prompt embeddings to compare with concepts; run fastcbm precompute with --grid N")
+        raise InvalidArgument(f"the cache at {reader.root} holds global embeddings only (precompute --grid 0): it has no "
+                              "prompt embeddings to compare with concepts; run fastcbm precompute with --grid N")
     if dtype not in ("float16", "float32"):
-        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+        raise InvalidArgument(f"dtype must be 'float16' or 'float32', got {dtype!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -39,6 +39,8 @@ from typing import Any, Self
 
 import numpy as np
 
+from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
+
 log = logging.getLogger("fastcbm.cache")
 
 FORMAT = "fastcbm-prompt-cache"
@@ -48,7 +50,7 @@ SHARD_META = "shard.json"
 _HASH_CHUNK = 1 << 22
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(InvalidFile):
     """An existing cache was made with other settings (model, prompts, inputs, array layout)."""
 
 
@@ -56,11 +58,11 @@ class CacheDiskFullError(OSError):
     """The disk filled up while writing a shard; finished shards stay valid and a rerun resumes."""
 
 
-class CacheIncompleteError(ValueError):
+class CacheIncompleteError(InvalidFile):
     """The cache has not been finished (some shards are missing)."""
 
 
-class CacheCorruptError(ValueError):
+class CacheCorruptError(InvalidFile):
     """A file of a finished cache is damaged (truncated, checksum mismatch, NaN/inf rows, unreadable manifest)."""
 
 
@@ -329,7 +331,7 @@ def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
         except (ValueError, EOFError):
             raise
         except Exception as exc:  # noqa: BLE001 - numpy parses the header with ast: SyntaxError, TokenError, ...
-            raise ValueError(f"unparsable .npy header ({type(exc).__name__})") from None
+            raise InvalidFile(f"unparsable .npy header ({type(exc).__name__})") from None
 
 
 def _diff(expected: Any, found: Any, prefix: str = "") -> list[str]:
@@ -359,7 +361,7 @@ class ShardedCache:
                  arrays: Mapping[str, ArraySpec], shard_size: int, extra: Mapping[str, Any] | None = None,
                  create: bool = True) -> None:
         if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+            raise InvalidArgument(f"shard_size must be >= 1, got {shard_size}")
         from fastcbm import __version__
 
         self.root = Path(root)
@@ -394,7 +396,7 @@ class ShardedCache:
         if existing is not None:
             self._check_compatible(existing, manifest)
         elif not create:
-            raise FileNotFoundError(f"no cache at {self.root} ({MANIFEST} missing)")
+            raise MissingFile(f"no cache at {self.root} ({MANIFEST} missing)")
         if create:
             self._check_existing_shards()  # before a (new) manifest claims the directory for these settings
         if existing is None:
@@ -565,15 +567,15 @@ class ShardedCache:
         """Write shard ``index`` atomically. ``arrays`` maps every declared array name to an array of shape
         ``[rows, *row_shape]`` with the declared dtype (all with the same number of rows)."""
         if set(arrays) != set(self.arrays):
-            raise ValueError(f"arrays: expected names {sorted(self.arrays)}, got {sorted(arrays)}")
+            raise InvalidArgument(f"arrays: expected names {sorted(self.arrays)}, got {sorted(arrays)}")
         rows = {name: a.shape[0] for name, a in arrays.items()}
         if len(set(rows.values())) > 1:
-            raise ValueError(f"arrays: every array needs the same number of rows, got {rows}")
+            raise InvalidArgument(f"arrays: every array needs the same number of rows, got {rows}")
         for name, a in arrays.items():
             spec = self.arrays[name]
             if tuple(a.shape[1:]) != spec.row_shape or np.dtype(a.dtype) != np.dtype(spec.dtype):
-                raise ValueError(f"arrays[{name!r}]: expected [rows, {', '.join(map(str, spec.row_shape))}] "
-                                 f"{spec.dtype}, got {list(a.shape)} {a.dtype}")
+                raise InvalidArgument(f"arrays[{name!r}]: expected [rows, {', '.join(map(str, spec.row_shape))}] "
+                                      f"{spec.dtype}, got {list(a.shape)} {a.dtype}")
         start, stop = self.shard_range(index)
         final = self.shard_dir / shard_dirname(index)
         tmp = self.shard_dir / f"{shard_dirname(index)}.{tmp_suffix()}"
@@ -638,12 +640,12 @@ def load_manifest(root: str | os.PathLike) -> dict:
     JSON, checksum) / ValueError (not a fastcbm cache), each one line naming the file."""
     path = Path(root) / MANIFEST
     if not Path(root).is_dir():
-        raise FileNotFoundError(f"no fastcbm cache at {root} (not a directory)")
+        raise MissingFile(f"no fastcbm cache at {root} (not a directory)")
     if not path.exists():
-        raise FileNotFoundError(f"no fastcbm cache at {root} ({MANIFEST} missing)")
+        raise MissingFile(f"no fastcbm cache at {root} ({MANIFEST} missing)")
     manifest = read_checked_json(path, "the cache manifest")
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{root} is not a fastcbm prompt cache (format={manifest.get('format')!r} in {path})")
+        raise InvalidFile(f"{root} is not a fastcbm prompt cache (format={manifest.get('format')!r} in {path})")
     for key in ("arrays", "settings"):
         if not isinstance(manifest.get(key), dict):
             raise CacheCorruptError(f"the cache manifest {path} is damaged ({key!r} missing or not an object)")

@@ -34,6 +34,7 @@ from fastcbm.cefam.regions import (
     resolve_classifier,
 )
 from fastcbm.cefam.translator import concept_scores
+from fastcbm.errors import InvalidArgument
 
 VARIANTS = ("official", "paper")
 _STEP_BUDGET = 1 << 24  # elements per batched association chunk (64 MB in fp32)
@@ -42,9 +43,9 @@ _CONTRIB_BUDGET = 1 << 25  # stage-output elements per batched contribution forw
 
 def _check_common(top_k: int, variant: str) -> None:
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise InvalidArgument(f"variant must be one of {VARIANTS}, got {variant!r}")
     if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+        raise InvalidArgument(f"top_k must be an integer >= 1, got {top_k!r}")
 
 
 def _slices(grads: ConceptGrads) -> dict[str, tuple[int, int]]:
@@ -182,11 +183,11 @@ def _probs(model: nn.Module, image: torch.Tensor, layer: str, masks: torch.Tenso
         with StageHooks(model, [layer], track_grad=False, replace={layer: replace}):
             logits = model(image)
     except RuntimeError as exc:
-        raise ValueError(f"the classifier cannot run a batch of masked copies from stage {layer!r} ({exc}); use "
-                         "method='loop'") from exc
+        raise InvalidArgument(f"the classifier cannot run a batch of masked copies from stage {layer!r} ({exc}); use "
+                              "method='loop'") from exc
     if logits.dim() != 2 or logits.shape[0] != n:
-        raise ValueError(f"the classifier's batch size cannot change at stage {layer!r} (got logits of shape "
-                         f"{tuple(logits.shape)} for {n} masked copies); use method='loop'")
+        raise InvalidArgument(f"the classifier's batch size cannot change at stage {layer!r} (got logits of shape "
+                              f"{tuple(logits.shape)} for {n} masked copies); use method='loop'")
     return logits.softmax(dim=-1)[:, target]
 
 
@@ -209,15 +210,15 @@ def concept_contributions(classifier, translator: nn.Module, images: torch.Tenso
     chosen = torch.as_tensor(chosen)
     if chosen.shape != (b, t) or chosen.dtype not in (torch.int64, torch.int32) or \
             (chosen.numel() and (chosen.min() < 0 or chosen.max() >= len(layers))):
-        raise ValueError(f"chosen must be an integer tensor [B, T] = [{b}, {t}] of stage indices in [0, {len(layers)})"
-                         f", got {chosen.dtype} {tuple(chosen.shape)}")
+        raise InvalidArgument(f"chosen must be an integer tensor [B, T] = [{b}, {t}] of stage indices in [0, {len(layers)})"
+                              f", got {chosen.dtype} {tuple(chosen.shape)}")
     if grads is None:
         grads = concept_grads(classifier, translator, images, text_emb, layers, method=method,
                               logit_scale=logit_scale, bias=bias, kind=kind, num_prefix_tokens=prefix)
     n_classes = grads.logits.shape[1]
     target = grads.logits.argmax(dim=1) if target is None else torch.as_tensor(target).to(grads.logits.device)
     if target.shape != (b,) or target.is_floating_point() or (target.min() < 0 or target.max() >= n_classes):
-        raise ValueError(f"target must be [B] = [{b}] class indices in [0, {n_classes}), got {tuple(target.shape)}")
+        raise InvalidArgument(f"target must be [B] = [{b}] class indices in [0, {n_classes}), got {tuple(target.shape)}")
     ranks = {n: channel_ranking(grads, n, top_k) for n in layers}
     deepest = grads.order[-1]
     out = torch.empty(b, t, dtype=grads.z.dtype, device=grads.z.device)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastcbm.errors import InvalidArgument
+
 # the authors' soft_wpmi defaults
 TOP_K = 100
 ALPHA = 10.0
@@ -35,11 +37,11 @@ def soft_wpmi(clip_sims: torch.Tensor, activations: torch.Tensor, *, top_k: int 
     """Soft-WPMI ``[K, T]`` of each neuron (column of ``activations [N, K]``) with each concept (column of
     ``clip_sims [N, T]``, CLIP image–text cosines of the same N probe images). ``top_k`` is capped at N."""
     if clip_sims.dim() != 2 or activations.dim() != 2 or clip_sims.shape[0] != activations.shape[0]:
-        raise ValueError(f"clip_sims [N, T] and activations [N, K] must share N, got {tuple(clip_sims.shape)} and "
-                         f"{tuple(activations.shape)}")
+        raise InvalidArgument(f"clip_sims [N, T] and activations [N, K] must share N, got {tuple(clip_sims.shape)} and "
+                              f"{tuple(activations.shape)}")
     n = clip_sims.shape[0]
     if n < 1 or clip_sims.shape[1] < 1 or activations.shape[1] < 1:
-        raise ValueError("soft_wpmi needs at least one probe image, one concept and one neuron")
+        raise InvalidArgument("soft_wpmi needs at least one probe image, one concept and one neuron")
     k = min(int(top_k), n)
     probs = torch.softmax(a * clip_sims.double(), dim=1)  # [N, T]
     inds = torch.topk(activations.double(), k=k, dim=0).indices  # [k, K], descending activation
@@ -80,11 +82,11 @@ def dissect(pooled: dict[str, torch.Tensor], clip_image_emb: torch.Tensor, text_
     """
     layers = list(pooled) if layers is None else list(layers)
     if not layers:
-        raise ValueError("dissect needs at least one stage")
+        raise InvalidArgument("dissect needs at least one stage")
     if text_emb.dim() != 2 or text_emb.shape[0] < 1:
-        raise ValueError(f"text_emb must be [T, D] with T >= 1 concepts, got shape {tuple(text_emb.shape)}")
+        raise InvalidArgument(f"text_emb must be [T, D] with T >= 1 concepts, got shape {tuple(text_emb.shape)}")
     if clip_image_emb.dim() != 2 or clip_image_emb.shape[1] != text_emb.shape[1]:
-        raise ValueError(f"clip_image_emb must be [N, {text_emb.shape[1]}], got shape {tuple(clip_image_emb.shape)}")
+        raise InvalidArgument(f"clip_image_emb must be [N, {text_emb.shape[1]}], got shape {tuple(clip_image_emb.shape)}")
     img = torch.nn.functional.normalize(clip_image_emb.double(), dim=-1)
     txt = torch.nn.functional.normalize(text_emb.double(), dim=-1)
     sims = img @ txt.T

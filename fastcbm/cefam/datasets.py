@@ -35,6 +35,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
+
 BRODEN_SOURCES = ("ade20k", "dtd", "opensurfaces", "pascal")
 IMAGENET_S_IGNORE = 1000
 CONCEPT_TYPES = ("object", "part", "color", "material")
@@ -66,7 +68,7 @@ def read_rgb(path: str | os.PathLike) -> torch.Tensor:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image {path} not found")
+        raise MissingFile(f"image {path} not found")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -74,7 +76,7 @@ def read_rgb(path: str | os.PathLike) -> torch.Tensor:
                 img.load()
                 arr = np.asarray(_to_rgb(img), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ValueError(f"image {path}: cannot decode ({type(exc).__name__}: {str(exc)[:100]})") from None
+        raise InvalidFile(f"image {path}: cannot decode ({type(exc).__name__}: {str(exc)[:100]})") from None
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
@@ -86,7 +88,7 @@ def decode_label_png(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as img:
             rgb = np.asarray(img.convert("RGB"), dtype=np.uint16)
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ValueError(f"mask {path}: cannot decode ({type(exc).__name__}: {str(exc)[:100]})") from None
+        raise InvalidFile(f"mask {path}: cannot decode ({type(exc).__name__}: {str(exc)[:100]})") from None
     return rgb[:, :, 1] * np.uint16(256) + rgb[:, :, 0]
 
 
@@ -95,8 +97,8 @@ def check_mask_size(image: torch.Tensor, mask: torch.Tensor | np.ndarray, where:
     H, W = int(image.shape[-2]), int(image.shape[-1])
     h, w = int(mask.shape[-2]), int(mask.shape[-1])
     if h * W != w * H or h < 1:
-        raise ValueError(f"{where}: mask is {h}x{w} but its image is {H}x{W}; expected the image's size or the same "
-                         "aspect ratio")
+        raise InvalidFile(f"{where}: mask is {h}x{w} but its image is {H}x{W}; expected the image's size or the same "
+                          "aspect ratio")
 
 
 def concept_texts(names: Sequence[str], types: Sequence[str], templates: dict[str, str] | None) -> list[str]:
@@ -111,19 +113,19 @@ def read_broden_labels(root: str | os.PathLike) -> dict[int, tuple[str, str]]:
     """label.csv → ``{number: (concept name, concept type)}`` (type = first category)."""
     path = Path(root) / "label.csv"
     if not path.is_file():
-        raise ValueError(f"{root}: not a Broden layout (expected label.csv and images/{{{','.join(BRODEN_SOURCES)}}})")
+        raise InvalidFile(f"{root}: not a Broden layout (expected label.csv and images/{{{','.join(BRODEN_SOURCES)}}})")
     out: dict[int, tuple[str, str]] = {}
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     if not rows or [c.strip() for c in rows[0][:3]] != ["number", "name", "category"]:
-        raise ValueError(f"{path}: expected a header 'number,name,category,...', got {rows[0][:3] if rows else 'nothing'}")
+        raise InvalidFile(f"{path}: expected a header 'number,name,category,...', got {rows[0][:3] if rows else 'nothing'}")
     for i, row in enumerate(rows[1:], start=2):
         if len(row) < 3:
-            raise ValueError(f"{path}:{i}: expected 'number,name,category,...', got {row}")
+            raise InvalidFile(f"{path}:{i}: expected 'number,name,category,...', got {row}")
         try:
             number = int(row[0])
         except ValueError:
-            raise ValueError(f"{path}:{i}: label number must be an integer, got {row[0]!r}") from None
+            raise InvalidFile(f"{path}:{i}: label number must be an integer, got {row[0]!r}") from None
         ctype = row[2].split(";")[0].split("(")[0].strip()
         name = row[1]
         if ctype in ("color", "scene"):  # "red-c", "street-s": the authors drop the two-character suffix
@@ -150,13 +152,13 @@ class BrodenDataset:
         images = self.root / "images"
         found = [s for s in sources if (images / s).is_dir()]
         if not found:
-            raise ValueError(f"{root}: not a Broden layout (expected label.csv and "
-                             f"images/{{{','.join(BRODEN_SOURCES)}}}; none of those folders exists)")
+            raise InvalidFile(f"{root}: not a Broden layout (expected label.csv and "
+                              f"images/{{{','.join(BRODEN_SOURCES)}}}; none of those folders exists)")
         self.files = [(s, p) for s in found for p in sorted((images / s).glob("*.png"))]
         if limit is not None:
             self.files = self.files[:limit]
         if not self.files:
-            raise ValueError(f"{images}: no mask PNG files under {found}")
+            raise InvalidArgument(f"{images}: no mask PNG files under {found}")
         numbers = sorted(self.labels)
         self.concepts = [self.labels[n][0] for n in numbers]
         self.types = [self.labels[n][1] for n in numbers]
@@ -176,7 +178,7 @@ class BrodenDataset:
                 if number == 0:
                     continue
                 if number not in self.labels:
-                    raise ValueError(f"{mask_path}: label {number} is not in {self.root / 'label.csv'}")
+                    raise InvalidFile(f"{mask_path}: label {number} is not in {self.root / 'label.csv'}")
                 name, ctype = self.labels[number]
                 yield Record(image, name, ctype, torch.from_numpy(labels == number), key)
 
@@ -188,12 +190,12 @@ def _load_class_names(path: str | os.PathLike | None) -> dict[str, str]:
         return {}
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"class names file {path} not found")
+        raise MissingFile(f"class names file {path} not found")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
         data = json.loads(text)
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object {{wnid: name}}")
+            raise InvalidFile(f"{path}: expected a JSON object {{wnid: name}}")
         return {str(k): (v[0] if isinstance(v, list) else str(v)) for k, v in data.items()}
     out = {}
     for line in text.splitlines():
@@ -214,8 +216,8 @@ class ImageNetSDataset:
         self.root = Path(root)
         img_dir, seg_dir = self.root / "validation", self.root / "validation-segmentation"
         if not img_dir.is_dir() or not seg_dir.is_dir():
-            raise ValueError(f"{root}: not an ImageNet-S layout (expected validation/<wnid>/ and "
-                             "validation-segmentation/<wnid>/)")
+            raise InvalidFile(f"{root}: not an ImageNet-S layout (expected validation/<wnid>/ and "
+                              "validation-segmentation/<wnid>/)")
         self.authors_target = bool(authors_target)
         self.class_names = dict(class_names) if isinstance(class_names, dict) else _load_class_names(class_names)
         pairs: list[tuple[Path, Path]] = []
@@ -225,18 +227,18 @@ class ImageNetSDataset:
                     continue
                 parts = line.split()
                 if len(parts) < 2:
-                    raise ValueError(f"{names}:{i}: expected 'image mask', got {line!r}")
+                    raise InvalidArgument(f"{names}:{i}: expected 'image mask', got {line!r}")
                 pairs.append((img_dir / parts[0], seg_dir / parts[1]))
         else:
             for m in sorted(seg_dir.glob("*/*.png")):
                 cands = [p for p in sorted((img_dir / m.parent.name).glob(m.stem + ".*"))]
                 if not cands:
-                    raise ValueError(f"{m}: no image {img_dir / m.parent.name / m.stem}.* for this mask")
+                    raise InvalidArgument(f"{m}: no image {img_dir / m.parent.name / m.stem}.* for this mask")
                 pairs.append((cands[0], m))
         if limit is not None:
             pairs = pairs[:limit]
         if not pairs:
-            raise ValueError(f"{seg_dir}: no mask PNG files")
+            raise InvalidFile(f"{seg_dir}: no mask PNG files")
         self.pairs = pairs
         wnids = sorted({m.parent.name for _, m in pairs})
         self.concepts = [self.class_names.get(w, w) for w in wnids]
@@ -277,12 +279,12 @@ class TestbedDataset:
         from fastcbm.data import synthetic as S
 
         if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+            raise InvalidArgument(f"n must be >= 1, got {n}")
         self.n, self.chunk = int(n), int(chunk)
         self.seed = S.TRAINING_SEED_LIMIT + 4242 if seed is None else int(seed)
         if self.seed < S.TRAINING_SEED_LIMIT:
-            raise ValueError(f"testbed evaluation seeds must be >= {S.TRAINING_SEED_LIMIT} (scenes the bundled models "
-                             f"never saw), got {self.seed}")
+            raise InvalidArgument(f"testbed evaluation seeds must be >= {S.TRAINING_SEED_LIMIT} (scenes the bundled models "
+                                  f"never saw), got {self.seed}")
         vocab = S.vocabulary()
         self.concepts = [c for c, _ in vocab]
         self.types = [t for _, t in vocab]
@@ -313,15 +315,15 @@ def open_dataset(kind: str, path: str | os.PathLike | None = None, **options):
         return ImageNetSDataset(_existing(path, kind), **options)
     if kind == "testbed":
         return TestbedDataset(**options)
-    raise ValueError(f"--data must be one of broden, imagenet-s, testbed; got {kind!r}")
+    raise InvalidArgument(f"--data must be one of broden, imagenet-s, testbed; got {kind!r}")
 
 
 def _existing(path, kind: str) -> Path:
     if path is None:
-        raise ValueError(f"--data {kind} needs the dataset's root folder")
+        raise InvalidArgument(f"--data {kind} needs the dataset's root folder")
     p = Path(path)
     if not p.is_dir():
-        raise FileNotFoundError(f"{kind} root {p} not found (expected a folder)")
+        raise MissingFile(f"{kind} root {p} not found (expected a folder)")
     return p
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from fastcbm.cefam.evaluate import TESTBED_PROBE_SCENES
+from fastcbm.errors import InvalidArgument
 
 log = logging.getLogger("fastcbm.cefam.demo")
 
@@ -89,9 +90,9 @@ def _run(cfg: CEFAMDemoConfig) -> dict:
 
     for name in ("n_train", "n_test"):
         if getattr(cfg, name) < 10:
-            raise ValueError(f"{name} must be >= 10, got {getattr(cfg, name)}")
+            raise InvalidArgument(f"{name} must be >= 10, got {getattr(cfg, name)}")
     if cfg.classifier not in DEMO_CLASSIFIERS:
-        raise ValueError(f"classifier must be one of {DEMO_CLASSIFIERS}, got {cfg.classifier!r}")
+        raise InvalidArgument(f"classifier must be one of {DEMO_CLASSIFIERS}, got {cfg.classifier!r}")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(cfg.out)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastcbm.cefam.datasets import Record, concept_texts
+from fastcbm.errors import InvalidArgument
 
 log = logging.getLogger("fastcbm.cefam.evaluate")
 
@@ -47,7 +48,7 @@ def testbed_probe(n: int = TESTBED_PROBE_SCENES):
     from fastcbm.data.synthetic import TRAINING_SEED_LIMIT
 
     if n < 0:
-        raise ValueError(f"the probe set size must be >= 0, got {n}")
+        raise InvalidArgument(f"the probe set size must be >= 0, got {n}")
     return TestbedDataset(n, seed=TRAINING_SEED_LIMIT + 777_000) if n else None
 
 
@@ -119,9 +120,9 @@ def concept_set(dataset, text_emb: torch.Tensor | None = None) -> tuple[list[str
     """``(names, types, index)`` of the dataset's concept set (its ``concepts`` / ``types``)."""
     names, types = list(dataset.concepts), list(dataset.types)
     if not names:
-        raise ValueError("the concept list is empty: nothing to evaluate")
+        raise InvalidArgument("the concept list is empty: nothing to evaluate")
     if text_emb is not None and text_emb.shape[0] != len(names):
-        raise ValueError(f"text_emb has {text_emb.shape[0]} rows but the dataset has {len(names)} concepts")
+        raise InvalidArgument(f"text_emb has {text_emb.shape[0]} rows but the dataset has {len(names)} concepts")
     return names, types, {n: i for i, n in enumerate(names)}
 
 
@@ -230,7 +231,7 @@ def _probe(model, clip_model, clip_cfg, dataset, cfg: EvalConfig) -> tuple[dict[
             embs.append(clip_model.encode_image(xc).float().cpu())
             bar.update(len(batch))
     if not embs:
-        raise ValueError("CLIP-Dissect's probe set holds no images (EvalConfig.probe or the evaluated dataset)")
+        raise InvalidArgument("CLIP-Dissect's probe set holds no images (EvalConfig.probe or the evaluated dataset)")
     return {k: torch.cat(v) for k, v in pooled.items()}, torch.cat(embs)
 
 
@@ -252,7 +253,7 @@ def evaluate_cefam(model, dataset, *, text_emb: torch.Tensor, clip_model=None, c
     """
     cfg = config or EvalConfig()
     if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+        raise InvalidArgument(f"batch_size must be >= 1, got {cfg.batch_size}")
     names, _, index = concept_set(dataset, text_emb)
     from fastcbm.cam import fuse
     from fastcbm.cefam.association import association_scores
@@ -268,7 +269,7 @@ def evaluate_cefam(model, dataset, *, text_emb: torch.Tensor, clip_model=None, c
     dissection = None
     if cfg.baseline:
         if clip_model is None:
-            raise ValueError("the CLIP-Dissect baseline needs clip_model (or set baseline=False)")
+            raise InvalidArgument("the CLIP-Dissect baseline needs clip_model (or set baseline=False)")
         from fastcbm.cefam.clip_dissect import dissect
 
         probe = dataset if cfg.probe is None else cfg.probe
@@ -296,7 +297,7 @@ def evaluate_cefam(model, dataset, *, text_emb: torch.Tensor, clip_model=None, c
             pairs = [(b, r) for b, recs in enumerate(batch) for r in recs]
             for _, r in pairs:
                 if r.concept not in index:
-                    raise ValueError(f"concept {r.concept!r} of {r.key} is not in the dataset's concept list")
+                    raise InvalidArgument(f"concept {r.concept!r} of {r.key} is not in the dataset's concept list")
             present = sorted({index[r.concept] for _, r in pairs})
             col = {t: j for j, t in enumerate(present)}
             img_idx = torch.tensor([b for b, _ in pairs])
@@ -340,7 +341,7 @@ def evaluate_cefam(model, dataset, *, text_emb: torch.Tensor, clip_model=None, c
             bar.update(len(batch))
     timings["cefam_and_metrics"] = time.perf_counter() - t0
     if not pair_types:
-        raise ValueError("the dataset yielded no (image, concept, mask) pairs")
+        raise InvalidArgument("the dataset yielded no (image, concept, mask) pairs")
 
     rows = cefam_rows.cat()
     chosen = torch.cat(chosen_all)
@@ -410,8 +411,8 @@ def evaluate_model_dir(model_dir, data: str, path=None, *, config: EvalConfig | 
                                                 device=cfg.device)
     text_emb = encode_concepts(clip_model, tokenizer, dataset, progress=cfg.progress)
     if text_emb.shape[1] != model.config.embed_dim:
-        raise ValueError(f"the CLIP model {model.config.clip_model!r} gives {text_emb.shape[1]}-d text embeddings but "
-                         f"the translator outputs {model.config.embed_dim}")
+        raise InvalidArgument(f"the CLIP model {model.config.clip_model!r} gives {text_emb.shape[1]}-d text embeddings but "
+                              f"the translator outputs {model.config.embed_dim}")
     result = evaluate_cefam(model, dataset, text_emb=text_emb, clip_model=clip_model, clip_preprocess=clip_pre,
                             config=cfg)
     result["data"] = data

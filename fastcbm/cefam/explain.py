@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
+
 TOP_K = 8  # the authors explain the top-8 predicted concepts
 
 
@@ -62,11 +64,11 @@ def explain(model, images: torch.Tensor, text_emb: torch.Tensor, concepts: Seque
     from fastcbm.cefam.regions import ConceptGrads, concept_grads
 
     if len(concepts) == 0 or text_emb.shape[0] == 0:
-        raise ValueError("the concept list is empty: give at least one concept")
+        raise InvalidArgument("the concept list is empty: give at least one concept")
     if text_emb.dim() != 2 or text_emb.shape[0] != len(concepts):
-        raise ValueError(f"text_emb must be [T, D] with T = {len(concepts)} concepts, got shape {tuple(text_emb.shape)}")
+        raise InvalidArgument(f"text_emb must be [T, D] with T = {len(concepts)} concepts, got shape {tuple(text_emb.shape)}")
     if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise InvalidArgument(f"top_k must be >= 1, got {top_k}")
     c, layers = model.config, model.layers
     common = {"logit_scale": c.logit_scale, "bias": c.bias, "kind": c.kind, "num_prefix_tokens": c.num_prefix_tokens}
     text_emb = text_emb.to(device=images.device, dtype=images.dtype)
@@ -118,10 +120,10 @@ def resolve_concepts(model, concepts_file: str | os.PathLike | None, templates: 
 
         names = list(load_concepts(concepts_file).names)
         if not names:
-            raise ValueError(f"concepts file {concepts_file} lists no concepts")
+            raise InvalidArgument(f"concepts file {concepts_file} lists no concepts")
         tmpl = list(templates or ["{}"])
         if len(tmpl) != 1:
-            raise ValueError("give one --template for the explanation's concepts")
+            raise InvalidArgument("give one --template for the explanation's concepts")
         return names, [tmpl[0].format(n) for n in names]
     if str(model.config.classifier).startswith("testbed"):
         from fastcbm.data import synthetic as S
@@ -129,8 +131,8 @@ def resolve_concepts(model, concepts_file: str | os.PathLike | None, templates: 
         vocab = S.vocabulary()
         names = [n for n, _ in vocab]
         return names, concept_texts(names, [t for _, t in vocab], TESTBED_TEMPLATES)
-    raise ValueError("--concepts FILE is needed (one concept per line): the model's classifier "
-                     f"{model.config.classifier!r} has no built-in concept list")
+    raise InvalidArgument("--concepts FILE is needed (one concept per line): the model's classifier "
+                          f"{model.config.classifier!r} has no built-in concept list")
 
 
 def overlay_png(path: str | os.PathLike, image: torch.Tensor, explanation: CEFAMExplanation) -> Path:
@@ -138,7 +140,7 @@ def overlay_png(path: str | os.PathLike, image: torch.Tensor, explanation: CEFAM
     import numpy as np
     from PIL import Image
 
-    from fastcbm.report import _hwc, _overlay
+    from fastcbm.salf.report import _hwc, _overlay
 
     img = image.detach().cpu().numpy()
     hwc = _hwc(img)
@@ -157,7 +159,7 @@ def prepare_image(path: str | os.PathLike, backbone) -> tuple[torch.Tensor, torc
     try:
         image = decode_image(path, int(backbone.input_size))
     except BadImageError as exc:
-        raise ValueError(f"image {path}: {exc}") from None
+        raise InvalidFile(f"image {path}: {exc}") from None
     mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
     std = torch.tensor(backbone.std).view(1, 3, 1, 1)
     return image, (image[None].float() / 255 - mean) / std
@@ -174,14 +176,14 @@ def explain_file(model_dir, image_path, *, concepts_file=None, templates=None, t
 
     image_path = Path(image_path)
     if not image_path.is_file():
-        raise FileNotFoundError(f"image {image_path} not found")
+        raise MissingFile(f"image {image_path} not found")
     model = load_cefam(model_dir)
     names, texts = resolve_concepts(model, concepts_file, templates)
     clip_model, _, tokenizer = load_clip(model.config.clip_model, model.config.clip_pretrained)
     text_emb = encode_texts(clip_model, tokenizer, texts, progress=False)
     if text_emb.shape[1] != model.config.embed_dim:
-        raise ValueError(f"CLIP {model.config.clip_model!r} gives {text_emb.shape[1]}-d text embeddings but the "
-                         f"translator outputs {model.config.embed_dim}")
+        raise InvalidArgument(f"CLIP {model.config.clip_model!r} gives {text_emb.shape[1]}-d text embeddings but the "
+                              f"translator outputs {model.config.embed_dim}")
     image, x = prepare_image(image_path, model.backbone)
     (e,) = explain(model, x, text_emb, names, top_k=top_k, drop_negative=drop_negative)
     result = {"image": str(image_path), **e.to_json()}

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fastcbm.cefam.translator import Translator, concept_scores, pool_stages, stage_activations
+from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
 
 FORMAT = "fastcbm.cefam"
 FORMAT_VERSION = 1
@@ -54,7 +55,7 @@ class CEFAMConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"CE-FAM config: unknown fields {unknown} (saved by a newer fastcbm?)")
+            raise InvalidArgument(f"CE-FAM config: unknown fields {unknown} (saved by a newer fastcbm?)")
         return cls(**d)
 
 
@@ -70,13 +71,13 @@ class CEFAM(nn.Module):
     def __init__(self, backbone, translator: Translator, config: CEFAMConfig):
         super().__init__()
         if not config.layers:
-            raise ValueError("CE-FAM config: layers must name at least one classifier stage")
+            raise InvalidArgument("CE-FAM config: layers must name at least one classifier stage")
         if translator.in_features != config.in_features or translator.out_features != config.embed_dim:
-            raise ValueError(f"translator maps {translator.in_features} → {translator.out_features} values but the "
-                             f"config says in_features={config.in_features}, embed_dim={config.embed_dim}")
+            raise InvalidArgument(f"translator maps {translator.in_features} → {translator.out_features} values but the "
+                                  f"config says in_features={config.in_features}, embed_dim={config.embed_dim}")
         if config.widths and sum(config.widths) != config.in_features:
-            raise ValueError(f"CE-FAM config: stage widths {config.widths} sum to {sum(config.widths)}, not "
-                             f"in_features={config.in_features}")
+            raise InvalidArgument(f"CE-FAM config: stage widths {config.widths} sum to {sum(config.widths)}, not "
+                                  f"in_features={config.in_features}")
         self.backbone = backbone
         backbone.model.eval().requires_grad_(False)
         self.classifier = backbone.model  # registered as a sub-module so .to(device) moves it
@@ -97,8 +98,8 @@ class CEFAM(nn.Module):
         _, acts = self.stages(images)
         z = pool_stages(acts, self.layers)
         if z.shape[1] != self.config.in_features:
-            raise ValueError(f"classifier stages {self.layers} give {z.shape[1]} pooled values per image but the "
-                             f"translator expects {self.config.in_features}")
+            raise InvalidArgument(f"classifier stages {self.layers} give {z.shape[1]} pooled values per image but the "
+                                  f"translator expects {self.config.in_features}")
         return z
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -151,8 +152,8 @@ class CEFAM(nn.Module):
             backbone.model.load_state_dict(load_file(str(path / BACKBONE_FILE), device=map_location))
         missing = [n for n in config.layers if n not in dict(backbone.model.named_modules())]
         if missing:
-            raise ValueError(f"{path}: the classifier {config.classifier!r} has no stages {missing} (it has feature "
-                             f"layers {list(backbone.feature_layers)})")
+            raise InvalidFile(f"{path}: the classifier {config.classifier!r} has no stages {missing} (it has feature "
+                              f"layers {list(backbone.feature_layers)})")
         translator = Translator(config.in_features, config.embed_dim, config.hidden)
         translator.load_state_dict(load_file(str(path / TRANSLATOR_FILE), device=map_location))
         return cls(backbone, translator.to(map_location).eval(), config)
@@ -163,16 +164,16 @@ def _read_meta(path: Path) -> dict:
     cfg_file, tensor_file = path / CONFIG_FILE, path / TRANSLATOR_FILE
     for f in (cfg_file, tensor_file):
         if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: {path} is not a saved CE-FAM model directory "
-                                    "(fastcbm cefam train --out DIR writes one)")
+            raise MissingFile(f"{f} not found: {path} is not a saved CE-FAM model directory "
+                              "(fastcbm cefam train --out DIR writes one)")
     try:
         meta = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{cfg_file}: invalid JSON ({exc})") from exc
+        raise InvalidFile(f"{cfg_file}: invalid JSON ({exc})") from exc
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{cfg_file}: not a CE-FAM model config (format={meta.get('format')!r})")
+        raise InvalidFile(f"{cfg_file}: not a CE-FAM model config (format={meta.get('format')!r})")
     if meta.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{cfg_file}: format version {meta['version']} is newer than this fastcbm supports")
+        raise InvalidFile(f"{cfg_file}: format version {meta['version']} is newer than this fastcbm supports")
     return meta
 
 

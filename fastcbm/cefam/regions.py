@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from fastcbm.cam import fuse
 from fastcbm.cefam.translator import Translator, concept_scores
-from fastcbm.features import as_feature_map
+from fastcbm.models.features import as_feature_map
+from fastcbm.errors import InvalidArgument
 
 METHODS = ("batched", "loop")
 _VJP_BUDGET = 1 << 25  # elements of the largest stage gradient held per VJP chunk (128 MB in fp32)
@@ -39,10 +40,10 @@ def resolve_classifier(classifier, kind: str | None, num_prefix_tokens: int | No
     (``kind`` defaults to ``"cnn"`` then; explicit arguments override the Backbone's)."""
     model = getattr(classifier, "model", classifier)
     if not isinstance(model, nn.Module):
-        raise ValueError(f"classifier must be a fastcbm Backbone or an nn.Module, got {type(classifier).__name__}")  # noqa: TRY004
+        raise InvalidArgument(f"classifier must be a fastcbm Backbone or an nn.Module, got {type(classifier).__name__}")  # noqa: TRY004
     kind = kind if kind is not None else getattr(classifier, "kind", "cnn")
     if kind not in ("cnn", "vit"):
-        raise ValueError(f"kind must be 'cnn' or 'vit', got {kind!r}")
+        raise InvalidArgument(f"kind must be 'cnn' or 'vit', got {kind!r}")
     prefix = num_prefix_tokens if num_prefix_tokens is not None else getattr(classifier, "num_prefix_tokens", 1)
     return model, kind, int(prefix)
 
@@ -51,27 +52,27 @@ def check_inputs(model: nn.Module, translator: nn.Module, images: torch.Tensor, 
                  layers: Sequence[str], method: str) -> list[str]:
     """Validate what can be checked before a forward pass; return ``layers`` as a list."""
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise InvalidArgument(f"method must be one of {METHODS}, got {method!r}")
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 1:
-        raise ValueError(f"images must be a normalised float tensor [B, 3, S, S] with B >= 1, got "
-                         f"{getattr(images, 'shape', type(images).__name__)}")
+        raise InvalidArgument(f"images must be a normalised float tensor [B, 3, S, S] with B >= 1, got "
+                              f"{getattr(images, 'shape', type(images).__name__)}")
     if isinstance(layers, str) or not layers:
-        raise ValueError(f"layers must be a non-empty list of stage names, got {layers!r}")
+        raise InvalidArgument(f"layers must be a non-empty list of stage names, got {layers!r}")
     layers = list(layers)
     if len(set(layers)) != len(layers):
-        raise ValueError(f"layers must be distinct, got {layers}")
+        raise InvalidArgument(f"layers must be distinct, got {layers}")
     names = dict(model.named_modules())
     missing = [n for n in layers if n not in names]
     if missing:
-        raise ValueError(f"layers {missing} are not modules of the classifier ({type(model).__name__}); it has e.g. "
-                         f"{[n for n in names if n][:12]}")
+        raise InvalidArgument(f"layers {missing} are not modules of the classifier ({type(model).__name__}); it has e.g. "
+                              f"{[n for n in names if n][:12]}")
     if not isinstance(text_emb, torch.Tensor) or text_emb.dim() != 2 or text_emb.shape[0] == 0:
-        raise ValueError("text_emb must be a non-empty [T, D] tensor of concept embeddings (the concept list is "
-                         f"empty or malformed), got {getattr(text_emb, 'shape', type(text_emb).__name__)}")
+        raise InvalidArgument("text_emb must be a non-empty [T, D] tensor of concept embeddings (the concept list is "
+                              f"empty or malformed), got {getattr(text_emb, 'shape', type(text_emb).__name__)}")
     out = getattr(translator, "out_features", None)
     if out is not None and text_emb.shape[1] != out:
-        raise ValueError(f"text_emb has width {text_emb.shape[1]} but the translator outputs {out} values: the text "
-                         "embeddings must come from the CLIP model the translator was trained on")
+        raise InvalidArgument(f"text_emb has width {text_emb.shape[1]} but the translator outputs {out} values: the text "
+                              "embeddings must come from the CLIP model the translator was trained on")
     return layers
 
 
@@ -80,8 +81,8 @@ def _check_widths(translator: nn.Module, maps: dict[str, torch.Tensor], layers: 
     expected = getattr(translator, "in_features", None)
     if expected is not None and expected != width:
         chans = {n: maps[n].shape[1] for n in layers}
-        raise ValueError(f"the translator takes {expected} inputs but the stages {chans} pool to {width} values: "
-                         "pass the layers it was trained on, in the same order")
+        raise InvalidArgument(f"the translator takes {expected} inputs but the stages {chans} pool to {width} values: "
+                              "pass the layers it was trained on, in the same order")
 
 
 # ---- instrumented forward ---------------------------------------------------------------------------------------
@@ -109,8 +110,8 @@ class StageHooks:
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
             if isinstance(output, (tuple, list)):
-                raise ValueError(f"stage {name!r} returns a {type(output).__name__}; CE-FAM needs stages that "  # noqa: TRY004
-                                 "output one tensor")
+                raise InvalidArgument(f"stage {name!r} returns a {type(output).__name__}; CE-FAM needs stages that "  # noqa: TRY004
+                                      "output one tensor")
             if name in self._replace:
                 output = self._replace[name](output)
             if self._track and torch.is_grad_enabled() and not output.requires_grad:
@@ -163,7 +164,7 @@ def stage_forward(model: nn.Module, translator: nn.Module, images: torch.Tensor,
     with StageHooks(model, layers) as hooks:
         logits = model(images)
     if set(hooks.order) != set(layers):
-        raise ValueError(f"stages {sorted(set(layers) - set(hooks.order))} did not run in the classifier's forward")
+        raise InvalidArgument(f"stages {sorted(set(layers) - set(hooks.order))} did not run in the classifier's forward")
     maps = {n: as_feature_map(hooks.outputs[n], kind, prefix) for n in layers}
     _check_widths(translator, maps, layers)
     z = torch.cat([maps[n].mean(dim=(2, 3)) for n in layers], dim=1)
@@ -199,7 +200,7 @@ def _spatial_sum(grad: torch.Tensor, kind: str, prefix: int) -> torch.Tensor:
         return grad.sum(dim=(3, 4))
     if grad.dim() == 4 and kind == "vit":
         return grad[:, :, prefix:].sum(dim=2)
-    raise ValueError(f"stage gradient of shape {tuple(grad.shape[1:])} is not a feature map (kind={kind!r})")
+    raise InvalidArgument(f"stage gradient of shape {tuple(grad.shape[1:])} is not a feature map (kind={kind!r})")
 
 
 def _betas_batched(model, translator, images, text_emb, layers, kind, prefix, logit_scale, chunk,

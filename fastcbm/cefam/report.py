@@ -1,5 +1,5 @@
 """Self-contained HTML page of CE-FAM explanations and evaluation (``fastcbm explain --method cefam --html``,
-``fastcbm demo --method cefam``), built from :mod:`fastcbm.report`'s helpers (inline PNGs, same style sheet).
+``fastcbm demo --method cefam``), built from :mod:`fastcbm.salf.report`'s helpers (inline PNGs, same style sheet).
 
 Sections: summary table; the localisation evaluation (per concept type: CE-FAM by association top-1, the oracle,
 CLIP-Dissect); one card per explained image (prediction, top concepts with score, chosen stage and contribution bars,
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fastcbm.report import (
+from fastcbm.salf.report import (
     _CSS,
     DISPLAY_SIZE,
     _atomic_write,
@@ -30,6 +30,7 @@ from fastcbm.report import (
     _summary_html,
     _to_numpy,
 )
+from fastcbm.errors import InvalidArgument
 
 _METRICS = ("nra", "nra_paper", "epg", "hit_rate")
 _EXTRA_CSS = "table.eval td,table.eval th{border:1px solid #ddd}table.eval th{background:#f0f0f0}"
@@ -72,8 +73,8 @@ def _card_html(i: int, image: np.ndarray, e: Any, class_names: Sequence[str]) ->
     prob = float(e.probabilities[pred])
     regions = _to_numpy(e.regions, f"explanations[{i}].regions") if e.regions is not None else None
     if regions is not None and (regions.ndim != 3 or regions.shape[0] != len(e.concepts)):
-        raise ValueError(f"explanations[{i}].regions must be [k, H, W] with k = {len(e.concepts)} concepts, got "
-                         f"shape {tuple(regions.shape)}")
+        raise InvalidArgument(f"explanations[{i}].regions must be [k, H, W] with k = {len(e.concepts)} concepts, got "
+                              f"shape {tuple(regions.shape)}")
     cmax = max((abs(c.contribution) for c in e.concepts), default=0.0) or 1.0
     rows, heats = [], []
     for j, c in enumerate(e.concepts):
@@ -98,16 +99,16 @@ def _card_html(i: int, image: np.ndarray, e: Any, class_names: Sequence[str]) ->
 def _comparison_html(cmp: Mapping[str, Any]) -> str:
     missing = [k for k in ("images", "masks", "concepts", "cefam", "clip_dissect") if k not in cmp]
     if missing:
-        raise ValueError(f"comparisons is missing {missing} (needs images, masks, concepts, cefam, clip_dissect)")
+        raise InvalidArgument(f"comparisons is missing {missing} (needs images, masks, concepts, cefam, clip_dissect)")
     imgs = _check_images(cmp["images"], "comparisons['images']")
     n = imgs.shape[0]
     if len(cmp["concepts"]) != n:
-        raise ValueError(f"comparisons['concepts'] has {len(cmp['concepts'])} names for {n} images")
+        raise InvalidArgument(f"comparisons['concepts'] has {len(cmp['concepts'])} names for {n} images")
     masks = [_to_numpy(m, "comparisons['masks']") for m in cmp["masks"]]
     maps = {k: [_to_numpy(m, f"comparisons[{k!r}]").astype(np.float32) for m in cmp[k]] for k in ("cefam",
                                                                                                    "clip_dissect")}
     if len(masks) != n or any(len(v) != n for v in maps.values()):
-        raise ValueError(f"comparisons: masks, cefam and clip_dissect need {n} entries each")
+        raise InvalidArgument(f"comparisons: masks, cefam and clip_dissect need {n} entries each")
     half = DISPLAY_SIZE // 2
     rows = []
     for i in range(n):
@@ -145,7 +146,7 @@ def write_cefam_report(path: str | os.PathLike, *, images, explanations: Sequenc
     if n:
         imgs = _check_images(images, "images", n)
     if not isinstance(summary, Mapping):
-        raise ValueError(f"summary must be a dict name → value, got {type(summary).__name__}")  # noqa: TRY004
+        raise InvalidArgument(f"summary must be a dict name → value, got {type(summary).__name__}")  # noqa: TRY004
     cards = "".join(_card_html(i, imgs[i], e, list(class_names)) for i, e in enumerate(explanations)) if n else ""
     sections = [f"<h2>Summary</h2>{_summary_html(summary)}"]
     if evaluation is not None:

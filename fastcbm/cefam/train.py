@@ -32,6 +32,7 @@ import torch.nn.functional as F
 # Z_CAT: pooled classifier stages [N, Z] fp16 (precompute --cefam-classifier)
 from fastcbm.cache.reader import Z_CAT
 from fastcbm.cefam.model import CEFAM, CONFIG_FILE, TRANSLATOR_FILE, CEFAMConfig
+from fastcbm.errors import InvalidArgument, MissingFile, OutputExists
 
 log = logging.getLogger("fastcbm.cefam")
 
@@ -54,8 +55,8 @@ def cefam_source(reader) -> dict:
     """The cache's CE-FAM record (classifier, pretrained, layers, widths, kind, num_prefix_tokens) or a clear error."""
     src = reader.settings.get("cefam")
     if not src or Z_CAT not in reader.arrays:
-        raise ValueError(f"cache {reader.root} has no CE-FAM stage activations (z_cat); run fastcbm precompute with "
-                         "--cefam-classifier NAME (and --grid 0 for the cheap global-only mode) into a new --out")
+        raise InvalidArgument(f"cache {reader.root} has no CE-FAM stage activations (z_cat); run fastcbm precompute with "
+                              "--cefam-classifier NAME (and --grid 0 for the cheap global-only mode) into a new --out")
     return src
 
 
@@ -67,8 +68,8 @@ def _columns(src: dict, layers: Sequence[str] | None) -> tuple[list[str], list[i
     layers = [s.strip() for s in layers.split(",")] if isinstance(layers, str) else list(layers)
     bad = [n for n in layers if n not in cached]
     if not layers or bad or len(set(layers)) != len(layers):
-        raise ValueError(f"layers: {layers} must be distinct stages among the cached ones {cached} "
-                         f"(classifier {src['classifier']!r})")
+        raise InvalidArgument(f"layers: {layers} must be distinct stages among the cached ones {cached} "
+                              f"(classifier {src['classifier']!r})")
     offsets = np.cumsum([0, *widths])
     cols = np.concatenate([np.arange(offsets[cached.index(n)], offsets[cached.index(n) + 1]) for n in layers])
     sel = [widths[cached.index(n)] for n in layers]
@@ -218,23 +219,23 @@ def _prepare_out(out: Path, signature: str, resume: bool, overwrite: bool) -> Pa
             (out / name).unlink(missing_ok=True)
         return None
     if (out / CONFIG_FILE).exists():
-        raise FileExistsError(f"out: {out} already holds a trained CE-FAM model; choose another folder or pass "
-                              "overwrite=True (--overwrite)")
+        raise OutputExists(f"out: {out} already holds a trained CE-FAM model; choose another folder or pass "
+                           "overwrite=True (--overwrite)")
     if ckpt.exists():
         if not resume:
-            raise FileExistsError(f"out: {out} holds an unfinished training checkpoint; pass resume=True to continue "
-                                  "it or overwrite=True (--overwrite) to start afresh")
+            raise OutputExists(f"out: {out} holds an unfinished training checkpoint; pass resume=True to continue "
+                               "it or overwrite=True (--overwrite) to start afresh")
         from safetensors import safe_open
 
         with safe_open(str(ckpt), framework="pt") as fh:
             saved = json.loads((fh.metadata() or {}).get("state", "{}")).get("signature")
         if saved != signature:
-            raise ValueError(f"out: the checkpoint in {out} was made with other training settings (cache, layers, "
-                             "concepts or optimiser); pass --overwrite to start afresh or choose another --out")
+            raise InvalidArgument(f"out: the checkpoint in {out} was made with other training settings (cache, layers, "
+                                  "concepts or optimiser); pass --overwrite to start afresh or choose another --out")
         return ckpt
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"out: {out} exists and is not empty; choose another folder or pass overwrite=True "
-                              "(--overwrite)")
+        raise OutputExists(f"out: {out} exists and is not empty; choose another folder or pass overwrite=True "
+                           "(--overwrite)")
     return None
 
 
@@ -277,18 +278,18 @@ def train_translator(cache: str | os.PathLike, out: str | os.PathLike | None, *,
     for name, v in (("lr", lr), ("warmup_lr", warmup_lr), ("batch_size", batch_size), ("max_epochs", max_epochs),
                     ("early_stop", early_stop), ("warmup_epochs", warmup_epochs)):
         if not v > 0:
-            raise ValueError(f"{name} must be > 0, got {v}")
+            raise InvalidArgument(f"{name} must be > 0, got {v}")
     if plateau_patience < 0 or lam_sim < 0:
-        raise ValueError(f"plateau_patience and lam_sim must be >= 0, got {plateau_patience}, {lam_sim}")
+        raise InvalidArgument(f"plateau_patience and lam_sim must be >= 0, got {plateau_patience}, {lam_sim}")
     t_start = time.perf_counter()
     if not (Path(cache) / "manifest.json").is_file():
-        raise FileNotFoundError(f"cache: no fastcbm cache at {cache} (manifest.json missing); run fastcbm precompute "
-                                "first")
+        raise MissingFile(f"cache: no fastcbm cache at {cache} (manifest.json missing); run fastcbm precompute "
+                          "first")
     reader = CacheReader(cache)
     src = cefam_source(reader)
     if classifier is not None and classifier != src["classifier"]:
-        raise ValueError(f"classifier: the cache at {reader.root} holds stages of {src['classifier']!r}, not "
-                         f"{classifier!r}")
+        raise InvalidArgument(f"classifier: the cache at {reader.root} holds stages of {src['classifier']!r}, not "
+                              f"{classifier!r}")
     layers, widths, cols = _columns(src, layers)
     dev = resolve_device(device)
 
@@ -300,7 +301,7 @@ def train_translator(cache: str | os.PathLike, out: str | os.PathLike | None, *,
             concepts = load_concepts(concepts)
         concept_names = list(concepts.names if isinstance(concepts, ConceptSet) else concepts)
         if not concept_names:
-            raise ValueError("concepts: the concept list is empty")
+            raise InvalidArgument("concepts: the concept list is empty")
     clip_info = reader.settings["model"]
     clip, _, tokenizer = load_clip(clip_info["name"], clip_info.get("pretrained"), device=str(dev))
     with torch.no_grad():

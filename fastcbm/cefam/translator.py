@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcbm.features import FeatureHooks, as_feature_map
+from fastcbm.models.features import FeatureHooks, as_feature_map
+from fastcbm.errors import InvalidArgument
 
 
 def default_hidden(in_features: int) -> tuple[int, ...]:
@@ -33,10 +34,10 @@ class Translator(nn.Module):
     def __init__(self, in_features: int, out_features: int, hidden: Sequence[int] | None = None):
         super().__init__()
         if in_features < 1 or out_features < 1:
-            raise ValueError(f"Translator widths must be >= 1, got in={in_features}, out={out_features}")
+            raise InvalidArgument(f"Translator widths must be >= 1, got in={in_features}, out={out_features}")
         hidden = tuple(default_hidden(in_features) if hidden is None else hidden)
         if not hidden or any(int(h) < 1 for h in hidden):
-            raise ValueError(f"hidden must be one or more widths >= 1, got {hidden}")
+            raise InvalidArgument(f"hidden must be one or more widths >= 1, got {hidden}")
         self.in_features, self.out_features, self.hidden = int(in_features), int(out_features), hidden
         widths = [self.in_features, *hidden]
         self.first = nn.Linear(widths[0], widths[1])
@@ -48,8 +49,8 @@ class Translator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.shape[-1] != self.in_features:
-            raise ValueError(f"translator expects z_cat with {self.in_features} values per image, got shape "
-                             f"{tuple(z.shape)}")
+            raise InvalidArgument(f"translator expects z_cat with {self.in_features} values per image, got shape "
+                                  f"{tuple(z.shape)}")
         return self.rest(self.first(z))
 
 
@@ -57,8 +58,8 @@ def concept_scores(h: torch.Tensor, text_emb: torch.Tensor, logit_scale: float =
                    bias: float = 0.0) -> torch.Tensor:
     """S = s·cos(h, t) + b: ``h [B, D]``, ``text_emb [T, D]`` (any norm) → ``[B, T]``."""
     if text_emb.dim() != 2 or text_emb.shape[1] != h.shape[-1]:
-        raise ValueError(f"text embeddings must be [T, {h.shape[-1]}] (the translator's output width), got shape "
-                         f"{tuple(text_emb.shape)}")
+        raise InvalidArgument(f"text embeddings must be [T, {h.shape[-1]}] (the translator's output width), got shape "
+                              f"{tuple(text_emb.shape)}")
     return logit_scale * F.normalize(h, dim=-1) @ F.normalize(text_emb, dim=-1).T + bias
 
 
@@ -67,7 +68,7 @@ def stage_activations(model: nn.Module, images: torch.Tensor, layers: Sequence[s
     """Run ``model`` on normalised ``images [B, 3, S, S]``; return ``(logits, {layer: A_l [B, C_l, h_l, w_l]})``
     (ViT tokens reshaped to maps). Gradients flow when the caller enables them."""
     if not layers:
-        raise ValueError("layers must name at least one stage")
+        raise InvalidArgument("layers must name at least one stage")
     with FeatureHooks(model, list(layers)) as hooks:
         logits = model(images)
     return logits, {n: as_feature_map(hooks.outputs[n], kind, num_prefix_tokens) for n in layers}

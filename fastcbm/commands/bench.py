@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fastcbm.errors import MissingFile
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -49,6 +51,6 @@ def find_bench_dir() -> Path | None:
 def run(args: argparse.Namespace) -> int:
     bench = find_bench_dir()
     if bench is None:
-        raise FileNotFoundError("the bench/ folder does not exist here: benchmarks run from a source checkout of "
-                                "fastcbm (run this command in its root, or install it with `pip install -e .`)")
+        raise MissingFile("the bench/ folder does not exist here: benchmarks run from a source checkout of "
+                          "fastcbm (run this command in its root, or install it with `pip install -e .`)")
     return subprocess.call([sys.executable, "-m", "bench", *runner_argv(args)], cwd=bench.parent)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from fastcbm.commands import help_without_subcommand
+from fastcbm.errors import MissingFile
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,10 +84,10 @@ def run_train(args: argparse.Namespace) -> int:
     from fastcbm.cefam.train import train_translator
 
     if not (args.cache / "manifest.json").is_file():
-        raise FileNotFoundError(f"--cache: no fastcbm cache at {args.cache} (manifest.json missing); run fastcbm "
-                                "precompute ... --cefam-classifier NAME first")
+        raise MissingFile(f"--cache: no fastcbm cache at {args.cache} (manifest.json missing); run fastcbm "
+                          "precompute ... --cefam-classifier NAME first")
     if args.concepts is not None and not args.concepts.is_file():
-        raise FileNotFoundError(f"--concepts: {args.concepts} does not exist or is not a file")
+        raise MissingFile(f"--concepts: {args.concepts} does not exist or is not a file")
     _, report = train_translator(
         args.cache, args.out, classifier=args.classifier, layers=args.layers, concepts=args.concepts,
         lam_sim=args.lam_sim, lr=args.lr, warmup=args.warmup, warmup_lr=args.warmup_lr,

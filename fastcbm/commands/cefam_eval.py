@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fastcbm.errors import InvalidArgument, MissingFile
+
 
 def register_evaluate(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
@@ -49,15 +51,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     kind, *rest = args.data
     if kind not in ("broden", "imagenet-s", "testbed"):
-        raise ValueError(f"--data must be one of broden, imagenet-s, testbed; got {kind!r}")
+        raise InvalidArgument(f"--data must be one of broden, imagenet-s, testbed; got {kind!r}")
     if kind != "testbed" and len(rest) != 1:
-        raise ValueError(f"--data {kind} needs exactly one PATH (the dataset's root folder)")
+        raise InvalidArgument(f"--data {kind} needs exactly one PATH (the dataset's root folder)")
     if kind == "testbed" and rest:
-        raise ValueError("--data testbed takes no PATH (use --n and --seed)")
+        raise InvalidArgument("--data testbed takes no PATH (use --n and --seed)")
     if args.batch_size < 1 or args.top_k < 1:
-        raise ValueError(f"--batch-size and --top-k must be >= 1, got {args.batch_size}, {args.top_k}")
+        raise InvalidArgument(f"--batch-size and --top-k must be >= 1, got {args.batch_size}, {args.top_k}")
     if not args.model.is_dir():
-        raise FileNotFoundError(f"--model {args.model} does not exist (a folder written by fastcbm cefam train)")
+        raise MissingFile(f"--model {args.model} does not exist (a folder written by fastcbm cefam train)")
     options: dict = {}
     if kind in ("broden", "imagenet-s") and args.limit is not None:
         options["limit"] = args.limit
@@ -65,7 +67,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         options.update(names=args.names, class_names=args.class_names,
                        authors_target=args.imagenet_s_authors_target)
     if args.probe_n is not None and kind != "testbed":
-        raise ValueError("--probe-n applies to --data testbed only (Broden / ImageNet-S probe the evaluated images)")
+        raise InvalidArgument("--probe-n applies to --data testbed only (Broden / ImageNet-S probe the evaluated images)")
     probe = testbed_probe(TESTBED_PROBE_SCENES if args.probe_n is None else args.probe_n) if kind == "testbed" else None
     cfg = EvalConfig(batch_size=args.batch_size, association_variant=args.association_variant, top_k=args.top_k,
                      baseline=not args.no_baseline, progress=not args.no_progress, device=args.device, probe=probe)
@@ -84,12 +86,12 @@ def run_explain(args: argparse.Namespace) -> int:
     from fastcbm.cefam.explain import explain_file
 
     if args.model is None:
-        raise ValueError("--model DIR is required with --method cefam (a folder written by fastcbm cefam train)")
+        raise InvalidArgument("--model DIR is required with --method cefam (a folder written by fastcbm cefam train)")
     if not Path(args.model).is_dir():
-        raise FileNotFoundError(f"--model {args.model} does not exist (a folder written by fastcbm cefam train)")
+        raise MissingFile(f"--model {args.model} does not exist (a folder written by fastcbm cefam train)")
     concepts = getattr(args, "concepts", None)
     if concepts is not None and not Path(concepts).is_file():
-        raise FileNotFoundError(f"--concepts {concepts} not found")
+        raise MissingFile(f"--concepts {concepts} not found")
     result = explain_file(args.model, args.image, concepts_file=concepts, templates=getattr(args, "template", None),
                           top_k=args.top_k, html=getattr(args, "html", None), png=getattr(args, "png", None))
     print(json.dumps(result, indent=2))

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from fastcbm.commands import help_without_subcommand
+from fastcbm.errors import InvalidArgument, MissingFile
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -91,9 +92,9 @@ def run_train(args: argparse.Namespace) -> int:
     from fastcbm.distributed import resolve_device
 
     if not args.data.exists():
-        raise FileNotFoundError(f"--data: {args.data} does not exist")
+        raise MissingFile(f"--data: {args.data} does not exist")
     if not args.concepts.is_file():
-        raise FileNotFoundError(f"--concepts: {args.concepts} does not exist or is not a file")
+        raise MissingFile(f"--concepts: {args.concepts} does not exist or is not a file")
     cfg = DealConfig(lr=args.lr, weight_decay=args.weight_decay, lambda_sep=args.lambda_sep,
                      lambda_con=args.lambda_con, lambda_spa=args.lambda_spa, k=args.k,
                      caption_form=args.caption_form, loss_form=args.loss_form, batch_size=args.batch_size,
@@ -158,7 +159,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     saved = saved if saved.get("format") == "fastcbm-deal" else {}
     k = args.k if args.k is not None else int(saved.get("k", 5))
     if k < 1 or args.n < 1 or args.batch_size < 1:
-        raise ValueError("--k, --n and --batch-size must be >= 1")
+        raise InvalidArgument("--k, --n and --batch-size must be >= 1")
     device = resolve_device(args.device)
     testbed = args.data == "testbed"
     if args.concepts is not None:
@@ -168,7 +169,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     elif testbed:
         concepts = deal_data.testbed_concepts()
     else:
-        raise ValueError("--concepts: required unless --data testbed or --model is a DEAL output folder")
+        raise InvalidArgument("--concepts: required unless --data testbed or --model is a DEAL output folder")
     model, preprocess, tokenizer = load_clip(args.model, args.pretrained, device=str(device))
     if testbed:
         data = testbed_set(args.n, seed=args.seed)

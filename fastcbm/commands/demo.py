@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fastcbm.errors import InvalidArgument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -44,11 +46,11 @@ def run(args: argparse.Namespace) -> int:
         from fastcbm.commands.cefam_eval import run_demo as run_cefam_demo
 
         return run_cefam_demo(args)
-    from fastcbm.demo import DemoConfig, run_demo
+    from fastcbm.salf.demo import DemoConfig, run_demo
 
     for name in ("n_train", "n_val", "n_test"):
         if getattr(args, name) < 10:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 10, got {getattr(args, name)}")
+            raise InvalidArgument(f"--{name.replace('_', '-')} must be >= 10, got {getattr(args, name)}")
     summary = run_demo(DemoConfig(out=args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
                                   grid=args.grid, seed=args.seed, device=args.device,
                                   progress=not args.no_progress))

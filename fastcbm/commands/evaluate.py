@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fastcbm.errors import InvalidArgument, MissingFile
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -41,15 +43,15 @@ def run(args: argparse.Namespace) -> int:
     from fastcbm.salf.model import SALFCBM, read_config
 
     if not args.model.is_dir():
-        raise FileNotFoundError(f"--model {args.model} does not exist")
+        raise MissingFile(f"--model {args.model} does not exist")
     for flag in ("cache", "data", "segmentation", "labels", "masks"):
         value = getattr(args, flag)
         if value is not None and not value.exists():
-            raise FileNotFoundError(f"--{flag} {value} does not exist")
+            raise MissingFile(f"--{flag} {value} does not exist")
     if args.masks is not None and args.data is None:
-        raise ValueError("--masks goes with --data (masks named like the images)")
+        raise InvalidArgument("--masks goes with --data (masks named like the images)")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        raise ValueError(f"--batch-size and --limit must be >= 1, got {args.batch_size}, {args.limit}")
+        raise InvalidArgument(f"--batch-size and --limit must be >= 1, got {args.batch_size}, {args.limit}")
     device = torch.device(args.device)
     progress = not args.no_progress
     config = read_config(args.model)

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fastcbm.errors import InvalidArgument, MissingFile
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_cefam(args)
     if args.model is None:
-        raise ValueError("give --model DIR (a saved SALF-CBM) or --engine FILE (an exported graph)")
+        raise InvalidArgument("give --model DIR (a saved SALF-CBM) or --engine FILE (an exported graph)")
     import torch
 
     from fastcbm.data.folder import BadImageError, decode_image
@@ -55,18 +57,18 @@ def run(args: argparse.Namespace) -> int:
     from fastcbm.salf.pipeline import normalize_for_backbone
 
     if args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+        raise InvalidArgument(f"--top-k must be >= 1, got {args.top_k}")
     if not args.image.exists():
-        raise FileNotFoundError(f"image {args.image} does not exist")
+        raise MissingFile(f"image {args.image} does not exist")
     if not args.model.is_dir():
-        raise FileNotFoundError(f"--model {args.model} does not exist")
+        raise MissingFile(f"--model {args.model} does not exist")
     from fastcbm.data.folder import IMAGE_EXTENSIONS
     from fastcbm.models import load_backbone
     from fastcbm.salf.model import read_config
 
     bulk = args.image.is_dir() or args.image.suffix.lower() not in tuple(e.lower() for e in IMAGE_EXTENSIONS)
     if bulk and args.out is None:
-        raise ValueError(f"{args.image} is a folder or list of images: pass --out DIR for the arrays and HTML page")
+        raise InvalidArgument(f"{args.image} is a folder or list of images: pass --out DIR for the arrays and HTML page")
     config = read_config(args.model)  # the backbone is built once, here, and handed to the model
     backbone = load_backbone(config.backbone, pretrained=config.backbone_pretrained)
     model = SALFCBM.load(args.model, backbone=backbone.model)
@@ -74,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
         from fastcbm.salf.bulk import explain_folder
 
         if args.batch_size < 1 or args.html_images < 0:
-            raise ValueError(f"--batch-size must be >= 1 and --html-images >= 0, got {args.batch_size}, "
-                             f"{args.html_images}")
+            raise InvalidArgument(f"--batch-size must be >= 1 and --html-images >= 0, got {args.batch_size}, "
+                                  f"{args.html_images}")
         summary = explain_folder(model, backbone, args.image, args.out, top_k=args.top_k, batch_size=args.batch_size,
                                  html_images=args.html_images, progress=not args.no_progress)
         print(json.dumps({k: v for k, v in summary.items() if k != "skipped"} | {"skipped": len(summary["skipped"])},
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         image = decode_image(args.image, int(backbone.input_size))
     except BadImageError as exc:
-        raise ValueError(f"image {args.image}: {exc}") from None
+        raise InvalidArgument(f"image {args.image}: {exc}") from None
     x = normalize_for_backbone(image[None], backbone, torch.device("cpu"))
     (explanation,) = ex.explain(model, x, top_k=args.top_k)
     result = {
@@ -96,11 +98,11 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.region:
         if len(args.region) not in (2, 4):
-            raise ValueError(f"--region takes 2 (point) or 4 (box) numbers, got {len(args.region)}")
+            raise InvalidArgument(f"--region takes 2 (point) or 4 (box) numbers, got {len(args.region)}")
         result["region"] = [{"concept": n, "score": round(s, 4)}
                             for n, s in ex.explain_region(model, x, tuple(args.region), top_k=args.top_k)]
     if args.html:
-        from fastcbm.report import write_salf_report
+        from fastcbm.salf.report import write_salf_report
 
         write_salf_report(args.html, images=image[None], explanations=[explanation],
                           rules=ex.decision_rules(model), summary={"image": str(args.image)},

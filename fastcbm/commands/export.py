@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from fastcbm.errors import InvalidArgument, MissingFile
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -42,11 +44,11 @@ def run(args: argparse.Namespace) -> int:
     )
 
     if (args.model_dir is None) == (args.model is None):
-        raise ValueError("give either MODEL_DIR (a saved SALF-CBM) or --model CLIP (an image tower), not both/none")
+        raise InvalidArgument("give either MODEL_DIR (a saved SALF-CBM) or --model CLIP (an image tower), not both/none")
     if args.max_batch < 1:
-        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+        raise InvalidArgument(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.model_dir is not None and not args.model_dir.is_dir():
-        raise FileNotFoundError(f"MODEL_DIR {args.model_dir} is not a folder (expected one written by SALFCBM.save)")
+        raise MissingFile(f"MODEL_DIR {args.model_dir} is not a folder (expected one written by SALFCBM.save)")
     if args.format == "tensorrt":
         try:
             import_tensorrt()  # before spending minutes on an export that cannot be built

@@ -8,6 +8,8 @@ import json
 import math
 from pathlib import Path
 
+from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("metrics", help="evaluate saliency maps against masks (NRA, EPG, hit rate)")
@@ -30,12 +32,12 @@ def load_array(path: Path, what: str):
     import torch
 
     if path.is_dir():
-        raise ValueError(f"--{what}: {path} is a directory, not a .npy/.npz/.pt file")
+        raise InvalidFile(f"--{what}: {path} is a directory, not a .npy/.npz/.pt file")
     if not path.is_file():
-        raise FileNotFoundError(f"--{what}: no such file: {path}")
+        raise MissingFile(f"--{what}: no such file: {path}")
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".npz", ".pt"):
-        raise ValueError(f"--{what}: unsupported file type {suffix!r} (use .npy, .npz or .pt)")
+        raise InvalidArgument(f"--{what}: unsupported file type {suffix!r} (use .npy, .npz or .pt)")
     try:
         if suffix == ".npy":
             arr = np.load(path, allow_pickle=False)
@@ -44,27 +46,27 @@ def load_array(path: Path, what: str):
                 keys = list(z.keys())
                 key = what if what in keys else (keys[0] if len(keys) == 1 else None)
                 if key is None:
-                    raise ValueError(f"--{what}: {path} holds arrays {keys}; name one {what!r} or keep just one")
+                    raise InvalidFile(f"--{what}: {path} holds arrays {keys}; name one {what!r} or keep just one")
                 arr = z[key]
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(obj, dict):
                 obj = obj.get(what, next(iter(obj.values())) if len(obj) == 1 else None)
             if not isinstance(obj, torch.Tensor):
-                raise ValueError(f"--{what}: {path} must hold a tensor (or a dict with one tensor or key {what!r})")
+                raise InvalidFile(f"--{what}: {path} must hold a tensor (or a dict with one tensor or key {what!r})")
             if obj.is_complex() or obj.is_quantized:
-                raise ValueError(f"--{what}: {path} holds {obj.dtype} values; expected real numbers or bools")
+                raise InvalidFile(f"--{what}: {path} holds {obj.dtype} values; expected real numbers or bools")
             return obj
     except ValueError as exc:
         if str(exc).startswith(f"--{what}"):
             raise
-        raise ValueError(f"--{what}: could not read {path} as {suffix} ({_first_line(exc)})") from None
+        raise InvalidFile(f"--{what}: could not read {path} as {suffix} ({_first_line(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - pickle/zip/torch errors on hostile files: one line, not a traceback
-        raise ValueError(f"--{what}: could not read {path} as {suffix} ({type(exc).__name__}: {_first_line(exc)})"
-                         ) from None
+        raise InvalidFile(f"--{what}: could not read {path} as {suffix} ({type(exc).__name__}: {_first_line(exc)})"
+                          ) from None
     if arr.dtype.kind not in "biuf":  # strings (U/S), complex (c), objects (O), datetimes, structured (V)
-        raise ValueError(f"--{what}: {path} holds {arr.dtype} values ({_KINDS.get(arr.dtype.kind, 'not numbers')}); "
-                         "expected real numbers or bools")
+        raise InvalidFile(f"--{what}: {path} holds {arr.dtype} values ({_KINDS.get(arr.dtype.kind, 'not numbers')}); "
+                          "expected real numbers or bools")
     return torch.from_numpy(np.ascontiguousarray(arr.astype(np.float32) if arr.dtype == np.float16 else arr))
 
 
@@ -84,7 +86,7 @@ def to_masks(masks):
     if masks.dtype == torch.bool:
         return masks
     if masks.is_complex() or not bool(((masks == 0) | (masks == 1)).all()):
-        raise ValueError(f"--masks must be bool or 0/1 values, got dtype {masks.dtype} with other values")
+        raise InvalidArgument(f"--masks must be bool or 0/1 values, got dtype {masks.dtype} with other values")
     return masks != 0
 
 
@@ -94,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
     from fastcbm.metrics import epg, hit_rate, nra
 
     if not math.isfinite(args.threshold):
-        raise ValueError(f"--threshold must be a finite number, got {args.threshold}")
+        raise InvalidArgument(f"--threshold must be a finite number, got {args.threshold}")
     if args.out is not None:  # checked before any work: a bad --out must not cost the evaluation
-        from fastcbm.checks import check_output_file
+        from fastcbm.files import check_output_file
 
         check_output_file(args.out, "--out")
     maps = load_array(args.maps, "maps")
@@ -105,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
         maps = maps.to(torch.float32)  # integer maps (e.g. uint8 heatmaps) are ranked by value
     bad = ~torch.isfinite(maps.reshape(maps.shape[0], -1)).all(dim=1) if maps.dim() >= 1 and maps.numel() else None
     if bad is not None and bool(bad.any()):
-        raise ValueError(f"--maps: {args.maps} has NaN/inf values in {int(bad.sum())} map(s), first at index "
-                         f"{int(bad.nonzero()[0])}")
+        raise InvalidArgument(f"--maps: {args.maps} has NaN/inf values in {int(bad.sum())} map(s), first at index "
+                              f"{int(bad.nonzero()[0])}")
     device = torch.device(args.device)
     maps, masks = maps.to(device), masks.to(device)
     nra_values = nra(maps, masks, variant=args.variant, backend=args.backend)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
+
+from fastcbm.errors import InvalidArgument, InvalidFile
 
 log = logging.getLogger("fastcbm.commands.precompute")
 
@@ -83,41 +84,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_precompute(args: argparse.Namespace) -> int:
-    from fastcbm.cache.store import CacheDiskFullError
     from fastcbm.precompute import precompute
 
-    from fastcbm.checks import check_output_dir
+    from fastcbm.files import check_output_dir
 
     if args.features_layer and not args.features:
-        raise ValueError("--features-layer needs --features BACKBONE")
+        raise InvalidArgument("--features-layer needs --features BACKBONE")
     if args.features_random_init and not args.features:
-        raise ValueError("--features-random-init needs --features BACKBONE")
+        raise InvalidArgument("--features-random-init needs --features BACKBONE")
     if args.cefam_layers and not args.cefam_classifier:
-        raise ValueError("--cefam-layers needs --cefam-classifier NAME")
+        raise InvalidArgument("--cefam-layers needs --cefam-classifier NAME")
     if args.no_prompts:
         args.grid = 0
     if args.grid < 0:
-        raise ValueError(f"--grid must be >= 0 (0: no ring prompts), got {args.grid}")
+        raise InvalidArgument(f"--grid must be >= 0 (0: no ring prompts), got {args.grid}")
     cefam_layers = [s.strip() for s in args.cefam_layers.split(",") if s.strip()] if args.cefam_layers else None
     check_output_dir(args.out, "--out")  # an existing file, an unwritable folder: one line before loading models
-    try:
-        reader = precompute(args.data, args.model, args.out, pretrained=args.pretrained, grid=args.grid,
-                            radius=args.radius, width=args.width, centers=args.centers, batch_size=args.batch_size,
-                            shard_size=args.shard_size, device=args.device, dtype=args.dtype,
-                            num_workers=args.num_workers, loader=args.loader, max_encode_batch=args.max_encode_batch,
-                            features=args.features, features_pretrained=False if args.features_random_init else True,
-                            features_layer=args.features_layer, draft=args.jpeg_draft, verify=args.verify,
-                            cefam_classifier=args.cefam_classifier, cefam_layers=cefam_layers,
-                            cefam_pretrained=None if args.cefam_random_init else True,
-                            progress=not args.no_progress, engine=args.engine)
-    except CacheDiskFullError as exc:
-        print(f"fastcbm precompute: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # read-only folder (EROFS), another writer's lock, I/O errors: one line, not a traceback
-        if getattr(args, "verbose", 0) >= 2:
-            raise
-        print(f"fastcbm precompute: error: {exc}", file=sys.stderr)
-        return 1
+    # OSErrors (a full disk, a read-only folder, another writer's lock) are the CLI's: one line, exit 3
+    reader = precompute(args.data, args.model, args.out, pretrained=args.pretrained, grid=args.grid,
+                        radius=args.radius, width=args.width, centers=args.centers, batch_size=args.batch_size,
+                        shard_size=args.shard_size, device=args.device, dtype=args.dtype,
+                        num_workers=args.num_workers, loader=args.loader, max_encode_batch=args.max_encode_batch,
+                        features=args.features, features_pretrained=False if args.features_random_init else True,
+                        features_layer=args.features_layer, draft=args.jpeg_draft, verify=args.verify,
+                        cefam_classifier=args.cefam_classifier, cefam_layers=cefam_layers,
+                        cefam_pretrained=None if args.cefam_random_init else True,
+                        progress=not args.no_progress, engine=args.engine)
     m = reader.manifest
     print(f"cache {args.out}: {m['num_images']} images x {reader.num_prompts} prompts x {reader.dim} dims "
           f"({m['num_skipped']} skipped) in {len(m['shards'])} shards")
@@ -141,7 +133,7 @@ def read_concepts(path: str) -> list[str]:
                 seen.add(c)
                 out.append(c)
     if not out:
-        raise ValueError(f"--concepts: {path} lists no concepts")
+        raise InvalidFile(f"--concepts: {path} lists no concepts")
     return out
 
 
@@ -164,10 +156,10 @@ def run_similarities(args: argparse.Namespace) -> int:
     from fastcbm.models import load_clip
 
     from fastcbm.cache import CacheCorruptError
-    from fastcbm.checks import check_output_dir
+    from fastcbm.files import check_output_dir
 
     if args.chunk < 1:
-        raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
+        raise InvalidArgument(f"--chunk must be >= 1, got {args.chunk}")
     check_output_dir(args.out, "--out")
     reader = CacheReader(args.cache)
     if args.verify:
@@ -177,11 +169,11 @@ def run_similarities(args: argparse.Namespace) -> int:
                                     f"{problems[0]}")
     cached = reader.settings["model"]
     if (cached.get("name"), cached.get("pretrained")) != (args.model, args.pretrained):
-        raise ValueError(f"--model/--pretrained: the cache was made with model {cached.get('name')!r} pretrained "
-                         f"{cached.get('pretrained')!r}, not {args.model!r} {args.pretrained!r}: its embeddings "
-                         "live in another space")
+        raise InvalidArgument(f"--model/--pretrained: the cache was made with model {cached.get('name')!r} pretrained "
+                              f"{cached.get('pretrained')!r}, not {args.model!r} {args.pretrained!r}: its embeddings "
+                              "live in another space")
     if "{}" not in args.template:
-        raise ValueError(f"--template must contain '{{}}', got {args.template!r}")
+        raise InvalidArgument(f"--template must contain '{{}}', got {args.template!r}")
     concepts = read_concepts(args.concepts)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, _, tokenizer = load_clip(args.model, args.pretrained)

@@ -7,6 +7,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from fastcbm.errors import InvalidArgument, MissingFile
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("testbed", help="train / evaluate the bundled testbed models, export scenes")
@@ -53,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _positive(name: str, value: int) -> None:
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise InvalidArgument(f"{name} must be >= 1, got {value}")
 
 
 def _train_clip(args: argparse.Namespace) -> int:
@@ -70,18 +72,18 @@ def _train_clip(args: argparse.Namespace) -> int:
     schedule = SHIPPED_SCHEDULE
     if any(v is not None for v in custom.values()):
         if args.start_stage != 1:
-            raise ValueError("--start-stage resumes the shipped schedule; it cannot be combined with a custom stage "
-                             "(--steps/--lr/--seed/--attribute-weight/--ring-attributes)")
+            raise InvalidArgument("--start-stage resumes the shipped schedule; it cannot be combined with a custom stage "
+                                  "(--steps/--lr/--seed/--attribute-weight/--ring-attributes)")
         # unset options default to the schedule's first stage (contrastive pre-training from scratch)
         schedule = (dataclasses.replace(SHIPPED_SCHEDULE[0], **{k: v for k, v in custom.items() if v is not None}),)
         _positive("--steps", schedule[0].steps)
     if not 1 <= args.start_stage <= len(schedule):
-        raise ValueError(f"--start-stage must be in 1..{len(schedule)}, got {args.start_stage}")
+        raise InvalidArgument(f"--start-stage must be in 1..{len(schedule)}, got {args.start_stage}")
     if args.start_stage > 1 and args.init is None:
-        raise ValueError(f"--start-stage {args.start_stage} needs --init: the weights stage {args.start_stage - 1} "
-                         f"saved ({stage_weights(args.out, args.start_stage - 1)})")
+        raise InvalidArgument(f"--start-stage {args.start_stage} needs --init: the weights stage {args.start_stage - 1} "
+                              f"saved ({stage_weights(args.out, args.start_stage - 1)})")
     if args.init is not None and not args.init.is_file():
-        raise FileNotFoundError(f"--init {args.init} not found")
+        raise MissingFile(f"--init {args.init} not found")
     threads = TRAIN_THREADS if args.threads is None else args.threads
     _positive("--threads", threads)
     channels_last = TRAIN_CHANNELS_LAST if args.channels_last is None else args.channels_last

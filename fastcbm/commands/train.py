@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from fastcbm.errors import InvalidArgument, MissingFile
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from fastcbm.concepts import PRESENCE_CUTOFFS
@@ -104,21 +106,21 @@ def run(args: argparse.Namespace) -> int:
 
     for flag, value in (("--cache", args.cache), ("--val-cache", args.val_cache)):
         if value is not None and not value.is_dir():
-            raise FileNotFoundError(f"{flag} {value} does not exist or is not a directory (run fastcbm precompute "
-                                    "first)")
+            raise MissingFile(f"{flag} {value} does not exist or is not a directory (run fastcbm precompute "
+                              "first)")
     if not args.concepts.is_file():
-        raise FileNotFoundError(f"--concepts {args.concepts} does not exist")
+        raise MissingFile(f"--concepts {args.concepts} does not exist")
     for flag, value, least in (("--batch-size", args.batch_size, 2), ("--steps", args.steps, 1),
                                ("--lambdas", args.lambdas, 1), ("--head-epochs", args.head_epochs, 1)):
         if value is not None and value < least:
-            raise ValueError(f"{flag} must be >= {least}, got {value}")
+            raise InvalidArgument(f"{flag} must be >= {least}, got {value}")
     if not 0 < args.val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+        raise InvalidArgument(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if not 0 <= args.alpha <= 1:
-        raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
+        raise InvalidArgument(f"--alpha must be in [0, 1], got {args.alpha}")
     for t in args.template or ():
         if t.count("{}") != 1:
-            raise ValueError(f"--template must contain exactly one '{{}}', got {t!r}")
+            raise InvalidArgument(f"--template must contain exactly one '{{}}', got {t!r}")
     presence = args.presence_cutoff
     if isinstance(presence, str):
         try:

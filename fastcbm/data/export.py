@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fastcbm.data import synthetic
+from fastcbm.errors import InvalidFile, MissingFile
 
 
 def _class_dir(name: str) -> str:
@@ -30,7 +31,7 @@ def scene_index(path: str | os.PathLike) -> int:
     """The scene index encoded in an exported image's file name (``.../<index>.png``)."""
     stem = Path(path).stem
     if not stem.isdigit():
-        raise ValueError(f"{path} is not an exported testbed image (expected <index>.png)")
+        raise InvalidFile(f"{path} is not an exported testbed image (expected <index>.png)")
     return int(stem)
 
 
@@ -76,7 +77,7 @@ def read_image_folder(root: str | os.PathLike, *, masks: bool = False) -> dict:
     root = Path(root)
     labels_file = root / "labels.csv"
     if not labels_file.is_file():
-        raise FileNotFoundError(f"{labels_file} not found: {root} is not a fastcbm testbed export")
+        raise MissingFile(f"{labels_file} not found: {root} is not a fastcbm testbed export")
     meta = json.loads((root / "concepts.json").read_text())
     with open(labels_file, newline="") as f:
         rows = list(csv.DictReader(f))

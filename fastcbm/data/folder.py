@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
+
 log = logging.getLogger("fastcbm.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
@@ -43,7 +45,7 @@ def list_images(data: str | os.PathLike | Sequence[str | os.PathLike],
         files = [p for p in root.rglob("*") if p.suffix.lower() in exts and p.is_file()]
         files.sort(key=lambda p: p.relative_to(root).as_posix())
         if not files:
-            raise ValueError(f"data: no image files ({', '.join(exts)}) under the directory {root}")
+            raise InvalidFile(f"data: no image files ({', '.join(exts)}) under the directory {root}")
         return [str(p) for p in files]
     if root.is_file():
         if root.suffix.lower() in tuple(e.lower() for e in extensions):
@@ -51,8 +53,8 @@ def list_images(data: str | os.PathLike | Sequence[str | os.PathLike],
         try:
             text = root.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise ValueError(f"data: {root} is neither an image nor a text file listing image paths (it is binary; "
-                             f"image extensions: {', '.join(extensions)})") from None
+            raise InvalidFile(f"data: {root} is neither an image nor a text file listing image paths (it is binary; "
+                              f"image extensions: {', '.join(extensions)})") from None
         out, first_line = [], None
         for line in text.splitlines():
             line = line.strip()
@@ -62,16 +64,16 @@ def list_images(data: str | os.PathLike | Sequence[str | os.PathLike],
             first_line = first_line or line
             out.append(str(p if p.is_absolute() else root.parent / p))
         if not out:
-            raise ValueError(f"data: the list file {root} names no images")
+            raise InvalidFile(f"data: the list file {root} names no images")
         # a list whose lines are not image paths (a CSV, a concept list, ...) would give a 0-image cache: refuse
         if not any(os.path.isfile(f) for f in out[:10_000]):
             hint = " (it looks like a CSV: give one path per line)" if "," in first_line or "\t" in first_line else ""
-            raise ValueError(f"data: none of the {len(out)} lines of the list file {root} names an existing file "
-                             f"(line 1: {first_line[:80]!r}){hint}")
+            raise InvalidFile(f"data: none of the {len(out)} lines of the list file {root} names an existing file "
+                              f"(line 1: {first_line[:80]!r}){hint}")
         return out
     if not root.exists():
-        raise FileNotFoundError(f"data: {root} does not exist (expected an image folder or a list file)")
-    raise FileNotFoundError(f"data: {root} is neither a directory nor a list file")
+        raise MissingFile(f"data: {root} does not exist (expected an image folder or a list file)")
+    raise MissingFile(f"data: {root} is neither a directory nor a list file")
 
 
 def _to_rgb(img):
@@ -149,7 +151,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
 
     def __init__(self, files: Sequence[str], size: int, *, draft: bool = False) -> None:
         if size < MIN_SIDE:
-            raise ValueError(f"size must be >= {MIN_SIDE}, got {size}")
+            raise InvalidArgument(f"size must be >= {MIN_SIDE}, got {size}")
         self.files, self.size, self.draft = list(files), int(size), draft
 
     def __len__(self) -> int:

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastcbm.errors import InvalidFile, MissingFile
+
 
 def _h5py():
     try:
@@ -35,21 +37,21 @@ class ImageNetSegmentation:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"--segmentation {self.path} does not exist (expected ImageNet-segmentation's "
-                                    "gtsegs_ijcv.mat)")
+            raise MissingFile(f"--segmentation {self.path} does not exist (expected ImageNet-segmentation's "
+                              "gtsegs_ijcv.mat)")
         h5py = _h5py()
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as exc:
-            raise ValueError(f"{self.path}: not an HDF5 / MATLAB v7.3 file ({exc})") from None
+            raise InvalidFile(f"{self.path}: not an HDF5 / MATLAB v7.3 file ({exc})") from None
         try:
             self._img = self._f["/value/img"]
             self._gt = self._f["/value/gt"]
         except KeyError:
             self._f.close()
-            raise ValueError(f"{self.path}: no /value/img and /value/gt datasets (not gtsegs_ijcv.mat)") from None
+            raise InvalidFile(f"{self.path}: no /value/img and /value/gt datasets (not gtsegs_ijcv.mat)") from None
         if len(self._img) != len(self._gt):
-            raise ValueError(f"{self.path}: {len(self._img)} images but {len(self._gt)} masks")
+            raise InvalidFile(f"{self.path}: {len(self._img)} images but {len(self._gt)} masks")
 
     def __len__(self) -> int:
         return len(self._img)
@@ -64,7 +66,7 @@ class ImageNetSegmentation:
         inner = self._f[self._gt[i, 0]]
         gt = np.asarray(self._f[inner[0, 0]]).T  # [H, W]
         if gt.shape != img.shape[1:]:
-            raise ValueError(f"{self.path}: image {i} is {img.shape[1:]} but its mask {gt.shape}")
+            raise InvalidFile(f"{self.path}: image {i} is {img.shape[1:]} but its mask {gt.shape}")
         return torch.from_numpy(img), torch.from_numpy(gt > 0)
 
     def batches(self, size: int, batch_size: int = 32, limit: int | None = None

@@ -21,6 +21,8 @@ from typing import Any, Self
 
 import torch
 
+from fastcbm.errors import InvalidFile, MissingFile
+
 HEADER_FIRST_CELLS = ("file", "path", "image", "filename")
 _DETAIL_ROWS = 200  # the report lists every row's match up to this many rows (counts always)
 
@@ -54,10 +56,10 @@ def _read_rows(path: Path) -> list[_Row]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"labels: {path} is not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+        raise InvalidFile(f"labels: {path} is not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     lines = text.splitlines()
     if not any(line.strip() for line in lines):
-        raise ValueError(f"labels: {path} is empty")
+        raise InvalidFile(f"labels: {path} is empty")
     first = next(line for line in lines if line.strip())
     reader = csv.reader(lines, dialect="excel-tab" if "\t" in first else "excel")
     rows: list[_Row] = []
@@ -73,7 +75,7 @@ def _read_rows(path: Path) -> list[_Row]:
                 column = header.index("class") if "class" in header else 1
                 continue
         if len(row) <= column or not row[0].strip() or not row[column].strip():
-            raise ValueError(f"labels: {path} line {line_no}: expected 'path,class', got {row!r}")
+            raise InvalidFile(f"labels: {path} line {line_no}: expected 'path,class', got {row!r}")
         rows.append(_Row(line_no, row[0].strip(), row[column].strip()))
     return rows
 
@@ -93,7 +95,7 @@ def match_csv_labels(path: str | os.PathLike, files: Sequence[str], class_names:
     docstring for what is matched and what is refused."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"labels: {path} not found" + (" (it is a directory)" if path.is_dir() else ""))
+        raise MissingFile(f"labels: {path} not found" + (" (it is a directory)" if path.is_dir() else ""))
     rows = _read_rows(path)
     base = path.parent
     by_path: dict[str, list[int]] = {}
@@ -140,11 +142,11 @@ def match_csv_labels(path: str | os.PathLike, files: Sequence[str], class_names:
             else:
                 duplicates += 1
     if conflicts:
-        raise ValueError(f"labels: {path} gives {len(conflicts)} image(s) two classes: {_examples(conflicts)}")
+        raise InvalidFile(f"labels: {path} gives {len(conflicts)} image(s) two classes: {_examples(conflicts)}")
     if ambiguous:
-        raise ValueError(f"labels: {path}: {len(ambiguous)} bare file name(s) match several images, so the label "
-                         f"would be a guess: {_examples(ambiguous)}; write those rows as paths relative to the CSV's "
-                         "folder or absolute")
+        raise InvalidFile(f"labels: {path}: {len(ambiguous)} bare file name(s) match several images, so the label "
+                          f"would be a guess: {_examples(ambiguous)}; write those rows as paths relative to the CSV's "
+                          "folder or absolute")
     unmatched_txt = ""
     if unmatched:
         roots = {str(Path(_norm(Path(r.path) if Path(r.path).is_absolute() else base / r.path)).parent)
@@ -158,10 +160,10 @@ def match_csv_labels(path: str | os.PathLike, files: Sequence[str], class_names:
                          "which holds none of the cached images: was the CSV written for another folder?)")
     missing = [f for i, f in enumerate(files) if i not in label_of]
     if missing:
-        raise ValueError(f"labels: {path} has no label for {missing[0]} ({len(missing)} of {len(files)} images "
-                         "unlabelled)" + (f"; {unmatched_txt}" if unmatched_txt else ""))
+        raise InvalidFile(f"labels: {path} has no label for {missing[0]} ({len(missing)} of {len(files)} images "
+                          "unlabelled)" + (f"; {unmatched_txt}" if unmatched_txt else ""))
     if unmatched:
-        raise ValueError(f"labels: {path}: {unmatched_txt}; remove those rows or fix their paths")
+        raise InvalidFile(f"labels: {path}: {unmatched_txt}; remove those rows or fix their paths")
 
     names: list[str] = [] if class_names is None else list(class_names)
     index = {c: i for i, c in enumerate(names)}
@@ -170,8 +172,8 @@ def match_csv_labels(path: str | os.PathLike, files: Sequence[str], class_names:
         cls = label_of[i].cls
         if cls not in index:
             if class_names is not None:
-                raise ValueError(f"labels: {path} line {label_of[i].line} gives {f} the class {cls!r}, which is not "
-                                 f"among the classes ({names[:5]}{'...' if len(names) > 5 else ''})")
+                raise InvalidFile(f"labels: {path} line {label_of[i].line} gives {f} the class {cls!r}, which is not "
+                                  f"among the classes ({names[:5]}{'...' if len(names) > 5 else ''})")
             index[cls] = len(names)
             names.append(cls)
         labels.append(index[cls])

@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from fastcbm.data.folder import ImageFileDataset, MIN_SIDE
+from fastcbm.errors import InvalidArgument
 
 log = logging.getLogger("fastcbm.data")
 
@@ -153,11 +154,11 @@ def resolve_loader(loader: str, device: torch.device | str) -> str:
     """``"dali"`` (needs nvidia.dali; GPU decoding on a CUDA device, DALI's CPU decoder otherwise) or ``"torch"``;
     ``"auto"``: DALI on a CUDA device when it is installed, else torch (on CPU, PIL in worker processes is as fast)."""
     if loader not in LOADERS:
-        raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
+        raise InvalidArgument(f"loader must be one of {LOADERS}, got {loader!r}")
     device = torch.device(device)
     if loader == "dali" and not dali_available():
-        raise ValueError("loader='dali' needs nvidia.dali installed (pip install nvidia-dali-cuda130); "
-                         f"device={device}")
+        raise InvalidArgument("loader='dali' needs nvidia.dali installed (pip install nvidia-dali-cuda130); "
+                              f"device={device}")
     if loader == "auto":
         return "dali" if device.type == "cuda" and dali_available() else "torch"
     return loader

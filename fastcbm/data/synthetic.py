@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastcbm.errors import InvalidArgument
+
 TESTBED_IMAGE_SIZE = 64
 TRAINING_SEED_LIMIT = 1_000_000  # training uses seeds below this; evaluation seeds start here
 MAX_OBJECTS = 3
@@ -226,12 +228,12 @@ def generate(n: int, seed: int, *, size: int = TESTBED_IMAGE_SIZE, num_objects: 
     form no class pair. Returns a :class:`SceneBatch`.
     """
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise InvalidArgument(f"n must be >= 0, got {n}")
     lo, hi = (num_objects, num_objects) if isinstance(num_objects, int) else tuple(num_objects)
     if not 1 <= lo <= hi <= MAX_OBJECTS:
-        raise ValueError(f"num_objects must be within 1..{MAX_OBJECTS}, got {num_objects!r}")
+        raise InvalidArgument(f"num_objects must be within 1..{MAX_OBJECTS}, got {num_objects!r}")
     if size < 32:
-        raise ValueError(f"size must be >= 32 (objects have radius up to {RADIUS_RANGE[1]}), got {size}")
+        raise InvalidArgument(f"size must be >= 32 (objects have radius up to {RADIUS_RANGE[1]}), got {size}")
     rng = np.random.default_rng(seed)
     class_set = set(_CLASS_PAIRS)
     distractors = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in class_set]
@@ -337,8 +339,8 @@ def draw_ring(images: torch.Tensor, centers, radius, width: float = 2.0,
     """
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() not in (3, 4) \
             or images.shape[-3] != 3:
-        raise ValueError(f"images must be a uint8 tensor [B, 3, S, S] or [3, S, S], got "
-                         f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
+        raise InvalidArgument(f"images must be a uint8 tensor [B, 3, S, S] or [3, S, S], got "
+                              f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
     single = images.dim() == 3
     imgs = images.unsqueeze(0) if single else images
     B, _, H, W = imgs.shape
@@ -346,12 +348,12 @@ def draw_ring(images: torch.Tensor, centers, radius, width: float = 2.0,
     if c.shape[0] == 1 and B > 1:
         c = c.expand(B, 2)
     if c.shape[0] != B:
-        raise ValueError(f"centers must be [{B}, 2] (one (x, y) per image), got {tuple(torch.as_tensor(centers).shape)}")
+        raise InvalidArgument(f"centers must be [{B}, 2] (one (x, y) per image), got {tuple(torch.as_tensor(centers).shape)}")
     r = torch.as_tensor(radius, dtype=torch.float32).reshape(-1)
     if r.numel() not in (1, B):
-        raise ValueError(f"radius must be a scalar or [{B}], got shape {tuple(r.shape)}")
+        raise InvalidArgument(f"radius must be a scalar or [{B}], got shape {tuple(r.shape)}")
     if width <= 0:
-        raise ValueError(f"width must be > 0, got {width}")
+        raise InvalidArgument(f"width must be > 0, got {width}")
     r = r.expand(B).view(B, 1, 1)
     xs = torch.arange(W, dtype=torch.float32).view(1, 1, W)
     ys = torch.arange(H, dtype=torch.float32).view(1, H, 1)

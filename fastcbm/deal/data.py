@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
+
 CAPTION_FORMS = ("code", "paper")
 
 
@@ -18,30 +20,30 @@ def load_concepts_json(path: str | os.PathLike, k: int = 5) -> dict[str, list[st
     class without descriptors, or a class with fewer than ``k``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"concepts: {path} does not exist (expected a JSON file {{class: [descriptors]}})")
+        raise MissingFile(f"concepts: {path} does not exist (expected a JSON file {{class: [descriptors]}})")
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"concepts: {path} is not valid JSON ({exc})") from None
+        raise InvalidFile(f"concepts: {path} is not valid JSON ({exc})") from None
     if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"concepts: {path} must hold a non-empty JSON object {{class: [descriptors]}}")
+        raise InvalidFile(f"concepts: {path} must hold a non-empty JSON object {{class: [descriptors]}}")
     return select_concepts(raw, k, source=str(path))
 
 
 def select_concepts(raw: dict, k: int = 5, *, source: str = "concepts") -> dict[str, list[str]]:
     """Validate ``{class: [descriptors]}`` and keep the first ``k`` descriptors of each class."""
     if k < 1:
-        raise ValueError(f"k must be >= 1 (descriptors per class), got {k}")
+        raise InvalidArgument(f"k must be >= 1 (descriptors per class), got {k}")
     out: dict[str, list[str]] = {}
     for name, descs in raw.items():
         if isinstance(descs, str) or not isinstance(descs, (list, tuple)):
-            raise ValueError(f"{source}: class {name!r} must map to a list of descriptor strings, got "
-                             f"{type(descs).__name__}")
+            raise InvalidFile(f"{source}: class {name!r} must map to a list of descriptor strings, got "
+                              f"{type(descs).__name__}")
         descs = [d.strip() for d in descs if isinstance(d, str) and d.strip()]
         if not descs:
-            raise ValueError(f"{source}: class {name!r} has no descriptors")
+            raise InvalidFile(f"{source}: class {name!r} has no descriptors")
         if len(descs) < k:
-            raise ValueError(f"{source}: class {name!r} has {len(descs)} descriptors, fewer than k={k}")
+            raise InvalidFile(f"{source}: class {name!r} has {len(descs)} descriptors, fewer than k={k}")
         out[str(name)] = descs[:k]
     return out
 
@@ -50,9 +52,9 @@ def captions(class_name: str, descriptors: list[str], form: str = "code") -> str
     """The concept-augmented caption of a class: ``form="code"`` (the released code)
     "{class}. It may contain c1, …, cK"; ``form="paper"`` "An image of {class} with c1, …, and cK"."""
     if form not in CAPTION_FORMS:
-        raise ValueError(f"caption form must be one of {CAPTION_FORMS}, got {form!r}")
+        raise InvalidArgument(f"caption form must be one of {CAPTION_FORMS}, got {form!r}")
     if not descriptors:
-        raise ValueError(f"class {class_name!r} has no descriptors")
+        raise InvalidArgument(f"class {class_name!r} has no descriptors")
     if form == "code":
         return f"{class_name}. It may contain {', '.join(descriptors)}"
     listed = descriptors[0] if len(descriptors) == 1 else ", ".join(descriptors[:-1]) + ", and " + descriptors[-1]
@@ -88,8 +90,8 @@ def match_classes(class_names: list[str], concepts: dict[str, list[str]]) -> dic
                 out[name] = concepts[key]
                 break
         else:
-            raise ValueError(f"concepts: class {name!r} has no descriptors (the JSON has e.g. "
-                             f"{sorted(concepts)[:3]})")
+            raise InvalidFile(f"concepts: class {name!r} has no descriptors (the JSON has e.g. "
+                              f"{sorted(concepts)[:3]})")
     return out
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from fastcbm.deal import metrics as M
+from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
 
 log = logging.getLogger("fastcbm.deal")
 
@@ -97,7 +98,7 @@ def _load_images(files: list[Path], preprocess) -> torch.Tensor:
             with Image.open(f) as img:
                 out.append(preprocess(img.convert("RGB")))
         except (OSError, ValueError) as exc:
-            raise ValueError(f"data: cannot read the image {f}: {exc}") from None
+            raise InvalidArgument(f"data: cannot read the image {f}: {exc}") from None
     return torch.stack(out)
 
 
@@ -107,26 +108,26 @@ def folder_set(root: str | os.PathLike, preprocess, size: int) -> EvalSet:
 
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"--data: {root} is not a directory (expected an ImageFolder, a mask folder or "
-                                "'testbed')")
+        raise MissingFile(f"--data: {root} is not a directory (expected an ImageFolder, a mask folder or "
+                          "'testbed')")
     mask_layout = (root / "images").is_dir() and (root / "masks").is_dir()
     img_root = root / "images" if mask_layout else root
     exts = tuple(IMAGE_EXTENSIONS)
     files = sorted((p for p in img_root.rglob("*") if p.is_file() and p.suffix.lower() in exts),
                    key=lambda p: p.relative_to(img_root).as_posix())
     if not files:
-        raise ValueError(f"--data: no images under {img_root}")
+        raise InvalidFile(f"--data: no images under {img_root}")
     flat = all(p.parent == img_root for p in files)
     if flat:
         labels_csv = root / "labels.csv"
         if not labels_csv.is_file():
-            raise FileNotFoundError(f"--data: the images sit directly in {img_root}; put them in class folders "
-                                    f"({img_root}/<class>/<image>) or list 'name,class' rows in {labels_csv}")
+            raise MissingFile(f"--data: the images sit directly in {img_root}; put them in class folders "
+                              f"({img_root}/<class>/<image>) or list 'name,class' rows in {labels_csv}")
         with open(labels_csv, newline="") as f:
             table = {r[0].strip(): r[1].strip() for r in csv.reader(f) if len(r) >= 2 and r[0].strip() != "name"}
         missing = [p.stem for p in files if p.stem not in table]
         if missing:
-            raise ValueError(f"--data: {labels_csv} has no class for {len(missing)} image(s), e.g. {missing[0]!r}")
+            raise InvalidFile(f"--data: {labels_csv} has no class for {len(missing)} image(s), e.g. {missing[0]!r}")
         cls_of = [table[p.stem] for p in files]
     else:
         cls_of = [p.relative_to(img_root).parts[0] for p in files]
@@ -145,7 +146,7 @@ def _read_masks(mask_root: Path, files: list[Path], size: int) -> list[dict[str,
 
     stems = [p.stem for p in files]
     if len(set(stems)) != len(stems):
-        raise ValueError(f"--data: image names must be unique for {mask_root}/<name>/ (duplicate stems)")
+        raise InvalidFile(f"--data: image names must be unique for {mask_root}/<name>/ (duplicate stems)")
     out = []
     for stem in stems:
         d = mask_root / stem
@@ -158,7 +159,7 @@ def _read_masks(mask_root: Path, files: list[Path], size: int) -> list[dict[str,
                 masks[_key(f.stem)] = torch.from_numpy(np.asarray(m) > 0)
         out.append(masks)
     if not any(out):
-        raise ValueError(f"--data: no masks found under {mask_root} (expected {mask_root}/<image name>/<concept>.png)")
+        raise InvalidFile(f"--data: no masks found under {mask_root} (expected {mask_root}/<image name>/<concept>.png)")
     return out
 
 
@@ -222,7 +223,7 @@ def evaluate(model, tokenizer, data: EvalSet, concepts: dict[str, list[str]], *,
 def _descriptors(data: EvalSet, concepts: dict[str, list[str]], k: int) -> dict[str, list[str]]:
     for c in data.class_names:
         if len(concepts.get(c, [])) < k:
-            raise ValueError(f"concepts: the class {c!r} has {len(concepts.get(c, []))} descriptors, {k} needed")
+            raise InvalidArgument(f"concepts: the class {c!r} has {len(concepts.get(c, []))} descriptors, {k} needed")
     return {c: list(concepts[c][:k]) for c in data.class_names}
 
 
@@ -242,7 +243,7 @@ def accuracy(model, tokenizer, data: EvalSet, concepts: dict[str, list[str]], *,
     """Only :func:`evaluate`'s accuracies (with concepts, eq. 6, and zero-shot): one image-tower pass per image and no
     explanations, so it affords the thousands of images that resolve differences of a point or less."""
     if len(data) == 0:
-        raise ValueError("data: no images to score")
+        raise InvalidArgument("data: no images to score")
     desc = _descriptors(data, concepts, k)
     model.eval()
     device = next(model.parameters()).device

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcbm.errors import InvalidArgument
+
 MODES = ("auto", "fast", "batched", "expand", "loop")
 RESNET_LAYERS = ("layer4", "layer3")  # the ResNet stage Grad-CAM explains (ViT towers: always the last block)
 
@@ -38,8 +40,8 @@ def tower_kind(model: nn.Module) -> str:
         return "resnet"
     if visual is not None and hasattr(visual, "transformer") and hasattr(visual, "_embeds"):
         return "vit"
-    raise ValueError(f"model: DEAL explanations need an open_clip CLIP with a ModifiedResNet or VisionTransformer "
-                     f"image tower, got {type(visual).__name__ if visual is not None else type(model).__name__}")
+    raise InvalidArgument(f"model: DEAL explanations need an open_clip CLIP with a ModifiedResNet or VisionTransformer "
+                          f"image tower, got {type(visual).__name__ if visual is not None else type(model).__name__}")
 
 
 # ---- towers split at the explained activation --------------------------------------------------------------------
@@ -52,10 +54,10 @@ def resnet_trunk(visual: nn.Module, images: torch.Tensor, layer: str = "layer4")
 
 def check_layer(kind: str, layer: str) -> None:
     if layer not in RESNET_LAYERS:
-        raise ValueError(f"explain layer must be one of {RESNET_LAYERS}, got {layer!r}")
+        raise InvalidArgument(f"explain layer must be one of {RESNET_LAYERS}, got {layer!r}")
     if kind == "vit" and layer != "layer4":
-        raise ValueError(f"explain layer {layer!r} applies to ResNet image towers only (a ViT tower is explained at "
-                         "its last block); use the default 'layer4'")
+        raise InvalidArgument(f"explain layer {layer!r} applies to ResNet image towers only (a ViT tower is explained at "
+                              "its last block); use the default 'layer4'")
 
 
 def vit_trunk(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -74,8 +76,8 @@ def last_block_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ``[B, N, W]``, recomputed from its weights (the module itself never returns them)."""
     attn = block.attn
     if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim or hasattr(block, "ln_1_kv"):
-        raise ValueError("model: the ViT's last block must be open_clip's ResidualAttentionBlock (packed "
-                         "nn.MultiheadAttention self-attention); custom attention blocks are not supported")
+        raise InvalidArgument("model: the ViT's last block must be open_clip's ResidualAttentionBlock (packed "
+                              "nn.MultiheadAttention self-attention); custom attention blocks are not supported")
     B, N, W = x.shape
     H = attn.num_heads
     h = block.ln_1(x)
@@ -167,7 +169,7 @@ def score_grads(act: torch.Tensor, head, text_emb: torch.Tensor, *, create_graph
     backward per text (reference). ``emb``: ``head(act)`` when the caller already has it (batched and loop modes
     reuse it)."""
     if mode not in ("batched", "expand", "loop"):
-        raise ValueError(f"score_grads mode must be batched, expand or loop, got {mode!r}")
+        raise InvalidArgument(f"score_grads mode must be batched, expand or loop, got {mode!r}")
     B, T = text_emb.shape[:2]
     if mode == "expand":
         rep = act.unsqueeze(1).expand(B, T, *act.shape[1:]).reshape(B * T, *act.shape[1:])
@@ -280,23 +282,23 @@ def explanations(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
     through layer4 and the pool, so it has no fast path: ``"auto"`` means ``"batched"``). ``h, w``: that stage's
     resolution (ResNet) or the patch grid (ViT)."""
     if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be [B, 3, S, S], got {tuple(images.shape)}")
+        raise InvalidArgument(f"images must be [B, 3, S, S], got {tuple(images.shape)}")
     if text_emb.dim() != 3 or text_emb.shape[0] != images.shape[0]:
-        raise ValueError(f"text_emb must be [B, K+1, D] with B = {images.shape[0]} (one row of texts per image), "
-                         f"got {tuple(text_emb.shape)}")
+        raise InvalidArgument(f"text_emb must be [B, K+1, D] with B = {images.shape[0]} (one row of texts per image), "
+                              f"got {tuple(text_emb.shape)}")
     kind = tower_kind(model)  # a clear error for anything but an open_clip CLIP
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise InvalidArgument(f"mode must be one of {MODES}, got {mode!r}")
     visual = model.visual
     check_layer(kind, layer)
     if mode == "fast" and layer != "layer4":
-        raise ValueError(f"mode='fast' (closed-form Grad-CAM weights) needs layer='layer4', got {layer!r}")
+        raise InvalidArgument(f"mode='fast' (closed-form Grad-CAM weights) needs layer='layer4', got {layer!r}")
     fast = mode == "fast" or (mode == "auto" and ((kind == "resnet" and layer == "layer4")
                                                   or (kind == "vit" and vit_fast_applicable(visual))))
     if mode == "auto" and not fast:
         mode = "batched"
     if fast and kind == "vit" and not vit_fast_applicable(visual):
-        raise ValueError("mode='fast' needs a ViT with CLS pooling (pool_type='tok', no attention pool)")
+        raise InvalidArgument("mode='fast' needs a ViT with CLS pooling (pool_type='tok', no attention pool)")
     keep = create_graph and not detach
     with torch.enable_grad():
         if not images.requires_grad and not any(p.requires_grad for p in visual.parameters()):
@@ -344,7 +346,7 @@ def _grid(visual: nn.Module, n: int) -> tuple[int, int]:
         return int(gs[0]), int(gs[1])
     side = round(math.sqrt(n))
     if side * side != n:
-        raise ValueError(f"model: cannot lay {n} patch tokens out as a grid")
+        raise InvalidArgument(f"model: cannot lay {n} patch tokens out as a grid")
     return side, side
 
 
@@ -356,11 +358,11 @@ def encode_texts(model: nn.Module, tokenizer, texts: Sequence[Sequence[str]], *,
     tokenizer would silently truncate it)."""
     rows = [list(r) for r in texts]
     if not rows:
-        raise ValueError("texts: empty")
+        raise InvalidArgument("texts: empty")
     T = len(rows[0])
     if any(len(r) != T for r in rows):
-        raise ValueError(f"texts: every image needs the same number of texts (K+1), got lengths "
-                         f"{sorted({len(r) for r in rows})}")
+        raise InvalidArgument(f"texts: every image needs the same number of texts (K+1), got lengths "
+                              f"{sorted({len(r) for r in rows})}")
     flat = [t for r in rows for t in r]
     uniq = list(dict.fromkeys(flat))
     tokens = tokenize_checked(tokenizer, uniq) if check_length else tokenizer(uniq)
@@ -388,7 +390,7 @@ def tokenize_checked(tokenizer, texts: Sequence[str]) -> torch.Tensor:
     lengths = (long != 0).sum(dim=-1)
     for i, text in enumerate(texts):
         if int(lengths[i]) > ctx:
-            raise ValueError(f"caption too long for the tokenizer's context: {int(lengths[i])} > {ctx} tokens: "
-                             f"{text[:120]!r}; use fewer or shorter descriptors (--k) or a model with a longer "
-                             "context")
+            raise InvalidArgument(f"caption too long for the tokenizer's context: {int(lengths[i])} > {ctx} tokens: "
+                                  f"{text[:120]!r}; use fewer or shorter descriptors (--k) or a model with a longer "
+                                  "context")
     return tokens

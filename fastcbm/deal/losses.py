@@ -13,14 +13,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastcbm.errors import InvalidArgument
+
 LOSS_FORMS = ("code", "paper")
 
 
 def _check(maps: torch.Tensor, form: str) -> None:
     if maps.dim() != 4 or maps.shape[1] < 2:
-        raise ValueError(f"maps must be [B, K+1, h, w] with K >= 1, got {tuple(maps.shape)}")
+        raise InvalidArgument(f"maps must be [B, K+1, h, w] with K >= 1, got {tuple(maps.shape)}")
     if form not in LOSS_FORMS:
-        raise ValueError(f"loss form must be one of {LOSS_FORMS}, got {form!r}")
+        raise InvalidArgument(f"loss form must be one of {LOSS_FORMS}, got {form!r}")
 
 
 def separation(maps: torch.Tensor, form: str = "code") -> torch.Tensor:
@@ -54,8 +56,8 @@ def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch
     """Symmetric InfoNCE (CLIP's loss) of matching rows: ``[B, D]`` × ``[B, D]`` (any norm), ``logit_scale`` the
     multiplier (already exponentiated)."""
     if image_emb.shape != text_emb.shape or image_emb.dim() != 2:
-        raise ValueError(f"image_emb and text_emb must both be [B, D], got {tuple(image_emb.shape)} and "
-                         f"{tuple(text_emb.shape)}")
+        raise InvalidArgument(f"image_emb and text_emb must both be [B, D], got {tuple(image_emb.shape)} and "
+                              f"{tuple(text_emb.shape)}")
     dtype = torch.promote_types(image_emb.dtype, torch.float32)
     logits = logit_scale * F.normalize(image_emb.to(dtype), dim=-1) @ F.normalize(text_emb.to(dtype), dim=-1).T
     target = torch.arange(logits.shape[0], device=logits.device)

@@ -32,6 +32,8 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
+from fastcbm.errors import InvalidArgument
+
 EPS = 1e-8  # the authors' min-max epsilon
 
 
@@ -49,7 +51,7 @@ def separation_per_image(concept_maps: torch.Tensor) -> torch.Tensor:
     Uses Σ_{i>j} a_i·a_j = ((Σ_i a_i)² − Σ_i a_i²) / 2 per pixel: O(K) instead of O(K²) products.
     """
     if concept_maps.dim() != 4:
-        raise ValueError(f"concept_maps must have shape [B, K, h, w], got {tuple(concept_maps.shape)}")
+        raise InvalidArgument(f"concept_maps must have shape [B, K, h, w], got {tuple(concept_maps.shape)}")
     g = normalize_maps(concept_maps.detach().to(torch.float64))
     total = g.sum(dim=1)
     return ((total * total - (g * g).sum(dim=1)) / 2).sum(dim=(-2, -1))
@@ -115,14 +117,14 @@ def insertion_scores(model, images: torch.Tensor, text_emb: torch.Tensor, maps: 
     (NaN where skipped), ``valid`` bool ``[B, K]`` (False where s_orig = s_blur), ``s_orig``/``s_blur`` ``[B, K]``.
     """
     if images.dim() != 4 or maps.dim() != 4 or text_emb.dim() != 3:
-        raise ValueError("insertion_scores wants images [B, 3, H, W], text_emb [B, K, D] and maps [B, K, h, w]; got "
-                         f"{tuple(images.shape)}, {tuple(text_emb.shape)}, {tuple(maps.shape)}")
+        raise InvalidArgument("insertion_scores wants images [B, 3, H, W], text_emb [B, K, D] and maps [B, K, h, w]; got "
+                              f"{tuple(images.shape)}, {tuple(text_emb.shape)}, {tuple(maps.shape)}")
     b, k = maps.shape[:2]
     if images.shape[0] != b or tuple(text_emb.shape[:2]) != (b, k):
-        raise ValueError(f"images {tuple(images.shape)}, text_emb {tuple(text_emb.shape)} and maps "
-                         f"{tuple(maps.shape)} must agree on B (and K)")
+        raise InvalidArgument(f"images {tuple(images.shape)}, text_emb {tuple(text_emb.shape)} and maps "
+                              f"{tuple(maps.shape)} must agree on B (and K)")
     if steps < 1 or curve_steps < 1:
-        raise ValueError(f"steps and curve_steps must be >= 1, got {steps}, {curve_steps}")
+        raise InvalidArgument(f"steps and curve_steps must be >= 1, got {steps}, {curve_steps}")
     h, w = images.shape[-2:]
     canvas = blur(images)
 
@@ -197,7 +199,7 @@ def descriptor_sentences(class_names: Sequence[str], concepts: dict[str, Sequenc
     out = []
     for c in class_names:
         if not concepts.get(c):
-            raise ValueError(f"concepts: the class {c!r} has no descriptors")
+            raise InvalidArgument(f"concepts: the class {c!r} has no descriptors")
         out.append([template.format(cls=c, descriptor=d) for d in concepts[c]])
     return out
 
@@ -211,7 +213,7 @@ def accuracy_with_concepts(image_emb: torch.Tensor, labels: torch.Tensor, descri
     different numbers of descriptors); class_emb ``[C, D]``. Embeddings need not be normalised.
     """
     if len(descriptor_emb) != class_emb.shape[0]:
-        raise ValueError(f"descriptor_emb has {len(descriptor_emb)} classes, class_emb {class_emb.shape[0]}")
+        raise InvalidArgument(f"descriptor_emb has {len(descriptor_emb)} classes, class_emb {class_emb.shape[0]}")
     img = F.normalize(image_emb.float(), dim=-1)
     scores = torch.stack([(img @ F.normalize(d.float(), dim=-1).T).mean(1) for d in descriptor_emb], dim=1)
     zero_shot = img @ F.normalize(class_emb.float(), dim=-1).T
@@ -240,9 +242,9 @@ class PartIoU:
         check_maps_masks(maps, masks, maps_name="maps")
         ids = torch.as_tensor(concept_ids, dtype=torch.long).cpu()
         if ids.shape != (maps.shape[0],):
-            raise ValueError(f"concept_ids must have shape [{maps.shape[0]}], got {tuple(ids.shape)}")
+            raise InvalidArgument(f"concept_ids must have shape [{maps.shape[0]}], got {tuple(ids.shape)}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.names)):
-            raise ValueError(f"concept_ids must be in [0, {len(self.names)}), got {ids.min()}..{ids.max()}")
+            raise InvalidArgument(f"concept_ids must be in [0, {len(self.names)}), got {ids.min()}..{ids.max()}")
         n, h, w = masks.shape
         r = normalised_heatmaps(maps, (h, w)).reshape(n, -1).to(torch.float64)
         pred = r > r.mean(1, keepdim=True)

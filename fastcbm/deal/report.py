@@ -1,7 +1,7 @@
 """Self-contained HTML page of ``fastcbm demo --method deal``: the metrics of each model side by side and one image's
 concept maps from each model (one row per model: the image, the category map, then the K concept maps).
 
-Built from :mod:`fastcbm.report`'s helpers (inline base64 PNGs, jet overlays, atomic write); no external files.
+Built from :mod:`fastcbm.salf.report`'s helpers (inline base64 PNGs, jet overlays, atomic write); no external files.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastcbm.report import (
+from fastcbm.salf.report import (
     _CSS,
     _atomic_write,
     _check_images,
@@ -27,6 +27,7 @@ from fastcbm.report import (
     _png_data_uri,
     _to_numpy,
 )
+from fastcbm.errors import InvalidArgument
 
 METRIC_ROWS = (
     ("disentanglability", "disentanglability σ(10·(0.2 − R̄sep/100)) ↑"),
@@ -63,7 +64,7 @@ def write_deal_report(path: str | os.PathLike, *, image: torch.Tensor | np.ndarr
     """
     img = _check_images(_to_numpy(image, "image")[None], "image")[0]
     if not maps:
-        raise ValueError("maps: no model's maps to show")
+        raise InvalidArgument("maps: no model's maps to show")
     scale = _display_scale(img.shape[-1])
     hwc = _hwc(img)
     header = "".join(f"<th>{_esc(t)}</th>" for t in ["image", *texts])
@@ -71,7 +72,7 @@ def write_deal_report(path: str | os.PathLike, *, image: torch.Tensor | np.ndarr
     for name, m in maps.items():
         a = _to_numpy(m, f"maps[{name!r}]").astype(np.float32)
         if a.ndim != 3 or a.shape[0] != len(texts):
-            raise ValueError(f"maps[{name!r}] must be [K+1, h, w] with K+1 = {len(texts)}, got {tuple(a.shape)}")
+            raise InvalidArgument(f"maps[{name!r}] must be [K+1, h, w] with K+1 = {len(texts)}, got {tuple(a.shape)}")
         cells = [f"<td>{_img_tag(_png_data_uri(hwc, scale), 'image')}</td>"]
         cells += [f"<td>{_img_tag(_png_data_uri(_overlay(hwc, a[j]), scale), f'{name}: {texts[j]}')}</td>"
                   for j in range(a.shape[0])]

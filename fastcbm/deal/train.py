@@ -28,6 +28,7 @@ from fastcbm.deal.data import (CAPTION_FORMS, captions, class_display_name, load
                                select_concepts)
 from fastcbm.deal.explain import MODES, RESNET_LAYERS, explanations, tokenize_checked
 from fastcbm.deal.losses import LOSS_FORMS, deal_loss
+from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
 
 log = logging.getLogger("fastcbm.deal")
 
@@ -79,25 +80,25 @@ class DealConfig:
 
     def validate(self) -> None:
         if self.caption_form not in CAPTION_FORMS:
-            raise ValueError(f"caption_form must be one of {CAPTION_FORMS}, got {self.caption_form!r}")
+            raise InvalidArgument(f"caption_form must be one of {CAPTION_FORMS}, got {self.caption_form!r}")
         if self.loss_form not in LOSS_FORMS:
-            raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {self.loss_form!r}")
+            raise InvalidArgument(f"loss_form must be one of {LOSS_FORMS}, got {self.loss_form!r}")
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise InvalidArgument(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.explain_layer not in RESNET_LAYERS:
-            raise ValueError(f"explain_layer must be one of {RESNET_LAYERS}, got {self.explain_layer!r}")
+            raise InvalidArgument(f"explain_layer must be one of {RESNET_LAYERS}, got {self.explain_layer!r}")
         if self.mode == "fast" and self.explain_layer != "layer4":
-            raise ValueError("mode 'fast' (closed-form Grad-CAM weights) needs explain_layer 'layer4'")
+            raise InvalidArgument("mode 'fast' (closed-form Grad-CAM weights) needs explain_layer 'layer4'")
         if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (InfoNCE needs negatives), got {self.batch_size}")
+            raise InvalidArgument(f"batch_size must be >= 2 (InfoNCE needs negatives), got {self.batch_size}")
         if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+            raise InvalidArgument(f"k must be >= 1, got {self.k}")
         if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise InvalidArgument(f"steps must be >= 1, got {self.steps}")
         if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+            raise InvalidArgument(f"epochs must be >= 1, got {self.epochs}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise InvalidArgument(f"lr must be > 0, got {self.lr}")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -130,14 +131,14 @@ class _Source:
         from fastcbm.data.folder import ImageFileDataset, list_images
 
         if not root.is_dir():
-            raise FileNotFoundError(f"data: {root} is not a directory (expected an ImageFolder root/<class>/<image>)")
+            raise MissingFile(f"data: {root} is not a directory (expected an ImageFolder root/<class>/<image>)")
         if (root / "images").is_dir() and (root / "labels.csv").is_file():
             root = root / "images"  # a `fastcbm testbed export` folder
         files = list_images(root)
         rel = [Path(f).relative_to(root).parts for f in files]
         if any(len(p) < 2 for p in rel):
-            raise ValueError(f"data: {root} has images outside class folders (expected an ImageFolder "
-                             "root/<class>/<image>)")
+            raise InvalidFile(f"data: {root} has images outside class folders (expected an ImageFolder "
+                              "root/<class>/<image>)")
         self.class_names = sorted({p[0] for p in rel})
         index = {c: i for i, c in enumerate(self.class_names)}
         self.labels = torch.tensor([index[p[0]] for p in rel])
@@ -153,10 +154,10 @@ class _Source:
         elif isinstance(data, (tuple, list)) and len(data) == 3:
             images, labels, names = data
         else:
-            raise ValueError("data must be an ImageFolder directory, a testbed SceneBatch or a tuple "
-                             "(uint8 images [N, 3, S, S], labels [N], class names)")
+            raise InvalidArgument("data must be an ImageFolder directory, a testbed SceneBatch or a tuple "
+                                  "(uint8 images [N, 3, S, S], labels [N], class names)")
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"data: images must be uint8 [N, 3, S, S], got {getattr(images, 'dtype', None)}")
+            raise InvalidArgument(f"data: images must be uint8 [N, 3, S, S], got {getattr(images, 'dtype', None)}")
         if images.shape[-1] != self.size or images.shape[-2] != self.size:
             images = F.interpolate(images.float(), size=(self.size, self.size), mode="bicubic",
                                    align_corners=False).round().clamp(0, 255).to(torch.uint8)
@@ -247,8 +248,8 @@ def _check_resume(meta: dict, model_name: str, pretrained, cfg: DealConfig, out:
         theirs.pop(k, None)
         mine.pop(k, None)
     if meta.get("base_model") != model_name or meta.get("pretrained") != pretrained or theirs != mine:
-        raise ValueError(f"out: {out} holds a checkpoint of a different run (model {meta.get('base_model')!r}, "
-                         f"settings differ); use another --out or --no-resume")
+        raise InvalidArgument(f"out: {out} holds a checkpoint of a different run (model {meta.get('base_model')!r}, "
+                              f"settings differ); use another --out or --no-resume")
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
@@ -288,7 +289,7 @@ def train_deal(data, concepts, model_name: str = "testbed", config: DealConfig |
     model.float().eval()  # eval mode as published; fp32 master weights
     source = _Source(data, _image_size(model))
     if len(source) < cfg.batch_size:
-        raise ValueError(f"data: {len(source)} images, fewer than one batch (batch_size={cfg.batch_size})")
+        raise InvalidArgument(f"data: {len(source)} images, fewer than one batch (batch_size={cfg.batch_size})")
     per_class = match_classes(source.class_names, concepts)
     display = [class_display_name(c, concepts) for c in source.class_names]
     cap_texts = [captions(d, per_class[c], cfg.caption_form) for c, d in zip(source.class_names, display)]
@@ -404,13 +405,13 @@ def load_deal_clip(path: str | os.PathLike, device: str = "cpu"):
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"model: {path} has no config.json (not a fastcbm deal train output folder)")
+        raise MissingFile(f"model: {path} has no config.json (not a fastcbm deal train output folder)")
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("format") != FORMAT:
-        raise ValueError(f"model: {cfg_path} is not a fastcbm DEAL config (format {cfg.get('format')!r})")
+        raise InvalidFile(f"model: {cfg_path} is not a fastcbm DEAL config (format {cfg.get('format')!r})")
     weights = path / cfg.get("weights", "weights.safetensors")
     if not weights.is_file():
-        raise FileNotFoundError(f"model: {weights} is missing (training did not finish?)")
+        raise MissingFile(f"model: {weights} is missing (training did not finish?)")
     # the base architecture; pretrained weights are not needed (all of them are replaced), so nothing is downloaded
     model, preprocess, tokenizer = load_clip(cfg["base_model"], None, device=device)
     model.load_state_dict(load_file(str(weights), device=str(device)))

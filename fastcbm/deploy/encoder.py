@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastcbm.errors import InvalidArgument
+
 log = logging.getLogger("fastcbm.deploy")
 
 ENGINES = ("torch", "onnxruntime", "tensorrt")
@@ -67,13 +69,13 @@ def engine_encoder(model: torch.nn.Module, preprocess: Any, engine: str, *, devi
     )
 
     if engine not in ENGINES or engine == "torch":
-        raise ValueError(f"engine must be 'onnxruntime' or 'tensorrt' here ('torch' needs no export), got {engine!r}")
+        raise InvalidArgument(f"engine must be 'onnxruntime' or 'tensorrt' here ('torch' needs no export), got {engine!r}")
     if engine == "tensorrt":  # before the export: say in one line why it cannot run here
         try:
             import_tensorrt()
             gpu_identity()
         except TensorRTUnavailableError as exc:
-            raise ValueError(f"engine 'tensorrt': {exc}") from None
+            raise InvalidArgument(f"engine 'tensorrt': {exc}") from None
     device = torch.device(device)
     precision = "fp16" if device.type == "cuda" and dtype != torch.float32 else "fp32"
     tmp = None

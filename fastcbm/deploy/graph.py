@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcbm.features import FeatureHooks, as_feature_map, resize_to_grid
+from fastcbm.models.features import FeatureHooks, as_feature_map, resize_to_grid
 from fastcbm.heads import pool_concept_maps
+from fastcbm.errors import InvalidArgument
 
 INPUT_DTYPES = ("uint8", "float32", "normalized")
 SALF_OUTPUTS = ("logits", "concepts", "concept_maps", "contributions")
@@ -27,7 +28,7 @@ class PixelNormalize(nn.Module):
     def __init__(self, input_dtype: str, mean, std, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         if input_dtype not in INPUT_DTYPES:
-            raise ValueError(f"input_dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
+            raise InvalidArgument(f"input_dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
         self.input_dtype = input_dtype
         self.compute_dtype = compute_dtype
         scale = 255.0 if input_dtype == "uint8" else 1.0
@@ -59,9 +60,9 @@ class ExplainedSALF(nn.Module):
         super().__init__()
         bad = [o for o in outputs if o not in SALF_OUTPUTS]
         if bad or not outputs:
-            raise ValueError(f"outputs must be a non-empty subset of {SALF_OUTPUTS}, got {outputs}")
+            raise InvalidArgument(f"outputs must be a non-empty subset of {SALF_OUTPUTS}, got {outputs}")
         if precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+            raise InvalidArgument(f"precision must be 'fp32' or 'fp16', got {precision!r}")
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
         self.outputs = tuple(outputs)
         self.normalize = PixelNormalize(input_dtype, mean, std, self.dtype)
@@ -106,12 +107,12 @@ class ClipImageTower(nn.Module):
     def __init__(self, clip_model, *, mean, std, input_dtype: str = "normalized", precision: str = "fp32"):
         super().__init__()
         if precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+            raise InvalidArgument(f"precision must be 'fp32' or 'fp16', got {precision!r}")
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
         self.normalize = PixelNormalize(input_dtype, mean, std, self.dtype)
         visual = getattr(clip_model, "visual", None)
         if visual is None:
-            raise ValueError(f"model: {type(clip_model).__name__} has no .visual image tower")
+            raise InvalidArgument(f"model: {type(clip_model).__name__} has no .visual image tower")
         self.visual = _half_copy(visual) if self.dtype != torch.float32 else visual
         self.outputs = ("embedding",)
 

@@ -26,6 +26,7 @@ from fastcbm.deploy.graph import (
     ClipImageTower,
     ExplainedSALF,
 )
+from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
 
 log = logging.getLogger("fastcbm.deploy")
 
@@ -37,17 +38,17 @@ DEFAULT_MAX_BATCH = 64
 
 def _check_common(input_dtype: str, precision: str, max_batch: int, opset: int, exporter: str = "auto") -> None:
     if exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+        raise InvalidArgument(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     if exporter == "dynamo" and opset < 18:
-        raise ValueError(f"the dynamo exporter needs opset >= 18, got {opset}")
+        raise InvalidArgument(f"the dynamo exporter needs opset >= 18, got {opset}")
     if input_dtype not in INPUT_DTYPES:
-        raise ValueError(f"input_dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
+        raise InvalidArgument(f"input_dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
     if precision not in ("fp32", "fp16"):
-        raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+        raise InvalidArgument(f"precision must be 'fp32' or 'fp16', got {precision!r}")
     if not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        raise InvalidArgument(f"max_batch must be an integer >= 1, got {max_batch!r}")
     if opset < 17:
-        raise ValueError(f"opset must be >= 17, got {opset}")
+        raise InvalidArgument(f"opset must be >= 17, got {opset}")
 
 
 def _backbone_spec(config) -> tuple[int, tuple, tuple]:
@@ -208,14 +209,14 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
+        raise MissingFile(f"{path} not found")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and friends: say what the file is not
-        raise ValueError(f"{path}: not an ONNX file ({type(exc).__name__})") from None
+        raise InvalidFile(f"{path}: not an ONNX file ({type(exc).__name__})") from None
     props = {p.key: p.value for p in proto.metadata_props}
     if META_KEY not in props:
-        raise ValueError(f"{path}: an ONNX file without fastcbm metadata (export it with fastcbm export)")
+        raise InvalidFile(f"{path}: an ONNX file without fastcbm metadata (export it with fastcbm export)")
     return json.loads(props[META_KEY])
 
 

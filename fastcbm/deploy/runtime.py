@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
+
 log = logging.getLogger("fastcbm.deploy")
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
@@ -29,18 +31,18 @@ def check_images(images: Any, meta: dict) -> None:
     size, max_batch = int(meta["input_size"]), int(meta.get("max_batch") or 0)
     shape = tuple(images.shape)
     if len(shape) != 4 or shape[1] != 3 or shape[2] != size or shape[3] != size:
-        raise ValueError(f"images must have shape [N, 3, {size}, {size}] (the exported input size), got {list(shape)}")
+        raise InvalidArgument(f"images must have shape [N, 3, {size}, {size}] (the exported input size), got {list(shape)}")
     want = "uint8" if inp["dtype"] == "uint8" else "float32"
     got = str(images.dtype).replace("torch.", "")
     if got != want:
         what = {"uint8": "uint8 pixels 0-255", "float32": "float32 pixels 0-1",
                 "normalized": "float32 normalised pixels"}[inp["dtype"]]
-        raise ValueError(f"images must be {what} (the graph's input dtype), got dtype {got}")
+        raise InvalidArgument(f"images must be {what} (the graph's input dtype), got dtype {got}")
     if shape[0] < 1:
-        raise ValueError("images: an empty batch")
+        raise InvalidArgument("images: an empty batch")
     if max_batch and shape[0] > max_batch:
-        raise ValueError(f"batch of {shape[0]} images is above the maximum of {max_batch} this graph was exported/built "
-                         "for: split the batch or export again with a larger --max-batch")
+        raise InvalidArgument(f"batch of {shape[0]} images is above the maximum of {max_batch} this graph was exported/built "
+                              "for: split the batch or export again with a larger --max-batch")
 
 
 class Runner:
@@ -276,10 +278,10 @@ def load(path: str | os.PathLike, backend: str = "auto", *, device: str | None =
     from fastcbm.deploy.tensorrt import MAGIC, TensorRTUnavailableError
 
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise InvalidArgument(f"backend must be one of {BACKENDS}, got {backend!r}")
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found")
+        raise MissingFile(f"{path} not found")
     gpu_index = int(str(device).split(":")[1]) if device and ":" in str(device) else 0
     trt_cache = Path(cache_dir) / "tensorrt" if cache_dir else None
     if _is_model_folder(path):
@@ -301,11 +303,11 @@ def load(path: str | os.PathLike, backend: str = "auto", *, device: str | None =
         is_engine = fh.read(len(MAGIC)) == MAGIC
     if is_engine:
         if backend not in ("auto", "tensorrt"):
-            raise ValueError(f"{path} is a TensorRT engine: only backend 'tensorrt' (or 'auto') runs it")
+            raise InvalidFile(f"{path} is a TensorRT engine: only backend 'tensorrt' (or 'auto') runs it")
         return TensorRTRunner(path, device=gpu_index, cuda_graphs=cuda_graphs, cache_dir=trt_cache)
     read_metadata(path)  # a clear error for a file that is not a fastcbm ONNX export
     if backend == "torch":
-        raise ValueError(f"{path}: backend 'torch' runs a saved SALF-CBM folder, not an ONNX file")
+        raise InvalidFile(f"{path}: backend 'torch' runs a saved SALF-CBM folder, not an ONNX file")
     if backend == "tensorrt":
         return TensorRTRunner(path, device=gpu_index, cuda_graphs=cuda_graphs, cache_dir=trt_cache)
     if backend == "auto" and (device is None or str(device).startswith("cuda")):

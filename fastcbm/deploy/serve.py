@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
+
 
 def prepare_images(images_u8: torch.Tensor, meta: dict) -> np.ndarray:
     """uint8 ``[N, 3, S, S]`` → the array the graph takes (uint8, float 0..1, or normalised float32)."""
@@ -32,7 +34,7 @@ def explanations_from_outputs(outputs: dict, meta: dict, image_size: int, top_k:
 
     missing = [n for n in ("logits", "concepts", "concept_maps", "contributions") if n not in outputs]
     if missing:
-        raise ValueError(f"the graph has no {missing} output(s): export it with every output to explain with it")
+        raise InvalidArgument(f"the graph has no {missing} output(s): export it with every output to explain with it")
     t = {n: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v.cpu()) for n, v in outputs.items()}
     logits, concepts, maps, contrib = t["logits"], t["concepts"], t["concept_maps"], t["contributions"]
     names, classes = meta.get("concepts") or [], meta.get("class_names") or []
@@ -61,11 +63,11 @@ def explain_image(engine: str | Path, image: str | Path, *, top_k: int = 5, back
     runner = load(engine, backend=backend, device=device)
     meta = runner.metadata
     if meta.get("kind") != "salf":
-        raise ValueError(f"--engine {engine}: a {meta.get('kind')!r} graph, not an exported SALF-CBM")
+        raise InvalidFile(f"--engine {engine}: a {meta.get('kind')!r} graph, not an exported SALF-CBM")
     try:
         img = decode_image(image, runner.input_size)
     except BadImageError as exc:
-        raise ValueError(f"image {image}: {exc}") from None
+        raise InvalidArgument(f"image {image}: {exc}") from None
     outs = runner(prepare_images(img[None], meta))
     (explanation,) = explanations_from_outputs(outs, meta, runner.input_size, top_k)
     return explanation, img, dict(meta, backend=runner.backend)
@@ -77,22 +79,22 @@ def run_explain_engine(args) -> int:
     import json
 
     if args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+        raise InvalidArgument(f"--top-k must be >= 1, got {args.top_k}")
     if Path(args.image).is_dir():
-        raise ValueError(f"--engine explains one image file; {args.image} is a folder (use --model DIR --out DIR)")
+        raise InvalidArgument(f"--engine explains one image file; {args.image} is a folder (use --model DIR --out DIR)")
     if not Path(args.image).is_file():
-        raise FileNotFoundError(f"image {args.image} not found")
+        raise MissingFile(f"image {args.image} not found")
     if getattr(args, "region", None):
-        raise ValueError("--region needs --model DIR (region scores use the model's concept statistics)")
+        raise InvalidArgument("--region needs --model DIR (region scores use the model's concept statistics)")
     if getattr(args, "method", "salf") != "salf":
-        raise ValueError(f"--engine serves SALF-CBM graphs, not --method {args.method}")
+        raise InvalidArgument(f"--engine serves SALF-CBM graphs, not --method {args.method}")
     from fastcbm.deploy.tensorrt import TensorRTUnavailableError
 
     try:
         explanation, image, meta = explain_image(args.engine, args.image, top_k=args.top_k,
                                                  backend=getattr(args, "backend", "auto") or "auto")
     except TensorRTUnavailableError as exc:  # an .engine file (or --backend tensorrt) where TensorRT cannot run
-        raise ValueError(f"--engine {args.engine}: {exc}") from None
+        raise InvalidArgument(f"--engine {args.engine}: {exc}") from None
     result = {
         "image": str(args.image),
         "engine": str(args.engine),
@@ -103,7 +105,7 @@ def run_explain_engine(args) -> int:
                          for n, c, a in explanation.top_concepts],
     }
     if getattr(args, "html", None):
-        from fastcbm.report import write_salf_report
+        from fastcbm.salf.report import write_salf_report
 
         write_salf_report(args.html, images=image[None], explanations=[explanation], rules={},
                           summary={"image": str(args.image), "engine": str(args.engine)},

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
+
 log = logging.getLogger("fastcbm.deploy.tensorrt")
 
 MAGIC = b"FASTCBM-TRT1\n"
@@ -81,10 +83,10 @@ class Profile:
 def profile_shapes(input_size: int, max_batch: int, opt_batch: int | None = None) -> Profile:
     """Batch 1..``max_batch`` at ``input_size``; kernels are tuned at ``opt_batch`` (default min(8, max_batch))."""
     if not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        raise InvalidArgument(f"max_batch must be an integer >= 1, got {max_batch!r}")
     opt = min(8, max_batch) if opt_batch is None else opt_batch
     if not 1 <= opt <= max_batch:
-        raise ValueError(f"opt_batch must be in [1, max_batch={max_batch}], got {opt}")
+        raise InvalidArgument(f"opt_batch must be in [1, max_batch={max_batch}], got {opt}")
     shape = (3, int(input_size), int(input_size))
     return Profile((1, *shape), (opt, *shape), (max_batch, *shape))
 
@@ -135,16 +137,16 @@ def read_engine_header(path: str | os.PathLike) -> dict:
     """The JSON header of an engine container (no TensorRT needed)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
+        raise MissingFile(f"{path} not found")
     with open(path, "rb") as fh:
         if fh.read(len(MAGIC)) != MAGIC:
-            raise ValueError(f"{path}: not a fastcbm TensorRT engine (export one with "
-                             "'fastcbm export MODEL_DIR --format tensorrt --out FILE')")
+            raise InvalidFile(f"{path}: not a fastcbm TensorRT engine (export one with "
+                              "'fastcbm export MODEL_DIR --format tensorrt --out FILE')")
         (n,) = struct.unpack("<I", fh.read(4))
         try:
             return json.loads(fh.read(n))
         except json.JSONDecodeError:
-            raise ValueError(f"{path}: corrupt engine header") from None
+            raise InvalidFile(f"{path}: corrupt engine header") from None
 
 
 def read_engine_bytes(path: str | os.PathLike) -> bytes:
@@ -190,8 +192,8 @@ def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike | None = N
     version = trt_version(trt)
     max_batch = int(max_batch or meta.get("max_batch") or 1)
     if max_batch > int(meta.get("max_batch") or max_batch):
-        raise ValueError(f"max_batch {max_batch} is above the ONNX export's {meta['max_batch']}: export again with "
-                         "a larger --max-batch")
+        raise InvalidArgument(f"max_batch {max_batch} is above the ONNX export's {meta['max_batch']}: export again with "
+                              "a larger --max-batch")
     profile = profile_shapes(int(meta["input_size"]), max_batch, opt_batch)
     sha = file_sha256(onnx_path)
     key = engine_cache_key(sha, gpu, version + ("+tf32" if tf32 else ""), profile)
@@ -267,7 +269,7 @@ def load_engine_file(path: str | os.PathLike, *, device: int = 0, rebuild: bool 
         rebuilt = build_engine(src, path, max_batch=header.get("max_batch"), opt_batch=header["profile"]["opt"][0],
                                cache_dir=cache_dir, device=device)
         return read_engine_header(rebuilt), read_engine_bytes(rebuilt)
-    raise ValueError(f"{path}: {why}; rebuild it here with 'fastcbm export MODEL_DIR --format tensorrt --out {path}'")
+    raise InvalidFile(f"{path}: {why}; rebuild it here with 'fastcbm export MODEL_DIR --format tensorrt --out {path}'")
 
 
 # -- running (GPU) ------------------------------------------------------------------------------------------------
@@ -286,8 +288,8 @@ class TensorRTSession:
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(engine)
         if self.engine is None:
-            raise ValueError("TensorRT could not deserialize the engine (built for another GPU or version?): "
-                             "rebuild it with 'fastcbm export MODEL_DIR --format tensorrt'")
+            raise InvalidArgument("TensorRT could not deserialize the engine (built for another GPU or version?): "
+                                  "rebuild it with 'fastcbm export MODEL_DIR --format tensorrt'")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = trt.TensorIOMode.INPUT

@@ -15,7 +15,7 @@ def random_salf(backbone_name: str, m: int, k: int, *, grid: tuple[int, int] = (
                 head_density: float = 0.05):
     """``(SALFCBM, Backbone)``: random bottleneck ``[M, C]`` and a sparse random head ``[K, M]`` (``head_density``
     non-zeros, like a trained sparse head) on ``load_backbone(backbone_name)`` with random init."""
-    from fastcbm.features import extract_feature_maps
+    from fastcbm.models.features import extract_feature_maps
     from fastcbm.heads import LinearHead
     from fastcbm.models import load_backbone
     from fastcbm.salf.model import SALFCBM, SALFConfig

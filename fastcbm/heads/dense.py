@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastcbm.heads.sparse import PathEntry, _accuracy, check_problem, check_validation, elastic_net_objective
+from fastcbm.errors import InvalidArgument
 
 
 def fit_dense_head(
@@ -36,11 +37,11 @@ def fit_dense_head(
     """
     n, m = check_problem(X, y, num_classes)
     if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        raise InvalidArgument(f"weight_decay must be >= 0, got {weight_decay!r}")
     if optimizer not in ("lbfgs", "adam"):
-        raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
+        raise InvalidArgument(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
     if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+        raise InvalidArgument(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
     dev = torch.device(device) if device is not None else X.device
     dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
     X, y = X.to(dev, dtype), y.to(dev, torch.long)

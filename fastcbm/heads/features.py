@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastcbm.errors import InvalidArgument
+
 POOL_MODES = ("mean", "softmax")
 
 
@@ -20,18 +22,18 @@ def pool_concept_maps(maps: torch.Tensor, mode: str = "mean", temperature: float
     (half inputs are pooled in float32 and cast back, so the softmax does not lose precision).
     """
     if not isinstance(maps, torch.Tensor):
-        raise ValueError(f"maps must be a torch.Tensor, got {type(maps).__name__}")
+        raise InvalidArgument(f"maps must be a torch.Tensor, got {type(maps).__name__}")
     if maps.dim() not in (3, 4):
-        raise ValueError(f"maps must have shape [N, M, h, w] or [N, M, L], got shape {tuple(maps.shape)}")
+        raise InvalidArgument(f"maps must have shape [N, M, h, w] or [N, M, L], got shape {tuple(maps.shape)}")
     if not maps.is_floating_point():
-        raise ValueError(f"maps must be a floating-point tensor, got dtype {maps.dtype}")
+        raise InvalidArgument(f"maps must be a floating-point tensor, got dtype {maps.dtype}")
     if mode not in POOL_MODES:
-        raise ValueError(f"mode must be one of {POOL_MODES}, got {mode!r}")
+        raise InvalidArgument(f"mode must be one of {POOL_MODES}, got {mode!r}")
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        raise InvalidArgument(f"temperature must be > 0, got {temperature!r}")
     cells = maps.flatten(2)  # [N, M, L]
     if cells.shape[-1] == 0:
-        raise ValueError(f"maps has no spatial cells (shape {tuple(maps.shape)})")
+        raise InvalidArgument(f"maps has no spatial cells (shape {tuple(maps.shape)})")
     if mode == "mean":
         return cells.mean(dim=-1)
     work = cells.float() if cells.dtype in (torch.float16, torch.bfloat16) else cells
@@ -49,9 +51,9 @@ class Standardizer(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__()
         if num_features < 1:
-            raise ValueError(f"num_features must be >= 1, got {num_features}")
+            raise InvalidArgument(f"num_features must be >= 1, got {num_features}")
         if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+            raise InvalidArgument(f"eps must be > 0, got {eps!r}")
         self.eps = float(eps)
         self.register_buffer("mean", torch.zeros(num_features))
         self.register_buffer("std", torch.ones(num_features))
@@ -66,7 +68,7 @@ class Standardizer(nn.Module):
         """Fit on training features ``[N, M]`` (population std, accumulated in float64 over row chunks)."""
         _check_features(features, "features")
         if features.shape[0] < 1:
-            raise ValueError("features must have at least one row")
+            raise InvalidArgument("features must have at least one row")
         n, m = features.shape
         total = torch.zeros(m, dtype=torch.float64, device=features.device)
         for start in range(0, n, chunk_size):
@@ -87,7 +89,7 @@ class Standardizer(nn.Module):
         """Standardise ``[N, M]`` features (any leading shape with M last); returns the input's dtype."""
         if not isinstance(features, torch.Tensor) or features.shape[-1:] != self.mean.shape:
             got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
-            raise ValueError(f"features must have last dimension {self.num_features}, got {got}")
+            raise InvalidArgument(f"features must have last dimension {self.num_features}, got {got}")
         mean = self.mean.to(features.device, features.dtype)
         std = self.std.to(features.device, features.dtype)
         return (features - mean) / std
@@ -102,7 +104,7 @@ class Standardizer(nn.Module):
     def from_state_dict(cls, state: dict[str, torch.Tensor], eps: float = 1e-5) -> "Standardizer":
         """Rebuild from ``state_dict()`` (shapes are taken from the saved buffers)."""
         if "mean" not in state or "std" not in state:
-            raise ValueError(f"state must contain 'mean' and 'std', got keys {sorted(state)}")
+            raise InvalidArgument(f"state must contain 'mean' and 'std', got keys {sorted(state)}")
         out = cls(state["mean"].shape[0], eps=eps)
         out.load_state_dict(state)
         return out
@@ -113,8 +115,8 @@ class Standardizer(nn.Module):
 
 def _check_features(x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise InvalidArgument(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
-        raise ValueError(f"{name} must have shape [N, M], got shape {tuple(x.shape)}")
+        raise InvalidArgument(f"{name} must have shape [N, M], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
+        raise InvalidArgument(f"{name} must be floating point, got dtype {x.dtype}")

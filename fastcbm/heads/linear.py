@@ -7,6 +7,7 @@ from torch import nn
 
 from fastcbm.heads.features import Standardizer, _check_features
 from fastcbm.heads.sparse import PathEntry, PathResult, fit_elastic_net_path, select
+from fastcbm.errors import InvalidArgument
 
 
 class LinearHead(nn.Module):
@@ -19,9 +20,9 @@ class LinearHead(nn.Module):
     def __init__(self, num_features: int, num_classes: int, standardizer: Standardizer | None = None):
         super().__init__()
         if num_features < 1 or num_classes < 1:
-            raise ValueError(f"num_features and num_classes must be >= 1, got {num_features}, {num_classes}")
+            raise InvalidArgument(f"num_features and num_classes must be >= 1, got {num_features}, {num_classes}")
         if standardizer is not None and standardizer.num_features != num_features:
-            raise ValueError(f"standardizer has {standardizer.num_features} features, the head {num_features}")
+            raise InvalidArgument(f"standardizer has {standardizer.num_features} features, the head {num_features}")
         self.weight = nn.Parameter(torch.zeros(num_classes, num_features))
         self.bias = nn.Parameter(torch.zeros(num_classes))
         # Identity statistics (mean 0, std 1) when the features are already standardised.
@@ -49,7 +50,7 @@ class LinearHead(nn.Module):
         """Rebuild from ``state_dict()`` (shapes are read from the saved tensors)."""
         missing = {"weight", "bias", "standardizer.mean", "standardizer.std"} - set(state)
         if missing:
-            raise ValueError(f"state is missing {sorted(missing)}")
+            raise InvalidArgument(f"state is missing {sorted(missing)}")
         c, m = state["weight"].shape
         head = cls(m, c)
         head.load_state_dict(state)
@@ -61,7 +62,7 @@ class LinearHead(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled ``[N, M]`` → logits ``[N, C]``."""
         if pooled.dim() != 2 or pooled.shape[1] != self.num_features:
-            raise ValueError(f"pooled must have shape [N, {self.num_features}], got {tuple(pooled.shape)}")
+            raise InvalidArgument(f"pooled must have shape [N, {self.num_features}], got {tuple(pooled.shape)}")
         return self.standardize(pooled) @ self.weight.T + self.bias
 
     def contributions(self, pooled: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -70,9 +71,9 @@ class LinearHead(nn.Module):
         They sum (over M) to the logit minus its bias.
         """
         if pooled.dim() != 2 or pooled.shape[1] != self.num_features:
-            raise ValueError(f"pooled must have shape [N, {self.num_features}], got {tuple(pooled.shape)}")
+            raise InvalidArgument(f"pooled must have shape [N, {self.num_features}], got {tuple(pooled.shape)}")
         if classes.shape != pooled.shape[:1]:
-            raise ValueError(f"classes must have shape [{pooled.shape[0]}], got {tuple(classes.shape)}")
+            raise InvalidArgument(f"classes must have shape [{pooled.shape[0]}], got {tuple(classes.shape)}")
         return self.standardize(pooled) * self.weight[classes.long()]
 
     def nnz_per_class(self) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastcbm.heads.features import _check_features
+from fastcbm.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +153,10 @@ def check_problem(X: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[i
     _check_features(X, "X")
     n, m = X.shape
     if not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        raise InvalidArgument(f"num_classes must be an int >= 2, got {num_classes!r}")
     _check_labels(y, n, num_classes, "y")
     if n < 1:
-        raise ValueError("X must have at least one row")
+        raise InvalidArgument("X must have at least one row")
     return n, m
 
 
@@ -165,7 +166,7 @@ def check_validation(val: tuple[torch.Tensor, torch.Tensor], m: int, num_classes
     Xv, yv = val
     _check_features(Xv, "val[0]")
     if Xv.shape[1] != m:
-        raise ValueError(f"val features must have {m} columns like X, got shape {tuple(Xv.shape)}")
+        raise InvalidArgument(f"val features must have {m} columns like X, got shape {tuple(Xv.shape)}")
     _check_labels(yv, Xv.shape[0], num_classes, "val[1]")
     return Xv.to(device, dtype), yv.to(device, torch.long)
 
@@ -173,11 +174,11 @@ def check_validation(val: tuple[torch.Tensor, torch.Tensor], m: int, num_classes
 def _check_labels(y, n, num_classes, name):
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != n:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"{name} must be a 1-D tensor of {n} labels, got {got}")
+        raise InvalidArgument(f"{name} must be a 1-D tensor of {n} labels, got {got}")
     if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
-        raise ValueError(f"{name} must hold integer class indices, got dtype {y.dtype}")
+        raise InvalidArgument(f"{name} must hold integer class indices, got dtype {y.dtype}")
     if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"{name} must lie in [0, {num_classes}), got range [{int(y.min())}, {int(y.max())}]")
+        raise InvalidArgument(f"{name} must lie in [0, {num_classes}), got range [{int(y.min())}, {int(y.max())}]")
 
 
 def _saga(X, y, W, b, lam, alpha, step, max_epochs, tol, B, gen, rows, chunk):
@@ -327,17 +328,17 @@ def fit_elastic_net_path(
                                         val=val, seed=seed, stop_nnz_per_class=stop_nnz_per_class, solver=solver,
                                         progress=progress)
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
+        raise InvalidArgument(f"alpha must lie in [0, 1], got {alpha!r}")
     if solver not in ("auto", "fista", "saga"):
-        raise ValueError(f"solver must be 'auto', 'fista' or 'saga', got {solver!r}")
+        raise InvalidArgument(f"solver must be 'auto', 'fista' or 'saga', got {solver!r}")
     if solver == "auto":
         solver = "fista" if n * m <= 50_000_000 else "saga"
     if max_epochs is None:
         max_epochs = 2000 if solver == "fista" else 100
     if max_epochs < 1 or batch_size < 1 or not tol > 0:
-        raise ValueError(f"max_epochs and batch_size must be >= 1 and tol > 0, got {max_epochs}, {batch_size}, {tol}")
+        raise InvalidArgument(f"max_epochs and batch_size must be >= 1 and tol > 0, got {max_epochs}, {batch_size}, {tol}")
     if lr is not None and not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+        raise InvalidArgument(f"lr must be > 0, got {lr!r}")
     dev = torch.device(device) if device is not None else X.device
     dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
     X = X.to(dev, dtype).contiguous()
@@ -347,14 +348,14 @@ def fit_elastic_net_path(
     lam_max = lambda_max(X, y, num_classes, alpha)
     if lambdas is None:
         if n_lambdas < 1 or not 0 < epsilon <= 1:
-            raise ValueError(f"n_lambdas must be >= 1 and epsilon in (0, 1], got {n_lambdas}, {epsilon}")
+            raise InvalidArgument(f"n_lambdas must be >= 1 and epsilon in (0, 1], got {n_lambdas}, {epsilon}")
         # Start a hair above λ_max so rounding in the table average cannot leak a non-zero into the first entry.
         top = max(lam_max, 1e-12) * (1 + 1e-5)
         lam_list = torch.logspace(math.log10(top), math.log10(top * epsilon), n_lambdas, dtype=torch.float64).tolist()
     else:
         lam_list = [float(v) for v in (lambdas.tolist() if isinstance(lambdas, torch.Tensor) else lambdas)]
         if not lam_list or any(not v >= 0 for v in lam_list):
-            raise ValueError(f"lambdas must be a non-empty list of values >= 0, got {lam_list}")
+            raise InvalidArgument(f"lambdas must be a non-empty list of values >= 0, got {lam_list}")
 
     B = min(batch_size, n)
     L, L_max = _lipschitz(X, seed=seed)
@@ -414,15 +415,15 @@ def select(path: PathResult, criterion: str = "val_acc", max_nnz_per_class: floa
     one using the budget best; needs ``max_nnz_per_class``), ties going to the higher accuracy.
     """
     if criterion not in ("val_acc", "sparsity"):
-        raise ValueError(f"criterion must be 'val_acc' or 'sparsity', got {criterion!r}")
+        raise InvalidArgument(f"criterion must be 'val_acc' or 'sparsity', got {criterion!r}")
     if not path.entries:
-        raise ValueError("path has no entries")
+        raise InvalidArgument("path has no entries")
     if criterion == "sparsity" and max_nnz_per_class is None:
-        raise ValueError("criterion='sparsity' needs max_nnz_per_class (the non-zeros-per-class budget)")
+        raise InvalidArgument("criterion='sparsity' needs max_nnz_per_class (the non-zeros-per-class budget)")
     feasible = [e for e in path.entries if max_nnz_per_class is None or e.mean_nnz_per_class <= max_nnz_per_class]
     if not feasible:
         least = min(e.mean_nnz_per_class for e in path.entries)
-        raise ValueError(f"no λ on the path has <= {max_nnz_per_class} non-zeros per class (sparsest: {least:.1f})")
+        raise InvalidArgument(f"no λ on the path has <= {max_nnz_per_class} non-zeros per class (sparsest: {least:.1f})")
     has_val = all(e.val_acc is not None for e in feasible)
     if criterion == "val_acc" and not has_val:
         log.warning("select: the path has no validation accuracy; selecting by training accuracy")

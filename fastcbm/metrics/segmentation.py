@@ -14,6 +14,7 @@ import torch
 
 from fastcbm.errors import InvalidArgument
 from fastcbm.metrics._common import check_finite, check_maps_masks, resize_maps
+from fastcbm.errors import InvalidArgument
 
 _CHUNK_ELEMENTS = 1 << 21
 

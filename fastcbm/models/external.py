@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastcbm.models import IMAGENET_MEAN, IMAGENET_STD, Backbone
+from fastcbm.errors import InvalidArgument
 
 _DOWNLOAD_ERRORS = (OSError, RuntimeError, ConnectionError, ValueError)
 
@@ -24,8 +25,8 @@ def load_open_clip(name: str, pretrained: str | None):
 
     open_clip = import_open_clip()
     if name not in open_clip.list_models():
-        raise ValueError(f"unknown CLIP model {name!r}; open_clip knows e.g. {open_clip.list_models()[:8]} "
-                         "and fastcbm bundles 'testbed'")
+        raise InvalidArgument(f"unknown CLIP model {name!r}; open_clip knows e.g. {open_clip.list_models()[:8]} "
+                              "and fastcbm bundles 'testbed'")
     from fastcbm.compat import quiet_downloads
 
     try:
@@ -103,6 +104,6 @@ def load_external_backbone(name: str, pretrained) -> Backbone:
     timm = import_timm()
 
     if not timm.list_models(name):
-        raise ValueError(f"unknown backbone {name!r}: not bundled ('testbed', 'testbed-vit'), not a torchvision "
-                         "model and not a timm model")
+        raise InvalidArgument(f"unknown backbone {name!r}: not bundled ('testbed', 'testbed-vit'), not a torchvision "
+                              "model and not a timm model")
     return _timm_backbone(name, pretrained)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcbm.data import synthetic as S
+from fastcbm.errors import MissingFile
 
 IMAGE_SIZE = S.TESTBED_IMAGE_SIZE
 MEAN = (0.5, 0.5, 0.5)
@@ -155,8 +156,8 @@ def load_weights(model: nn.Module, kind: str, path: str | Path | None = None) ->
 
     path = Path(path) if path is not None else weights_path(kind)
     if not path.is_file():
-        raise FileNotFoundError(f"bundled testbed weights {path} are missing; rebuild them with "
-                                f"`fastcbm testbed train-{kind}` or reinstall fastcbm")
+        raise MissingFile(f"bundled testbed weights {path} are missing; rebuild them with "
+                          f"`fastcbm testbed train-{kind}` or reinstall fastcbm")
     state = {k: v.float() for k, v in load_file(str(path)).items()}
     model.load_state_dict(state)
     return model.eval()

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from fastcbm.errors import InvalidArgument
+
 log = logging.getLogger("fastcbm.salf")
 
 
@@ -33,9 +35,9 @@ class ConceptBottleneck(nn.Module):
 
     def forward(self, feature_maps: torch.Tensor) -> torch.Tensor:
         if feature_maps.dim() != 4 or feature_maps.shape[1] != self.weight.shape[1]:
-            raise ValueError(
-                f"feature_maps must be [N, {self.weight.shape[1]}, Gy, Gx], got shape {tuple(feature_maps.shape)}"
-            )
+            raise InvalidArgument(
+                     f"feature_maps must be [N, {self.weight.shape[1]}, Gy, Gx], got shape {tuple(feature_maps.shape)}"
+                 )
         return torch.einsum("mc,nchw->nmhw", self.weight.to(feature_maps.dtype), feature_maps)
 
 
@@ -149,16 +151,16 @@ def train_bottleneck_on(
 
     config = config or BottleneckConfig()
     if config.batch_size < 2 or config.max_steps < 1 or config.eval_every < 1 or config.val_samples < 2:
-        raise ValueError("config: batch_size and val_samples must be >= 2, max_steps and eval_every >= 1, got "
-                         f"{config.batch_size}, {config.val_samples}, {config.max_steps}, {config.eval_every}")
+        raise InvalidArgument("config: batch_size and val_samples must be >= 2, max_steps and eval_every >= 1, got "
+                              f"{config.batch_size}, {config.val_samples}, {config.max_steps}, {config.eval_every}")
     for what, data in (("training", train), ("validation", val)):
         if len(data) < 2:
-            raise ValueError(f"{what}: need at least 2 samples (the loss centres over the batch), got {len(data)}")
+            raise InvalidArgument(f"{what}: need at least 2 samples (the loss centres over the batch), got {len(data)}")
         if text_emb.dim() != 2 or text_emb.shape[1] != data.dim:
-            raise ValueError(f"text_emb must be [M, D={data.dim}], got shape {tuple(text_emb.shape)}")
+            raise InvalidArgument(f"text_emb must be [M, D={data.dim}], got shape {tuple(text_emb.shape)}")
     if val.channels != train.channels or val.cells != train.cells:
-        raise ValueError(f"validation rows are [C={val.channels}, L={val.cells}], training [C={train.channels}, "
-                         f"L={train.cells}]")
+        raise InvalidArgument(f"validation rows are [C={val.channels}, L={val.cells}], training [C={train.channels}, "
+                              f"L={train.cells}]")
     device = torch.device(device)
     n = len(train)
     batch = min(config.batch_size, n)
@@ -180,7 +182,7 @@ def train_bottleneck_on(
 
         rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
         if batch < world:
-            raise ValueError(f"config.batch_size {batch} is smaller than the {world} processes")
+            raise InvalidArgument(f"config.batch_size {batch} is smaller than the {world} processes")
 
     def step_rows():
         for _ in range(config.max_steps):  # the same generator everywhere: every process draws the same batch

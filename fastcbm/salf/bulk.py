@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastcbm.salf.model import SALFCBM
+from fastcbm.errors import InvalidArgument
 
 
 @torch.no_grad()
@@ -34,7 +35,7 @@ def explain_folder(model: SALFCBM, backbone, data: str | os.PathLike, out: str |
                    progress: bool = True) -> dict:
     """Explain every image of ``data`` (a folder, recursive, or a list file) into ``out``; returns a summary."""
     from fastcbm.data.folder import BadImageError, decode_image, list_images
-    from fastcbm.report import write_salf_report
+    from fastcbm.salf.report import write_salf_report
     from fastcbm.salf import explain as ex
 
     files = list_images(data)
@@ -47,7 +48,7 @@ def explain_folder(model: SALFCBM, backbone, data: str | os.PathLike, out: str |
         except BadImageError as exc:
             skipped.append(f"{f}: {exc}")
     if not good:
-        raise ValueError(f"{data}: no readable image")
+        raise InvalidArgument(f"{data}: no readable image")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n, m, (gy, gx) = len(good), len(model.config.concepts), model.config.grid

@@ -18,6 +18,8 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
+from fastcbm.errors import InvalidArgument
+
 
 class SALFData(Protocol):
     """Rows of one split; ``rows`` are int64 indices ``[b]`` into ``0..len-1``."""
@@ -48,14 +50,14 @@ class TensorData:
     def __init__(self, features: torch.Tensor, prompt_emb: torch.Tensor, labels: torch.Tensor | None = None,
                  name: str = "data") -> None:
         if features.dim() != 3:
-            raise ValueError(f"{name} features must be [N, C, L], got shape {tuple(features.shape)}")
+            raise InvalidArgument(f"{name} features must be [N, C, L], got shape {tuple(features.shape)}")
         n, _, cells = features.shape
         if prompt_emb.dim() != 3 or prompt_emb.shape[:2] != (n, cells):
-            raise ValueError(f"{name} prompt embeddings must be [N={n}, L={cells}, D], got shape "
-                             f"{tuple(prompt_emb.shape)}")
+            raise InvalidArgument(f"{name} prompt embeddings must be [N={n}, L={cells}, D], got shape "
+                                  f"{tuple(prompt_emb.shape)}")
         labels = torch.full((n,), -1, dtype=torch.long) if labels is None else labels
         if labels.shape != (n,):
-            raise ValueError(f"{name} labels must be [{n}], got shape {tuple(labels.shape)}")
+            raise InvalidArgument(f"{name} labels must be [{n}], got shape {tuple(labels.shape)}")
         self._f, self._e, self.labels, self.name = features, prompt_emb, labels.long(), name
 
     def __len__(self) -> int:
@@ -95,26 +97,26 @@ class CacheData:
 
         self.cache = cache if isinstance(cache, CacheReader) else CacheReader(cache)
         if self.cache.num_prompts == 0:
-            raise ValueError(f"{name}: the cache at {self.cache.root} holds global embeddings only (precompute --grid "
-                             "0): SALF-CBM needs ring prompts; run fastcbm precompute with --grid N --features BACKBONE "
-                             "into a new --out")
+            raise InvalidArgument(f"{name}: the cache at {self.cache.root} holds global embeddings only (precompute --grid "
+                                  "0): SALF-CBM needs ring prompts; run fastcbm precompute with --grid N --features BACKBONE "
+                                  "into a new --out")
         if FEATURES not in self.cache.arrays:
-            raise ValueError(
-                f"{name}: the cache at {self.cache.root} has no backbone features; run fastcbm precompute again with "
-                "--features BACKBONE (finished prompt shards are reused only with identical settings, so use a new "
-                "--out)")
+            raise InvalidArgument(
+                     f"{name}: the cache at {self.cache.root} has no backbone features; run fastcbm precompute again with "
+                     "--features BACKBONE (finished prompt shards are reused only with identical settings, so use a new "
+                     "--out)")
         spec = self.cache.arrays[FEATURES].row_shape  # (C, gy, gx)
         if int(np.prod(spec[1:])) != self.cache.num_prompts:
-            raise ValueError(f"{name}: cached features have a {spec[1]}×{spec[2]} grid but the cache has "
-                             f"{self.cache.num_prompts} prompts per image")
+            raise InvalidArgument(f"{name}: cached features have a {spec[1]}×{spec[2]} grid but the cache has "
+                                  f"{self.cache.num_prompts} prompts per image")
         n_cache = len(self.cache)
         labels = torch.as_tensor(labels).long()
         if labels.shape != (n_cache,):
-            raise ValueError(f"{name} labels must be [{n_cache}] (one per cache row), got shape {tuple(labels.shape)}")
+            raise InvalidArgument(f"{name} labels must be [{n_cache}] (one per cache row), got shape {tuple(labels.shape)}")
         self._rows = np.arange(n_cache, dtype=np.int64) if rows is None else np.asarray(
             torch.as_tensor(rows).cpu().numpy(), dtype=np.int64)
         if self._rows.ndim != 1 or (self._rows.size and (self._rows.min() < 0 or self._rows.max() >= n_cache)):
-            raise ValueError(f"{name} rows must be 1-D indices into the cache's {n_cache} rows")
+            raise InvalidArgument(f"{name} rows must be 1-D indices into the cache's {n_cache} rows")
         self.labels = labels[torch.from_numpy(self._rows)]
         self._channels = int(spec[0])
         self.name = name
@@ -193,10 +195,10 @@ def subset_rows(n: int, limit: int, seed: int) -> torch.Tensor:
 def split_rows(n: int, val_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded random train/validation split of ``n`` rows → (train rows, val rows), both sorted."""
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise InvalidArgument(f"val_fraction must be in (0, 1), got {val_fraction}")
     n_val = int(round(n * val_fraction))
     if n_val < 2 or n - n_val < 2:
-        raise ValueError(f"val_fraction {val_fraction} of {n} images leaves fewer than 2 images on one side")
+        raise InvalidArgument(f"val_fraction {val_fraction} of {n} images leaves fewer than 2 images on one side")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
@@ -212,8 +214,8 @@ def folder_labels(files: Sequence[str], class_names: Sequence[str] | None = None
     index = {c: i for i, c in enumerate(names)}
     missing = [f for f, d in zip(files, dirs) if d not in index]
     if missing:
-        raise ValueError(f"labels: {len(missing)} images are in folders that are not classes, e.g. {missing[0]} "
-                         f"(classes: {names[:5]}{'...' if len(names) > 5 else ''})")
+        raise InvalidArgument(f"labels: {len(missing)} images are in folders that are not classes, e.g. {missing[0]} "
+                              f"(classes: {names[:5]}{'...' if len(names) > 5 else ''})")
     from fastcbm.data.labels import LabelRows, folder_report
 
     return LabelRows(torch.tensor([index[d] for d in dirs], dtype=torch.long), names, folder_report(files, names))

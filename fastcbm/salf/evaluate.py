@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastcbm.salf.model import SALFCBM
+from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
 
 
 def model_labels(files: Sequence[str], class_names: Sequence[str], labels: str | os.PathLike | None = None
@@ -34,8 +35,8 @@ def model_labels(files: Sequence[str], class_names: Sequence[str], labels: str |
         i = index.get(name, index.get(humanize_class_name(name)))
         if i is None:
             where = f"--labels {labels}" if labels is not None else "folder name"
-            raise ValueError(f"labels: class {name!r} ({where}) is not one of the model's {len(class_names)} classes "
-                             f"(e.g. {list(class_names)[:3]})")
+            raise InvalidFile(f"labels: class {name!r} ({where}) is not one of the model's {len(class_names)} classes "
+                              f"(e.g. {list(class_names)[:3]})")
         mapping.append(i)
     return torch.tensor(mapping, dtype=torch.long)[raw]
 
@@ -74,13 +75,13 @@ def evaluate_cache(model: SALFCBM, cache: str | os.PathLike, labels: str | os.Pa
     src = reader.settings.get("features_source") or {}
     cfg = model.config
     if not src:
-        raise ValueError(f"--cache {reader.root} has no backbone features; evaluate with --data IMAGES or precompute "
-                         "with --features")
+        raise InvalidArgument(f"--cache {reader.root} has no backbone features; evaluate with --data IMAGES or precompute "
+                              "with --features")
     if src.get("backbone") != cfg.backbone or (cfg.feature_layer and src.get("layer") != cfg.feature_layer):
-        raise ValueError(f"--cache {reader.root} holds features of {src.get('backbone')}/{src.get('layer')}, the model "
-                         f"uses {cfg.backbone}/{cfg.feature_layer}")
+        raise InvalidArgument(f"--cache {reader.root} holds features of {src.get('backbone')}/{src.get('layer')}, the model "
+                              f"uses {cfg.backbone}/{cfg.feature_layer}")
     if tuple(reader.settings["prompts"]["grid"]) != tuple(cfg.grid):
-        raise ValueError(f"--cache {reader.root} has grid {reader.settings['prompts']['grid']}, the model {cfg.grid}")
+        raise InvalidArgument(f"--cache {reader.root} has grid {reader.settings['prompts']['grid']}, the model {cfg.grid}")
     y = model_labels(reader.files, cfg.class_names, labels)
     data = CacheData(reader, y, name="eval")
     weight = model.weight
@@ -108,11 +109,11 @@ def load_images(paths: Sequence[str | os.PathLike] | str | os.PathLike, model: S
     imgs = []
     for p in paths:
         if not Path(p).is_file():
-            raise FileNotFoundError(f"image {p} does not exist")
+            raise MissingFile(f"image {p} does not exist")
         try:
             imgs.append(decode_image(p, size))
         except BadImageError as exc:
-            raise ValueError(f"image {p}: {exc}") from None
+            raise InvalidArgument(f"image {p}: {exc}") from None
     return _normalize(torch.stack(imgs), mean, std, device)
 
 
@@ -144,7 +145,7 @@ def _read_mask(root: Path, rel: Path, size: int) -> torch.Tensor | None:
 
 
 def _segmentation_pair(model: SALFCBM, backbone, x: torch.Tensor, masks: torch.Tensor, salf_meter, cam_meter):
-    from fastcbm.gradcam import grad_cam
+    from fastcbm.cam.gradcam import grad_cam
     from fastcbm.salf import explain as ex
 
     salf_meter.update(ex.class_heatmap(model, x).cpu(), masks)
@@ -198,13 +199,13 @@ def evaluate_images(model: SALFCBM, backbone, data: str | os.PathLike, labels: s
         if have:
             _segmentation_pair(model, backbone, x[have], torch.stack([ms[j] for j in have]), salf_meter, cam_meter)
     if not keep:
-        raise ValueError(f"--data {data}: no readable image")
+        raise InvalidArgument(f"--data {data}: no readable image")
     pred = torch.cat(preds)
     out = {"source": str(data), **classification_scores(pred, y[keep], model.config.class_names),
            "sparsity": sparsity(model), "skipped_images": skipped}
     if masks is not None:
         if salf_meter._images == 0:
-            raise ValueError(f"--masks {masks}: no mask matches an image (expected <image stem>.png or .npy)")
+            raise InvalidArgument(f"--masks {masks}: no mask matches an image (expected <image stem>.png or .npy)")
         out["segmentation"] = {"images": salf_meter._images, "images_without_mask": int(missing_masks),
                                "salf": _rounded(salf_meter.compute()), "gradcam": _rounded(cam_meter.compute())}
     return out

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcbm.salf.model import SALFCBM
+from fastcbm.errors import InvalidArgument
 
 
 def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -86,25 +87,25 @@ def _region_mask(region, size: tuple[int, int], device) -> torch.Tensor:
     h, w = size
     if isinstance(region, torch.Tensor):
         if region.dtype != torch.bool or tuple(region.shape) != (h, w):
-            raise ValueError(f"region mask must be bool [{h}, {w}], got {region.dtype} {tuple(region.shape)}")
+            raise InvalidArgument(f"region mask must be bool [{h}, {w}], got {region.dtype} {tuple(region.shape)}")
         mask = region.to(device)
     elif len(region) == 2:  # point (y, x)
         y, x = (int(v) for v in region)
         if not (0 <= y < h and 0 <= x < w):
-            raise ValueError(f"region point {region} is outside the {h}×{w} image")
+            raise InvalidArgument(f"region point {region} is outside the {h}×{w} image")
         mask = torch.zeros(h, w, dtype=torch.bool, device=device)
         mask[y, x] = True
     elif len(region) == 4:  # box (y0, x0, y1, x1), end-exclusive
         y0, x0, y1, x1 = (int(v) for v in region)
         y0, x0, y1, x1 = max(y0, 0), max(x0, 0), min(y1, h), min(x1, w)
         if y1 <= y0 or x1 <= x0:
-            raise ValueError(f"region box {region} is empty inside the {h}×{w} image")
+            raise InvalidArgument(f"region box {region} is empty inside the {h}×{w} image")
         mask = torch.zeros(h, w, dtype=torch.bool, device=device)
         mask[y0:y1, x0:x1] = True
     else:
-        raise ValueError("region must be a point (y, x), a box (y0, x0, y1, x1) or a bool mask [H, W]")
+        raise InvalidArgument("region must be a point (y, x), a box (y0, x0, y1, x1) or a bool mask [H, W]")
     if not bool(mask.any()):
-        raise ValueError("region mask is empty")
+        raise InvalidArgument("region mask is empty")
     return mask
 
 
@@ -116,7 +117,7 @@ def explain_region(model: SALFCBM, image: torch.Tensor, region, top_k: int = 5) 
     pooled activation so concepts are comparable."""
     if image.dim() == 4:
         if image.shape[0] != 1:
-            raise ValueError("explain_region takes one image")
+            raise InvalidArgument("explain_region takes one image")
         image = image[0]
     mask = _region_mask(region, tuple(image.shape[-2:]), image.device)
     up = upsample(model.concept_maps(image[None]), image.shape[-2:])[0]  # [M, H, W]
@@ -131,9 +132,9 @@ def _concept_index(model: SALFCBM, concept: int | str) -> int:
         try:
             return model.config.concepts.index(concept)
         except ValueError:
-            raise ValueError(f"concept {concept!r} is not in the model's {len(model.config.concepts)} concepts") from None
+            raise InvalidArgument(f"concept {concept!r} is not in the model's {len(model.config.concepts)} concepts") from None
     if not 0 <= concept < len(model.config.concepts):
-        raise ValueError(f"concept index {concept} out of range [0, {len(model.config.concepts)})")
+        raise InvalidArgument(f"concept index {concept} out of range [0, {len(model.config.concepts)})")
     return int(concept)
 
 
@@ -152,7 +153,7 @@ def intervene(model: SALFCBM, images: torch.Tensor, concept: int | str, beta: fl
     else:
         mask = mask.to(maps.device).float()
         if mask.dim() != 2:
-            raise ValueError(f"mask must be [H, W] or [Gy, Gx], got shape {tuple(mask.shape)}")
+            raise InvalidArgument(f"mask must be [H, W] or [Gy, Gx], got shape {tuple(mask.shape)}")
         grid_mask = mask if tuple(mask.shape) == (gy, gx) else F.adaptive_avg_pool2d(mask[None, None], (gy, gx))[0, 0]
     before = model.classify(model.concepts_from_maps(maps))
     edited = maps.clone()

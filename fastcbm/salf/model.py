@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcbm.features import FeatureHooks, as_feature_map, resize_to_grid
+from fastcbm.models.features import FeatureHooks, as_feature_map, resize_to_grid
 from fastcbm.heads import LinearHead, pool_concept_maps
+from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile, OutputExists
 
 FORMAT_VERSION = 1
 
@@ -60,11 +61,11 @@ class SALFCBM(nn.Module):
         super().__init__()
         m = weight.shape[0]
         if len(config.concepts) != m:
-            raise ValueError(f"{len(config.concepts)} concept names for a bottleneck with {m} concepts")
+            raise InvalidArgument(f"{len(config.concepts)} concept names for a bottleneck with {m} concepts")
         if head.num_features != m:
-            raise ValueError(f"head takes {head.num_features} concepts, the bottleneck has {m}")
+            raise InvalidArgument(f"head takes {head.num_features} concepts, the bottleneck has {m}")
         if config.class_names and len(config.class_names) != head.num_classes:
-            raise ValueError(f"{len(config.class_names)} class names for a head with {head.num_classes} classes")
+            raise InvalidArgument(f"{len(config.class_names)} class names for a head with {head.num_classes} classes")
         self.backbone = backbone.eval().requires_grad_(False)
         self.kind = kind
         self.config = config
@@ -129,7 +130,7 @@ class SALFCBM(nn.Module):
 
         path = Path(path)
         if path.exists() and not path.is_dir():
-            raise FileExistsError(f"out: {path} is an existing file, not a folder for the model")
+            raise OutputExists(f"out: {path} is an existing file, not a folder for the model")
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
                    if include_backbone or not k.startswith("backbone.")}
@@ -156,13 +157,13 @@ class SALFCBM(nn.Module):
         try:
             config = SALFConfig.from_json(meta["config"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{cfg_file}: the 'config' entry is missing or invalid ({type(exc).__name__}: {exc})"
-                             ) from None
+            raise InvalidFile(f"{cfg_file}: the 'config' entry is missing or invalid ({type(exc).__name__}: {exc})"
+                              ) from None
         tensors = _load_tensors(path, meta, map_location)
         missing = sorted({"weight", "head.weight", "head.bias", "head.standardizer.mean", "head.standardizer.std"}
                          - set(tensors))
         if missing:
-            raise ValueError(f"{path / 'model.safetensors'}: tensors {missing} are missing (not a complete SALF-CBM)")
+            raise InvalidFile(f"{path / 'model.safetensors'}: tensors {missing} are missing (not a complete SALF-CBM)")
         if backbone is None:
             from fastcbm.models import load_backbone
 
@@ -175,8 +176,8 @@ class SALFCBM(nn.Module):
                                                if k.startswith("head.")})
             return cls(backbone, meta["kind"], config, tensors["weight"], head, meta.get("num_prefix_tokens", 1))
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise ValueError(f"{path}: the saved tensors do not fit the saved config "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
+            raise InvalidFile(f"{path}: the saved tensors do not fit the saved config "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
 
 
 def _load_tensors(path: Path, meta: dict, map_location: str) -> dict[str, torch.Tensor]:
@@ -190,17 +191,17 @@ def _load_tensors(path: Path, meta: dict, map_location: str) -> dict[str, torch.
     rec = meta.get("tensors")
     if rec is not None:
         if not isinstance(rec, dict) or not {"sha256", "bytes"} <= set(rec):
-            raise ValueError(f"{path / 'config.json'}: the 'tensors' entry is damaged ({rec!r})")
+            raise InvalidFile(f"{path / 'config.json'}: the 'tensors' entry is damaged ({rec!r})")
         size = tensor_file.stat().st_size
         if size != rec["bytes"]:
-            raise ValueError(f"{tensor_file}: {size} bytes, config.json records {rec['bytes']} (truncated or replaced)")
+            raise InvalidFile(f"{tensor_file}: {size} bytes, config.json records {rec['bytes']} (truncated or replaced)")
         if file_sha256(tensor_file) != rec["sha256"]:
-            raise ValueError(f"{tensor_file} fails the sha256 checksum recorded in config.json (damaged or modified)")
+            raise InvalidFile(f"{tensor_file} fails the sha256 checksum recorded in config.json (damaged or modified)")
     try:
         return load_file(str(tensor_file), device=map_location)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
-        raise ValueError(f"{tensor_file} is not a readable safetensors file ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})") from None
+        raise InvalidFile(f"{tensor_file} is not a readable safetensors file ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})") from None
 
 
 def _read_meta(path: Path) -> dict:
@@ -208,29 +209,29 @@ def _read_meta(path: Path) -> dict:
     cfg_file, tensor_file = path / "config.json", path / "model.safetensors"
     for f in (cfg_file, tensor_file):
         if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: not a saved SALF-CBM directory")
+            raise MissingFile(f"{f} not found: not a saved SALF-CBM directory")
     try:
         meta = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{cfg_file}: invalid JSON ({exc})") from exc
+        raise InvalidFile(f"{cfg_file}: invalid JSON ({exc})") from exc
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{cfg_file}: not a text file ({exc.reason})") from None
+        raise InvalidFile(f"{cfg_file}: not a text file ({exc.reason})") from None
     if not isinstance(meta, dict) or meta.get("format") != "fastcbm.salf":
         fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{cfg_file}: not a SALF-CBM config (format={fmt!r})")
+        raise InvalidFile(f"{cfg_file}: not a SALF-CBM config (format={fmt!r})")
     if "checksum" in meta:
         from fastcbm.cache.store import canonical_sha256
 
         if meta["checksum"] != canonical_sha256({k: v for k, v in meta.items() if k != "checksum"}):
-            raise ValueError(f"{cfg_file} fails its checksum (edited or damaged)")
+            raise InvalidFile(f"{cfg_file} fails its checksum (edited or damaged)")
     version = meta.get("version")
     if type(version) is not int:  # "1", null, 1.0, true: not a version this code wrote
-        raise ValueError(f"{cfg_file}: 'version' must be an integer, got {version!r}")
+        raise InvalidFile(f"{cfg_file}: 'version' must be an integer, got {version!r}")
     if version > FORMAT_VERSION or version < 1:
-        raise ValueError(f"{cfg_file}: format version {version} is not supported by this fastcbm (it reads 1 to "
-                         f"{FORMAT_VERSION})")
+        raise InvalidFile(f"{cfg_file}: format version {version} is not supported by this fastcbm (it reads 1 to "
+                          f"{FORMAT_VERSION})")
     if meta.get("kind") not in ("cnn", "vit"):
-        raise ValueError(f"{cfg_file}: 'kind' must be 'cnn' or 'vit', got {meta.get('kind')!r}")
+        raise InvalidFile(f"{cfg_file}: 'kind' must be 'cnn' or 'vit', got {meta.get('kind')!r}")
     return meta
 
 

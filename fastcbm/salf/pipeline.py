@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from fastcbm.features import extract_feature_maps, normalize_for_backbone  # noqa: F401 (re-export)
+from fastcbm.models.features import extract_feature_maps, normalize_for_backbone  # noqa: F401 (re-export)
 from fastcbm.salf.bottleneck import BottleneckConfig, BottleneckResult, train_bottleneck_on
 from fastcbm.salf.model import SALFCBM, SALFConfig
+from fastcbm.errors import InvalidArgument
 
 log = logging.getLogger("fastcbm.salf")
 
@@ -91,9 +92,9 @@ def pooled_concepts_on(weight: torch.Tensor, data, grid: tuple[int, int], poolin
 def _check_split(name: str, images: torch.Tensor, labels: torch.Tensor, prompt_emb: torch.Tensor, cells: int) -> None:
     n = images.shape[0]
     if labels.shape != (n,):
-        raise ValueError(f"{name} labels must be [{n}], got shape {tuple(labels.shape)}")
+        raise InvalidArgument(f"{name} labels must be [{n}], got shape {tuple(labels.shape)}")
     if prompt_emb.dim() != 3 or prompt_emb.shape[0] != n or prompt_emb.shape[1] != cells:
-        raise ValueError(f"{name} prompt embeddings must be [{n}, {cells}, D], got shape {tuple(prompt_emb.shape)}")
+        raise InvalidArgument(f"{name} prompt embeddings must be [{n}, {cells}, D], got shape {tuple(prompt_emb.shape)}")
 
 
 def _fit_head(fit: SALFFitConfig, p_train, y_train, p_val, y_val, num_classes: int, progress: bool):
@@ -171,20 +172,20 @@ def fit_salf_on(
     """
     fit = fit or SALFFitConfig()
     if fit.head not in ("sparse", "dense"):
-        raise ValueError(f"fit.head must be 'sparse' or 'dense', got {fit.head!r}")
+        raise InvalidArgument(f"fit.head must be 'sparse' or 'dense', got {fit.head!r}")
     device = torch.device(device)
     cells = config.grid[0] * config.grid[1]
     for name, data in (("train", train), ("val", val)):
         if data.cells != cells:
-            raise ValueError(f"{name} rows have {data.cells} grid cells, config.grid {config.grid} has {cells}")
+            raise InvalidArgument(f"{name} rows have {data.cells} grid cells, config.grid {config.grid} has {cells}")
         if bool((data.labels < 0).any()):
-            raise ValueError(f"{name}: {int((data.labels < 0).sum())} rows have no label")
+            raise InvalidArgument(f"{name}: {int((data.labels < 0).sum())} rows have no label")
     if text_emb.shape[0] != len(config.concepts):
-        raise ValueError(f"text_emb has {text_emb.shape[0]} rows for {len(config.concepts)} concepts")
+        raise InvalidArgument(f"text_emb has {text_emb.shape[0]} rows for {len(config.concepts)} concepts")
     top_label = int(max(train.labels.max(), val.labels.max()))
     num_classes = len(config.class_names) or top_label + 1
     if top_label >= num_classes:
-        raise ValueError(f"labels go up to {top_label} but there are {num_classes} class names")
+        raise InvalidArgument(f"labels go up to {top_label} but there are {num_classes} class names")
     layer = config.feature_layer or backbone.feature_layers[-1]
     seconds: dict[str, float] = {}
 
@@ -193,11 +194,11 @@ def fit_salf_on(
                                  process_group=process_group)
     seconds["bottleneck"] = time.perf_counter() - t0
     if result.kept.numel() == 0:
-        raise ValueError(
-            "no concept passed the interpretability cut-off "
-            f"({fit.bottleneck.interpretability_cutoff}); best validation similarity was "
-            f"{float(result.val_similarity.max()):.3f} — lower the cut-off or check the concept list"
-        )
+        raise InvalidArgument(
+                 "no concept passed the interpretability cut-off "
+                 f"({fit.bottleneck.interpretability_cutoff}); best validation similarity was "
+                 f"{float(result.val_similarity.max()):.3f} — lower the cut-off or check the concept list"
+             )
     kept_names = [config.concepts[i] for i in result.kept.tolist()]
     dropped = [c for i, c in enumerate(config.concepts) if i not in set(result.kept.tolist())]
 

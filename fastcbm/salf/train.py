@@ -21,6 +21,7 @@ import torch
 
 from fastcbm.salf.bottleneck import BottleneckConfig
 from fastcbm.salf.pipeline import SALFFitConfig
+from fastcbm.errors import InvalidArgument, OutputExists
 
 log = logging.getLogger("fastcbm.salf")
 
@@ -85,22 +86,22 @@ def _labels_for(reader, labels, class_names):
         return csv_labels(labels, files, class_names)
     y = torch.as_tensor(labels).long()
     if y.shape != (len(reader),):
-        raise ValueError(f"labels must have one entry per cache row ({len(reader)}), got shape {tuple(y.shape)}")
+        raise InvalidArgument(f"labels must have one entry per cache row ({len(reader)}), got shape {tuple(y.shape)}")
     names = list(class_names) if class_names is not None else [str(i) for i in range(int(y.max()) + 1)]
     return y, names
 
 
 def _source(settings: dict, cache_root: Path) -> dict:
     if list((settings.get("prompts") or {}).get("grid") or []) == [0, 0]:
-        raise ValueError(f"cache {cache_root} holds global embeddings only (precompute --grid 0): SALF-CBM needs ring "
-                         "prompts; run fastcbm precompute with --grid N (default 7) --features BACKBONE into a new --out")
+        raise InvalidArgument(f"cache {cache_root} holds global embeddings only (precompute --grid 0): SALF-CBM needs ring "
+                              "prompts; run fastcbm precompute with --grid N (default 7) --features BACKBONE into a new --out")
     src = settings.get("features_source")
     if not src:
         name = settings.get("features")
-        raise ValueError(
-            f"cache {cache_root}: " + ("has no backbone features" if not name else
-                                       f"features {name!r} come from a custom function, not a named backbone")
-            + "; run fastcbm precompute with --features BACKBONE (e.g. --features resnet50) into a new --out")
+        raise InvalidArgument(
+                 f"cache {cache_root}: " + ("has no backbone features" if not name else
+                                            f"features {name!r} come from a custom function, not a named backbone")
+                 + "; run fastcbm precompute with --features BACKBONE (e.g. --features resnet50) into a new --out")
     return src
 
 
@@ -149,10 +150,10 @@ def train_salf_from_cache(
 
     config = config or TrainConfig()
     if out is not None and not overwrite and (Path(out) / "model.safetensors").exists():
-        raise FileExistsError(f"out: {out} already holds a model; choose another folder or pass overwrite=True "
-                              "(--overwrite)")
+        raise OutputExists(f"out: {out} already holds a model; choose another folder or pass overwrite=True "
+                           "(--overwrite)")
     if out is not None:  # an existing file or an unwritable folder fails now, not after the training
-        from fastcbm.checks import check_output_dir
+        from fastcbm.files import check_output_dir
 
         check_output_dir(out, "out")
     t_start = time.perf_counter()
@@ -177,8 +178,8 @@ def train_salf_from_cache(
         val_reader = CacheReader(val_cache, verify=verify)
         for key in ("model", "prompts", "features", "features_source"):
             if val_reader.settings.get(key) != settings.get(key):
-                raise ValueError(f"val_cache {val_reader.root} was made with other {key} settings than {reader.root}: "
-                                 f"{val_reader.settings.get(key)} != {settings.get(key)}")
+                raise InvalidArgument(f"val_cache {val_reader.root} was made with other {key} settings than {reader.root}: "
+                                      f"{val_reader.settings.get(key)} != {settings.get(key)}")
         val_labels_found = _labels_for(val_reader, val_labels, names)
         y_val, _ = val_labels_found
         label_report["val"] = getattr(val_labels_found, "report", {"source": "tensor"})
@@ -198,10 +199,10 @@ def train_salf_from_cache(
     try:
         clip, _, tokenizer = load_clip(model_info["name"], model_info.get("pretrained"), device=str(dev))
     except (ValueError, ImportError) as exc:
-        raise ValueError(f"cache {reader.root} records the CLIP model {model_info['name']!r}, which fastcbm cannot "
-                         f"rebuild ({str(exc).splitlines()[0][:160]}); precompute with the model's load_clip name "
-                         "(precompute(data, 'ViT-B-16', out, pretrained='openai'), or model_name=/pretrained= next "
-                         "to a model object)") from None
+        raise InvalidArgument(f"cache {reader.root} records the CLIP model {model_info['name']!r}, which fastcbm cannot "
+                              f"rebuild ({str(exc).splitlines()[0][:160]}); precompute with the model's load_clip name "
+                              "(precompute(data, 'ViT-B-16', out, pretrained='openai'), or model_name=/pretrained= next "
+                              "to a model object)") from None
     f = config.filter
 
     def text_encoder(texts: list[str]) -> torch.Tensor:
@@ -219,7 +220,7 @@ def train_salf_from_cache(
                                           presence_cutoff=f.presence_cutoff, sentence_encoder=sentence)
     log.info("concept filter: %s", filter_report.summary())
     if not kept:
-        raise ValueError(f"concepts: none left after filtering ({filter_report.summary()}); relax the cut-offs")
+        raise InvalidArgument(f"concepts: none left after filtering ({filter_report.summary()}); relax the cut-offs")
     text_emb = text_encoder(kept)
 
     backbone = load_backbone(source["backbone"], pretrained=source.get("pretrained"), device=str(dev))

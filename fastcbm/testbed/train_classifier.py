@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from fastcbm.data import synthetic as S
 from fastcbm.models import testbed as T
 from fastcbm.utils import torch_threads
+from fastcbm.errors import InvalidArgument
 
 POOL_SEED = 500_000
 
@@ -24,7 +25,7 @@ def train_classifier(kind: str, out: str | Path, steps: int = 1200, batch_size: 
     from fastcbm.testbed.evaluate import evaluate_classifier
 
     if kind not in ("cnn", "vit"):
-        raise ValueError(f"kind must be 'cnn' or 'vit', got {kind!r}")
+        raise InvalidArgument(f"kind must be 'cnn' or 'vit', got {kind!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with torch_threads(1):  # many small ops: one thread is fast here and deterministic

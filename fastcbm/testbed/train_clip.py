@@ -30,6 +30,7 @@ from fastcbm.data import synthetic as S
 from fastcbm.models import testbed as T
 from fastcbm.testbed.evaluate import ATTRIBUTE_VALUES, ZERO_SHOT_TEMPLATES
 from fastcbm.utils import torch_threads
+from fastcbm.errors import InvalidArgument
 
 POOL_SCENES = 16384
 POOL_CHUNK = 1024
@@ -242,13 +243,13 @@ def train_clip(out: str | Path, schedule: tuple[ClipStage, ...] = SHIPPED_SCHEDU
     from fastcbm.testbed.evaluate import evaluate_clip
 
     if not schedule or any(stage.steps < 1 for stage in schedule):
-        raise ValueError(f"schedule needs at least one stage and every stage >= 1 step, got {schedule}")
+        raise InvalidArgument(f"schedule needs at least one stage and every stage >= 1 step, got {schedule}")
     if not 0 <= start_stage < len(schedule):
-        raise ValueError(f"start_stage must be in [0, {len(schedule) - 1}], got {start_stage}")
+        raise InvalidArgument(f"start_stage must be in [0, {len(schedule) - 1}], got {start_stage}")
     if pool_size < POOL_CHUNK or pool_size % POOL_CHUNK:
-        raise ValueError(f"pool_size must be a positive multiple of {POOL_CHUNK}, got {pool_size}")
+        raise InvalidArgument(f"pool_size must be a positive multiple of {POOL_CHUNK}, got {pool_size}")
     if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+        raise InvalidArgument(f"threads must be >= 1, got {threads}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / T.WEIGHTS["clip"]

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger("fastcbm.demo")
+from fastcbm.errors import InvalidArgument
+
+log = logging.getLogger("fastcbm.salf.demo")
 
 
 @dataclass
@@ -61,13 +63,13 @@ def check_grid(grid: int, size: int) -> None:
     from fastcbm.prompts import default_ring_geometry, ring_centers
 
     if isinstance(grid, bool) or not isinstance(grid, int) or not 1 <= grid <= MAX_GRID:
-        raise ValueError(f"--grid must be an integer from 1 to {MAX_GRID} (rings per axis), got {grid}")
+        raise InvalidArgument(f"--grid must be an integer from 1 to {MAX_GRID} (rings per axis), got {grid}")
     radius = default_ring_geometry(size)[0]
     try:
         ring_centers(size, grid, radius)
     except ValueError as exc:
-        raise ValueError(f"--grid {grid}: rings of radius {radius:.1f} px do not fit the {size}-px testbed image "
-                         f"({exc})") from None
+        raise InvalidArgument(f"--grid {grid}: rings of radius {radius:.1f} px do not fit the {size}-px testbed image "
+                              f"({exc})") from None
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -94,10 +96,10 @@ def _run_demo(cfg: DemoConfig) -> dict:
     from fastcbm import metrics
     from fastcbm.data import synthetic
     from fastcbm.data.export import export_image_folder
-    from fastcbm.gradcam import grad_cam
+    from fastcbm.cam.gradcam import grad_cam
     from fastcbm.models import load_backbone, load_clip
     from fastcbm.precompute import encoder_input_config, precompute
-    from fastcbm.report import write_salf_report
+    from fastcbm.salf.report import write_salf_report
     from fastcbm.salf import explain as ex
     from fastcbm.salf.pipeline import normalize_for_backbone
     from fastcbm.salf.train import TrainConfig, train_salf_from_cache

@@ -7,13 +7,15 @@ import os
 import tempfile
 from pathlib import Path
 
+from fastcbm.errors import InvalidFile, NotWritable, OutputExists
+
 
 def _writable_dir(d: Path, flag: str) -> None:
     """``d`` (an existing directory) accepts new files: try one, since permission bits lie (root, read-only mounts)."""
     try:
         fd, name = tempfile.mkstemp(prefix=".fastcbm-write-test-", dir=d)
     except OSError as exc:
-        raise PermissionError(f"{flag}: cannot write in {d} ({exc.strerror or exc})") from None
+        raise NotWritable(f"{flag}: cannot write in {d} ({exc.strerror or exc})") from None
     os.close(fd)
     os.unlink(name)
 
@@ -30,12 +32,12 @@ def check_output_file(path: str | os.PathLike, flag: str, *, overwrite: bool = T
     ``overwrite`` — not an existing file. Returns it as a Path; raises a one-line error naming ``flag``."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{flag}: {path} is a directory; give a file name")
+        raise InvalidFile(f"{flag}: {path} is a directory; give a file name")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{flag}: {path} already exists")
+        raise OutputExists(f"{flag}: {path} already exists")
     base = _nearest_existing(path.parent)
     if not base.is_dir():
-        raise ValueError(f"{flag}: {base} is a file, so {path} cannot be created under it")
+        raise InvalidFile(f"{flag}: {base} is a file, so {path} cannot be created under it")
     _writable_dir(base, flag)
     return path
 
@@ -45,12 +47,12 @@ def check_output_dir(path: str | os.PathLike, flag: str, *, must_be_empty_of: tu
     folder), and holding none of ``must_be_empty_of`` (files a run would overwrite). Creates nothing."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{flag}: {path} is an existing file, not a folder")
+        raise OutputExists(f"{flag}: {path} is an existing file, not a folder")
     for name in must_be_empty_of:
         if (path / name).exists():
-            raise FileExistsError(f"{flag}: {path} already holds {name}")
+            raise OutputExists(f"{flag}: {path} already holds {name}")
     base = _nearest_existing(path)
     if not base.is_dir():
-        raise ValueError(f"{flag}: {base} is a file, so the folder {path} cannot be created")
+        raise InvalidFile(f"{flag}: {base} is a file, so the folder {path} cannot be created")
     _writable_dir(base, flag)
     return path

@@ -12,18 +12,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastcbm.errors import InvalidArgument
+
 
 def tokens_to_map(tokens: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
     """ViT tokens ``[N, P + h*w, C]`` → feature map ``[N, C, h, w]`` (drops the ``P`` class/register tokens)."""
     if tokens.dim() != 3:
-        raise ValueError(f"tokens must be [N, tokens, C], got shape {tuple(tokens.shape)}")
+        raise InvalidArgument(f"tokens must be [N, tokens, C], got shape {tuple(tokens.shape)}")
     patches = tokens[:, num_prefix_tokens:]
     side = math.isqrt(patches.shape[1])
     if side * side != patches.shape[1]:
-        raise ValueError(
-            f"cannot reshape {patches.shape[1]} patch tokens (after dropping {num_prefix_tokens} prefix tokens) "
-            "into a square map"
-        )
+        raise InvalidArgument(
+                 f"cannot reshape {patches.shape[1]} patch tokens (after dropping {num_prefix_tokens} prefix tokens) "
+                 "into a square map"
+             )
     return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], side, side)
 
 
@@ -35,7 +37,7 @@ def as_feature_map(output: torch.Tensor | tuple, kind: str, num_prefix_tokens: i
         return output
     if output.dim() == 3 and kind == "vit":
         return tokens_to_map(output, num_prefix_tokens)
-    raise ValueError(f"layer output of shape {tuple(output.shape)} is not a feature map (kind={kind!r})")
+    raise InvalidArgument(f"layer output of shape {tuple(output.shape)} is not a feature map (kind={kind!r})")
 
 
 CLS_SUFFIX = "+cls"
@@ -50,7 +52,7 @@ def concat_cls(tokens: torch.Tensor) -> torch.Tensor:
     """ViT tokens ``[N, T, C]`` → ``[N, T, 2C]``: every token followed by the class token (token 0) on the channel
     axis — the SALF-CBM appendix's ViT variant (patch tokens + CLS concatenated on channels)."""
     if tokens.dim() != 3:
-        raise ValueError(f"'{CLS_SUFFIX}' needs ViT tokens [N, T, C], got shape {tuple(tokens.shape)}")
+        raise InvalidArgument(f"'{CLS_SUFFIX}' needs ViT tokens [N, T, C], got shape {tuple(tokens.shape)}")
     return torch.cat([tokens, tokens[:, :1].expand_as(tokens)], dim=-1)
 
 
@@ -67,8 +69,8 @@ class FeatureHooks:
         modules = dict(model.named_modules())
         missing = [n for n in layer_names if split_layer(n)[0] not in modules]
         if missing:
-            raise ValueError(f"layers {missing} not found in {type(model).__name__}; it has e.g. "
-                             f"{[n for n in modules if n][:12]}")
+            raise InvalidArgument(f"layers {missing} not found in {type(model).__name__}; it has e.g. "
+                                  f"{[n for n in modules if n][:12]}")
         self._modules = [(n, modules[split_layer(n)[0]]) for n in layer_names]
         self._handles: list = []
         self.outputs: dict[str, torch.Tensor] = {}
@@ -97,7 +99,7 @@ class FeatureHooks:
 def resize_to_grid(feature_maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """``[N, C, h, w]`` → ``[N, C, Gy, Gx]`` by bilinear resizing (align_corners=False), as SALF-CBM does."""
     if feature_maps.dim() != 4:
-        raise ValueError(f"feature_maps must be [N, C, h, w], got shape {tuple(feature_maps.shape)}")
+        raise InvalidArgument(f"feature_maps must be [N, C, h, w], got shape {tuple(feature_maps.shape)}")
     if tuple(feature_maps.shape[-2:]) == tuple(grid):
         return feature_maps
     return F.interpolate(feature_maps, size=tuple(grid), mode="bilinear", align_corners=False)
@@ -123,7 +125,7 @@ def extract_feature_maps(
 def normalize_for_backbone(images: torch.Tensor, backbone, device: torch.device) -> torch.Tensor:
     """uint8 ``[N, 3, S, S]`` → float ``[N, 3, S', S']`` resized to the backbone's input size and normalised."""
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be uint8 [N, 3, S, S], got {images.dtype} {tuple(images.shape)}")
+        raise InvalidArgument(f"images must be uint8 [N, 3, S, S], got {images.dtype} {tuple(images.shape)}")
     x = images.to(device).float().div_(255)
     size = int(getattr(backbone, "input_size", images.shape[-1]) or images.shape[-1])
     if x.shape[-1] != size or x.shape[-2] != size:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fastcbm.errors import InvalidArgument
+
 HEATMAP_CMAP = "jet"  # heatmap overlays (the usual CAM colormap)
 WEIGHTS_CMAP = "RdBu_r"  # diverging, centred at 0: red = positive weight, blue = negative
 OVERLAY_ALPHA = 0.5  # weight of the colormapped heatmap in the blend
@@ -56,18 +58,18 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
     try:
         return np.asarray(x)
     except Exception as e:  # noqa: BLE001 - report which argument was bad
-        raise ValueError(f"{name}: cannot convert {type(x).__name__} to an array ({e})") from None
+        raise InvalidArgument(f"{name}: cannot convert {type(x).__name__} to an array ({e})") from None
 
 
 def _check_images(x: Any, name: str, n: int | None = None) -> np.ndarray:
     """Validate uint8 images ``[n, 3, S, S]`` and return them as a numpy array."""
     a = _to_numpy(x, name)
     if a.ndim != 4 or a.shape[1] != 3 or a.shape[2] != a.shape[3]:
-        raise ValueError(f"{name} must be uint8 [n, 3, S, S], got shape {tuple(a.shape)}")
+        raise InvalidArgument(f"{name} must be uint8 [n, 3, S, S], got shape {tuple(a.shape)}")
     if a.dtype != np.uint8:
-        raise ValueError(f"{name} must be uint8 [n, 3, S, S], got dtype {a.dtype}")
+        raise InvalidArgument(f"{name} must be uint8 [n, 3, S, S], got dtype {a.dtype}")
     if n is not None and a.shape[0] != n:
-        raise ValueError(f"{name} has {a.shape[0]} images, expected {n}")
+        raise InvalidArgument(f"{name} has {a.shape[0]} images, expected {n}")
     return a
 
 
@@ -172,17 +174,17 @@ def _check_explanation(e: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
     name = f"explanations[{i}]"
     for attr in ("predicted", "probabilities", "top_concepts", "heatmaps"):
         if not hasattr(e, attr):
-            raise ValueError(f"{name} is not an Explanation (no {attr!r})")
+            raise InvalidArgument(f"{name} is not an Explanation (no {attr!r})")
     probs = _to_numpy(e.probabilities, f"{name}.probabilities").astype(np.float64)
     if probs.ndim != 1 or probs.size == 0:
-        raise ValueError(f"{name}.probabilities must be [K], got shape {tuple(probs.shape)}")
+        raise InvalidArgument(f"{name}.probabilities must be [K], got shape {tuple(probs.shape)}")
     if not 0 <= int(e.predicted) < probs.size:
-        raise ValueError(f"{name}.predicted = {e.predicted} is out of range [0, {probs.size})")
+        raise InvalidArgument(f"{name}.predicted = {e.predicted} is out of range [0, {probs.size})")
     heat = _to_numpy(e.heatmaps, f"{name}.heatmaps")
     if heat.ndim != 3:
-        raise ValueError(f"{name}.heatmaps must be [k, H, W], got shape {tuple(heat.shape)}")
+        raise InvalidArgument(f"{name}.heatmaps must be [k, H, W], got shape {tuple(heat.shape)}")
     if heat.shape[0] != len(e.top_concepts):
-        raise ValueError(f"{name}.heatmaps has {heat.shape[0]} maps but top_concepts has {len(e.top_concepts)}")
+        raise InvalidArgument(f"{name}.heatmaps has {heat.shape[0]} maps but top_concepts has {len(e.top_concepts)}")
     return probs, heat.astype(np.float32)
 
 
@@ -318,17 +320,17 @@ def _rules_html(rules: Mapping[str, Sequence[tuple[str, float]]]) -> str:
 def _segmentation_html(seg: Mapping[str, Any]) -> str:
     missing = [k for k in ("images", "masks", "salf", "gradcam") if k not in seg]
     if missing:
-        raise ValueError(f"segmentation is missing {missing} (needs images, masks, salf, gradcam)")
+        raise InvalidArgument(f"segmentation is missing {missing} (needs images, masks, salf, gradcam)")
     imgs = _check_images(seg["images"], "segmentation['images']")
     n, s = imgs.shape[0], imgs.shape[-1]
     masks = _to_numpy(seg["masks"], "segmentation['masks']")
     if masks.shape != (n, s, s):
-        raise ValueError(f"segmentation['masks'] must be bool [{n}, {s}, {s}], got shape {tuple(masks.shape)}")
+        raise InvalidArgument(f"segmentation['masks'] must be bool [{n}, {s}, {s}], got shape {tuple(masks.shape)}")
     maps = {}
     for key in ("salf", "gradcam"):
         m = _to_numpy(seg[key], f"segmentation[{key!r}]")
         if m.ndim != 3 or m.shape[0] != n:
-            raise ValueError(f"segmentation[{key!r}] must be float [{n}, H, W], got shape {tuple(m.shape)}")
+            raise InvalidArgument(f"segmentation[{key!r}] must be float [{n}, H, W], got shape {tuple(m.shape)}")
         maps[key] = m.astype(np.float32)
     if n == 0:
         return '<p class="note">No segmentation samples.</p>'
@@ -405,22 +407,22 @@ def write_salf_report(
     n = len(explanations)
     if images is None:
         if n:
-            raise ValueError(f"images is None but there are {n} explanations")
+            raise InvalidArgument(f"images is None but there are {n} explanations")
         imgs = np.zeros((0, 3, 1, 1), dtype=np.uint8)
     else:
         imgs = _check_images(images, "images")
         if imgs.shape[0] != n:
-            raise ValueError(f"images has {imgs.shape[0]} images but explanations has {n}")
+            raise InvalidArgument(f"images has {imgs.shape[0]} images but explanations has {n}")
     labs: list[int] | None = None
     if labels is not None:
         la = _to_numpy(labels, "labels")
         if la.ndim != 1 or la.shape[0] != n:
-            raise ValueError(f"labels must be [n] with n = {n}, got shape {tuple(la.shape)}")
+            raise InvalidArgument(f"labels must be [n] with n = {n}, got shape {tuple(la.shape)}")
         labs = [int(v) for v in la.tolist()]
     if not isinstance(rules, Mapping):
-        raise ValueError(f"rules must be a dict class → [(concept, weight)], got {type(rules).__name__}")
+        raise InvalidArgument(f"rules must be a dict class → [(concept, weight)], got {type(rules).__name__}")
     if not isinstance(summary, Mapping):
-        raise ValueError(f"summary must be a dict name → value, got {type(summary).__name__}")
+        raise InvalidArgument(f"summary must be a dict name → value, got {type(summary).__name__}")
     class_names = [str(c) for c in class_names]
     checked = [_check_explanation(e, i) for i, e in enumerate(explanations)]  # validate everything before drawing
 
@@ -433,7 +435,7 @@ def write_salf_report(
     seg_html = ""
     if segmentation is not None:
         if not isinstance(segmentation, Mapping):
-            raise ValueError(f"segmentation must be a dict, got {type(segmentation).__name__}")
+            raise InvalidArgument(f"segmentation must be a dict, got {type(segmentation).__name__}")
         seg_html = f"<h2>Zero-shot segmentation</h2>{_segmentation_html(segmentation)}"
 
     page = (

@@ -15,6 +15,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from tqdm.auto import tqdm
 
+from fastcbm.errors import InvalidArgument, InvalidFile
+
 log = logging.getLogger(__name__)
 
 
@@ -75,12 +77,12 @@ def _concepts_from_mapping(data: dict, where: str) -> ConceptSet:
     dropped = 0
     for cls, concepts in data.items():
         if isinstance(concepts, str) or not isinstance(concepts, list):
-            raise ValueError(f"{where}: class {cls!r} must map to a list of strings, got {type(concepts).__name__}")
+            raise InvalidFile(f"{where}: class {cls!r} must map to a list of strings, got {type(concepts).__name__}")
         own: list[str] = []
         seen: set[str] = set()
         for i, c in enumerate(concepts):
             if not isinstance(c, str):
-                raise ValueError(f"{where}: class {cls!r}, entry {i} is {type(c).__name__} ({c!r}), not a string")
+                raise InvalidFile(f"{where}: class {cls!r}, entry {i} is {type(c).__name__} ({c!r}), not a string")
             c = c.strip()
             if c and c.casefold() in seen:
                 dropped += 1  # repeated within this class
@@ -99,10 +101,10 @@ def _concepts_from_mapping(data: dict, where: str) -> ConceptSet:
 def concepts_from_mapping(data: dict[str, list[str]], source: str = "<mapping>") -> ConceptSet:
     """A :class:`ConceptSet` from ``{class: [concepts]}``: the union in first-seen order, case-insensitively unique."""
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a mapping {{class: [concepts]}}, got {type(data).__name__}")
+        raise InvalidFile(f"{source}: expected a mapping {{class: [concepts]}}, got {type(data).__name__}")
     out = _concepts_from_mapping(data, source)
     if not out.names:
-        raise ValueError(f"{source}: no concepts (every list is empty after stripping blanks)")
+        raise InvalidFile(f"{source}: no concepts (every list is empty after stripping blanks)")
     return out
 
 
@@ -118,16 +120,16 @@ def load_concepts(path: str | Path) -> ConceptSet:
     path = Path(path)
     where = str(path)
     if not path.is_file():
-        raise ValueError(f"concept list {where} does not exist or is not a file")
+        raise InvalidFile(f"concept list {where} does not exist or is not a file")
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark from Windows editors
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{where}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        raise InvalidFile(f"{where}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+            raise InvalidFile(f"{where}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
         if isinstance(data, list):
             data = {"": data}
             out = _concepts_from_mapping(data, where)
@@ -135,8 +137,8 @@ def load_concepts(path: str | Path) -> ConceptSet:
         elif isinstance(data, dict):
             out = _concepts_from_mapping(data, where)
         else:
-            raise ValueError(f"{where}: expected a JSON object {{class: [concepts]}} or a list, got "
-                             f"{type(data).__name__}")
+            raise InvalidFile(f"{where}: expected a JSON object {{class: [concepts]}} or a list, got "
+                              f"{type(data).__name__}")
     else:
         lines = [ln.strip() for ln in text.splitlines()]
         names, dropped = _dedup([ln for ln in lines if ln and not ln.startswith("#")], {})
@@ -144,7 +146,7 @@ def load_concepts(path: str | Path) -> ConceptSet:
             log.info("%s: dropped %d duplicate concept(s) (case-insensitive)", where, dropped)
         out = ConceptSet(names, None, where)
     if not out.names:
-        raise ValueError(f"{where}: the concept list is empty (after removing blank lines, comments and duplicates)")
+        raise InvalidFile(f"{where}: the concept list is empty (after removing blank lines, comments and duplicates)")
     return out
 
 
@@ -170,7 +172,7 @@ def _encode(text_encoder: Callable[[list[str]], torch.Tensor], texts: list[str],
     emb = text_encoder(list(texts))
     if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[0] != len(texts):
         got = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
-        raise ValueError(f"text_encoder must return a [{len(texts)}, D] tensor for the {what}, got {got}")
+        raise InvalidArgument(f"text_encoder must return a [{len(texts)}, D] tensor for the {what}, got {got}")
     # Renormalise: cosine similarity is what the cut-offs mean, whatever the encoder's scaling.
     return torch.nn.functional.normalize(emb.detach().float(), dim=1)
 
@@ -224,9 +226,9 @@ def filter_concepts(
     names = list(concepts.names if isinstance(concepts, ConceptSet) else concepts)
     bad = [i for i, c in enumerate(names) if not isinstance(c, str)]
     if bad:
-        raise ValueError(f"concepts must be strings; entry {bad[0]} is {type(names[bad[0]]).__name__}")
+        raise InvalidArgument(f"concepts must be strings; entry {bad[0]} is {type(names[bad[0]]).__name__}")
     if duplicate_rule not in ("total_similarity", "later"):
-        raise ValueError(f"duplicate_rule must be 'total_similarity' or 'later', got {duplicate_rule!r}")
+        raise InvalidArgument(f"duplicate_rule must be 'total_similarity' or 'later', got {duplicate_rule!r}")
     if isinstance(presence_cutoff, str):
         presence_cutoff = presence_preset(presence_cutoff)
     unique = list(dict.fromkeys(names))  # the report is keyed by name: exact repeats go first (the first stays)
@@ -235,17 +237,17 @@ def filter_concepts(
         names = unique
     class_names = list(class_names)
     if any(not isinstance(c, str) for c in class_names):
-        raise ValueError("class_names must be strings")
+        raise InvalidArgument("class_names must be strings")
     if presence_cutoff is not None:
         if image_embeddings is None:
-            raise ValueError("presence_cutoff needs image_embeddings [N, D]")
+            raise InvalidArgument("presence_cutoff needs image_embeddings [N, D]")
         if (not isinstance(image_embeddings, torch.Tensor) or image_embeddings.dim() != 2
                 or image_embeddings.shape[0] == 0):
             got = (tuple(image_embeddings.shape) if isinstance(image_embeddings, torch.Tensor)
                    else type(image_embeddings).__name__)
-            raise ValueError(f"image_embeddings must have shape [N, D] with N >= 1, got {got}")
+            raise InvalidArgument(f"image_embeddings must have shape [N, D] with N >= 1, got {got}")
         if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+            raise InvalidArgument(f"top_k must be >= 1, got {top_k}")
     report = FilterReport(kept=[])
 
     def drop(name: str, stage: str, why: str) -> None:
@@ -327,7 +329,7 @@ def filter_concepts(
     # 5. presence in the training images
     if alive and presence_cutoff is not None:
         if image_embeddings.shape[1] != emb.shape[1]:
-            raise ValueError(f"image_embeddings have D={image_embeddings.shape[1]}, text embeddings D={emb.shape[1]}")
+            raise InvalidArgument(f"image_embeddings have D={image_embeddings.shape[1]}, text embeddings D={emb.shape[1]}")
         score = _presence(image_embeddings, emb, top_k)
         keep = []
         for i, c in enumerate(alive):
@@ -373,8 +375,8 @@ def presence_preset(name: str) -> float:
     """The presence cut-off of a named preset (:data:`PRESENCE_CUTOFFS`)."""
     key = name.strip().lower()
     if key not in PRESENCE_CUTOFFS:
-        raise ValueError(f"unknown presence cut-off preset {name!r}; presets: {sorted(PRESENCE_CUTOFFS)} "
-                         "(or give a number)")
+        raise InvalidArgument(f"unknown presence cut-off preset {name!r}; presets: {sorted(PRESENCE_CUTOFFS)} "
+                              "(or give a number)")
     return PRESENCE_CUTOFFS[key]
 
 
@@ -439,15 +441,15 @@ def encode_texts(
     texts = list(texts)
     templates = list(templates)
     if not texts:
-        raise ValueError("texts is empty")
+        raise InvalidArgument("texts is empty")
     if any(not isinstance(t, str) for t in texts):
-        raise ValueError("texts must be strings")
+        raise InvalidArgument("texts must be strings")
     if not templates or any(not isinstance(t, str) or t.count("{}") != 1 for t in templates):
-        raise ValueError(f"templates must be format strings with exactly one '{{}}', got {templates!r}")
+        raise InvalidArgument(f"templates must be format strings with exactly one '{{}}', got {templates!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
     if not hasattr(model, "encode_text"):
-        raise ValueError(f"model must have an encode_text(tokens) method, got {type(model).__name__}")
+        raise InvalidArgument(f"model must have an encode_text(tokens) method, got {type(model).__name__}")
     if device is None:
         param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
         device = param.device if param is not None else torch.device("cpu")
@@ -491,9 +493,9 @@ def register_generator(name: str, fn: ConceptGenerator | Callable[[list[str]], d
     """Register a generator under ``name``: an object with ``generate(class_names)`` or a plain function of the same
     signature. Re-registering a name replaces it; ``"none"`` is reserved."""
     if not isinstance(name, str) or not name or name == "none":
-        raise ValueError(f"generator name must be a non-empty string other than 'none', got {name!r}")
+        raise InvalidArgument(f"generator name must be a non-empty string other than 'none', got {name!r}")
     if not isinstance(fn, ConceptGenerator) and not callable(fn):
-        raise ValueError(f"generator {name!r} must have generate(class_names) or be callable, got {type(fn).__name__}")
+        raise InvalidArgument(f"generator {name!r} must have generate(class_names) or be callable, got {type(fn).__name__}")
     _GENERATORS[name] = fn
 
 
@@ -511,7 +513,7 @@ def get_generator(name: str = "none") -> ConceptGenerator:
             "fn(class_names) -> {class: [concepts]} (or an object with .generate(class_names)), then use "
             "get_generator('my-llm')")
     if name not in _GENERATORS:
-        raise ValueError(f"unknown concept generator {name!r}; registered: {available_generators() or 'none'}")
+        raise InvalidArgument(f"unknown concept generator {name!r}; registered: {available_generators() or 'none'}")
     gen = _GENERATORS[name]
     return gen if isinstance(gen, ConceptGenerator) else _CallableGenerator(gen)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcbm.features import FeatureHooks, as_feature_map
+from fastcbm.models.features import FeatureHooks, as_feature_map
 
 
 def grad_cam(

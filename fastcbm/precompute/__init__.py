@@ -26,6 +26,7 @@ import torch
 from fastcbm.cache.reader import FEATURES, GLOBAL, GLOBAL_NORM, INPUT_INDEX, PROMPT, PROMPT_NORM, Z_CAT, CacheReader
 from fastcbm.cache.store import ArraySpec, CacheLock, ShardedCache
 from fastcbm.distributed import init_distributed, resolve_device
+from fastcbm.errors import InvalidArgument, InvalidFile
 
 log = logging.getLogger("fastcbm.precompute")
 
@@ -53,11 +54,11 @@ def encoder_input_config(model: torch.nn.Module, preprocess: Any = None) -> tupl
     if size is None:
         size = getattr(visual, "image_size", None)
     if size is None:
-        raise ValueError("model: cannot tell the encoder's input size (no visual.preprocess_cfg, no preprocess "
-                         "transform with a crop, no visual.image_size)")
+        raise InvalidArgument("model: cannot tell the encoder's input size (no visual.preprocess_cfg, no preprocess "
+                              "transform with a crop, no visual.image_size)")
     if isinstance(size, (tuple, list)):
         if len(set(int(s) for s in size)) != 1:
-            raise ValueError(f"model: non-square encoder input {tuple(size)} is not supported")
+            raise InvalidArgument(f"model: non-square encoder input {tuple(size)} is not supported")
         size = size[0]
     mean = tuple(float(v) for v in (mean or _DEFAULT_MEAN))
     std = tuple(float(v) for v in (std or _DEFAULT_STD))
@@ -70,15 +71,15 @@ def backbone_feature_fn(name: str, *, pretrained: bool | str | None = True, laye
     ``fastcbm.models.load_backbone(name, pretrained)`` on uint8 images ``[B, 3, S, S]``, resized to the backbone's
     input size and normalised with its mean/std exactly as SALF-CBM training and inference do → ``[B, C, h, w]``.
     The function carries ``.name`` and ``.source`` (backbone, pretrained, layer: what ``fastcbm train`` rebuilds)."""
-    from fastcbm.features import extract_feature_maps, normalize_for_backbone
+    from fastcbm.models.features import extract_feature_maps, normalize_for_backbone
     from fastcbm.models import load_backbone
 
     backbone = load_backbone(name, pretrained=pretrained, device=str(device))
     layer = layer or backbone.feature_layers[-1]
-    from fastcbm.features import split_layer
+    from fastcbm.models.features import split_layer
 
     if split_layer(layer)[0] not in dict(backbone.model.named_modules()):  # "blocks.11+cls": ViT patch + CLS tokens
-        raise ValueError(f"features layer: {name} has no module {layer!r} (feature layers: {backbone.feature_layers})")
+        raise InvalidArgument(f"features layer: {name} has no module {layer!r} (feature layers: {backbone.feature_layers})")
     prefix = int(getattr(backbone, "num_prefix_tokens", 1))
     dev = torch.device(device)
 
@@ -99,7 +100,7 @@ def cefam_stage_fn(name: str, *, pretrained: bool | str | None = True, layers: S
     ``[B, Z]`` fp32. ``.source`` records classifier, pretrained, layers, widths, kind and num_prefix_tokens (what
     ``fastcbm cefam train`` and the saved model rebuild); ``size`` is the probe image's side."""
     from fastcbm.cefam.translator import pool_stages, stage_activations
-    from fastcbm.features import normalize_for_backbone
+    from fastcbm.models.features import normalize_for_backbone
     from fastcbm.models import load_backbone
 
     backbone = load_backbone(name, pretrained=pretrained, device=str(device))
@@ -108,8 +109,8 @@ def cefam_stage_fn(name: str, *, pretrained: bool | str | None = True, layers: S
     modules = dict(backbone.model.named_modules())
     missing = [n for n in layers if n not in modules]
     if missing or len(set(layers)) != len(layers):
-        raise ValueError(f"cefam layers: {layers} must be distinct modules of {name} (its feature layers: "
-                         f"{backbone.feature_layers})")
+        raise InvalidArgument(f"cefam layers: {layers} must be distinct modules of {name} (its feature layers: "
+                              f"{backbone.feature_layers})")
     prefix = int(getattr(backbone, "num_prefix_tokens", 1))
     dev = torch.device(device)
 
@@ -137,7 +138,7 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtyp
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in table:
-        raise ValueError(f"dtype must be 'auto', 'bf16', 'fp16' or 'fp32', got {dtype!r}")
+        raise InvalidArgument(f"dtype must be 'auto', 'bf16', 'fp16' or 'fp32', got {dtype!r}")
     return table[dtype]
 
 
@@ -211,7 +212,7 @@ class _Encoder:
         if self.global_only:
             del out[PROMPT], out[PROMPT_NORM]
         if self.features is not None:
-            from fastcbm.features import resize_to_grid
+            from fastcbm.models.features import resize_to_grid
 
             with torch.inference_mode():
                 f = resize_to_grid(self.features(images).float(), self.grid_hw)
@@ -258,14 +259,14 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
     if num_workers is None:  # decoding workers: up to 4, never more than the machine's cores
         num_workers = min(4, os.cpu_count() or 1)
     if verify not in ("checksum", "size"):
-        raise ValueError(f"verify must be 'checksum' or 'size', got {verify!r}")
+        raise InvalidFile(f"verify must be 'checksum' or 'size', got {verify!r}")
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise InvalidArgument(f"shard_size must be >= 1, got {shard_size}")
     dev = resolve_device(device)
     cdtype = _resolve_dtype(dtype, dev)
     batch_size = batch_size or (64 if dev.type == "cuda" else 4)
     if batch_size < 1 or (max_encode_batch is not None and max_encode_batch < 1):
-        raise ValueError(f"batch_size and max_encode_batch must be >= 1, got {batch_size}, {max_encode_batch}")
+        raise InvalidArgument(f"batch_size and max_encode_batch must be >= 1, got {batch_size}, {max_encode_batch}")
     from fastcbm.data.loaders import resolve_loader
 
     loader = resolve_loader(loader, dev)  # fail before any work
@@ -294,9 +295,9 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
 
     global_only = not isinstance(grid, bool) and grid in (0, (0, 0), [0, 0])  # no ring prompts: E0 (and z_cat)
     if global_only and features is not None:
-        raise ValueError("features: SALF-CBM feature maps are stored on the prompt grid; --features needs --grid >= 1")
+        raise InvalidArgument("features: SALF-CBM feature maps are stored on the prompt grid; --features needs --grid >= 1")
     if cefam_layers is not None and not cefam_classifier:
-        raise ValueError("cefam_layers: needs cefam_classifier (--cefam-classifier NAME)")
+        raise InvalidArgument("cefam_layers: needs cefam_classifier (--cefam-classifier NAME)")
     gy, gx = (0, 0) if global_only else normalize_grid(grid)
     if radius is None and not global_only:
         radius = default_ring_geometry(size)[0]
@@ -378,8 +379,8 @@ def precompute(data: str | os.PathLike | Sequence[str], model: str | torch.nn.Mo
     if len(reader) == 0:
         first = reader.skipped[0] if reader.skipped else {"path": "?", "reason": "?"}
         what = data if isinstance(data, (str, os.PathLike)) else "the given list"
-        raise ValueError(f"data: none of the {len(files)} inputs of {what} could be read as an image (e.g. "
-                         f"{first['path']}: {first['reason']}); the cache at {out} holds 0 images")
+        raise InvalidArgument(f"data: none of the {len(files)} inputs of {what} could be read as an image (e.g. "
+                              f"{first['path']}: {first['reason']}); the cache at {out} holds 0 images")
     reader.stats = encoder.stats  # type: ignore[attr-defined]
     return reader
 
