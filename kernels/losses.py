@@ -1,4 +1,5 @@
-"""Triton kernels of the fused cubic-cosine loss (see ``fastcbm.losses.ops`` for the maths and ``fastcbm.losses.launchers`` for the drivers).
+"""Triton kernels of the fused cubic-cosine loss (the maths: ``fastcbm.losses.ops``; the drivers:
+``fastcbm.losses.launchers``).
 
 Column k of the loss is a (cell l, concept m) pair. Layout conventions (all kernels take strides, so inputs may be any
 strided view): weight W [M, C], features F [B, C, L], prompt embeddings E [B, L, D], text embeddings T [M, D];

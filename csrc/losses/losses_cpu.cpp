@@ -1,7 +1,7 @@
 // C++ CPU kernels for the fused cubic-cosine loss: the elementwise accumulate (forward) and gradient (backward) steps
 // on one batch tile. The GEMMs that produce the tile stay in torch (oneDNN/MKL beat any hand-written blocked GEMM
 // here), so these kernels exist to fuse the ~15 elementwise ops per element into one pass with fp64 accumulation.
-// See losses.h for the formulas.
+// See losses.h for the formulas (shared with the CUDA twin, losses.cu).
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -75,15 +75,8 @@ void accumulate(const carray<T>& q, const carray<T>& p, const carray<double>& mu
         const T* pr = t.p + r * cols;
 #pragma omp simd
         for (py::ssize_t k = c0; k < c1; ++k) {
-          const double a = static_cast<double>(qr[k]) - t.mu_q[k];
-          const double b = static_cast<double>(pr[k]) - t.mu_p[k];
-          const double a2 = a * a, b3 = b * b * b;
-          const double a3 = a2 * a;
-          s_ab[k] += a3 * b3;
-          s_aa[k] += a3 * a3;
-          s_bb[k] += b3 * b3;
-          s_a2b3[k] += a2 * b3;
-          s_a5[k] += a3 * a2;
+          losses::accumulate_one(static_cast<double>(qr[k]) - t.mu_q[k], static_cast<double>(pr[k]) - t.mu_p[k],
+                                 s_ab[k], s_aa[k], s_bb[k], s_a2b3[k], s_a5[k]);
         }
       }
     }
@@ -113,10 +106,9 @@ void gradient(const carray<T>& q, const carray<T>& p, const carray<double>& mu_q
       T* orow = od + r * cols;
 #pragma omp simd
       for (py::ssize_t k = 0; k < cols; ++k) {
-        const double a = static_cast<double>(qr[k]) - t.mu_q[k];
-        const double b = static_cast<double>(pr[k]) - t.mu_p[k];
-        const double a2 = a * a;
-        orow[k] = static_cast<T>(a2 * (alpha[k] * (b * b * b) - beta[k] * (a2 * a)) - gbar[k]);
+        orow[k] = static_cast<T>(losses::gradient_one(static_cast<double>(qr[k]) - t.mu_q[k],
+                                                      static_cast<double>(pr[k]) - t.mu_p[k], alpha[k], beta[k],
+                                                      gbar[k]));
       }
     }
   }

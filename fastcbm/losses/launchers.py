@@ -8,12 +8,16 @@ device) and per-column batch means / coefficients contiguous fp64 in column orde
 
 - ``cpu``: torch GEMMs per batch tile (oneDNN/MKL) + one C++/OpenMP kernel per tile for the fused elementwise step
   (``fastcbm._C.losses_cubic_accumulate`` / ``losses_cubic_gradient``);
-- ``triton``: fused q/p GEMM + accumulation kernels (``fastcbm.kernels.losses``): nothing of size [B, M·L] exists.
+- ``triton``: fused q/p GEMM + accumulation kernels (``fastcbm.kernels.losses``): nothing of size [B, M·L] exists;
+- ``cuda``: the ``cpu`` design on a GPU: cuBLAS GEMMs per batch tile (through torch, in full fp32: TF32 is switched
+  off while the loss runs, as the Triton kernels use IEEE dots) + the CUDA twins of the C++ elementwise kernels
+  (``fastcbm._C_cuda.losses_cubic_accumulate`` / ``losses_cubic_gradient``, csrc/losses/losses.cu).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +107,72 @@ def cpu_backward(W, F, E, T, mu_q, mu_p, coefs, tile, need_dw, need_df):
 
 
 CPU = FusedLoss(cpu_forward, cpu_backward)
+
+
+# ---- cuda: torch (cuBLAS) GEMMs per tile + CUDA elementwise kernels ---------------------------------------------
+_CUDA_THREADS = 1 << 17  # column walkers that fill an H100 (132 SMs x 2048 resident threads = 270K, ~half)
+
+
+def _row_chunks(rows: int, cols: int) -> int:
+    """Row chunks of the accumulate kernel: enough (column, chunk) threads to fill the GPU when K is small."""
+    return max(1, min(rows, 65535, -(-_CUDA_THREADS // cols)))
+
+
+@contextlib.contextmanager
+def _ieee_fp32_matmul() -> Iterator[None]:
+    """fp32 cuBLAS GEMMs without TF32 while the loss runs (it cubes its inputs: TF32's 1e-3 errors would triple)."""
+    m = torch.backends.cuda.matmul
+    try:
+        old = m.allow_tf32
+        m.allow_tf32 = False
+    except RuntimeError:  # a torch that refuses the legacy flag next to the fp32_precision API the user set
+        yield
+        return
+    try:
+        yield
+    finally:
+        m.allow_tf32 = old
+
+
+def cuda_forward(W, F, E, T, mu_q, mu_p, tile) -> torch.Tensor:
+    _check(W, "cuda")
+    ext = _ext.cuda_module()
+    B, K = F.shape[0], mu_q.numel()
+    with _ext.on_device(W.device) as stream, _ieee_fp32_matmul():
+        sums = torch.zeros((5, K), dtype=torch.float64, device=W.device)
+        tiles = _Tiles(W, F, E, T, tile)
+        work = torch.empty((_row_chunks(min(tile, B), K), 5, K), dtype=torch.float64, device=W.device)
+        for b0 in range(0, B, tile):
+            q, p, _ = tiles.qp(b0, min(b0 + tile, B))
+            chunks = _row_chunks(q.shape[0], K)
+            ext.losses_cubic_accumulate(q.data_ptr(), p.data_ptr(), mu_q.data_ptr(), mu_p.data_ptr(), sums.data_ptr(),
+                                        work.data_ptr(), q.shape[0], K, chunks, W.dtype == torch.float64, stream)
+    return sums
+
+
+def cuda_backward(W, F, E, T, mu_q, mu_p, coefs, tile, need_dw, need_df):
+    _check(W, "cuda")
+    ext = _ext.cuda_module()
+    B, C, L = F.shape
+    K = mu_q.numel()
+    with _ext.on_device(W.device) as stream, _ieee_fp32_matmul():
+        dW = torch.zeros_like(W, memory_format=torch.contiguous_format) if need_dw else None
+        dF = torch.empty_like(F, memory_format=torch.contiguous_format) if need_df else None
+        tiles = _Tiles(W, F, E, T, tile)
+        for b0 in range(0, B, tile):
+            b1 = min(b0 + tile, B)
+            q, p, fr = tiles.qp(b0, b1)
+            ext.losses_cubic_gradient(q.data_ptr(), p.data_ptr(), mu_q.data_ptr(), mu_p.data_ptr(), coefs.data_ptr(),
+                                      q.data_ptr(), b1 - b0, K, W.dtype == torch.float64, stream)  # g_q over q
+            g = tiles.q[: (b1 - b0) * L]  # [tb·L, M]
+            if dW is not None:
+                dW.addmm_(g.t(), fr)
+            if dF is not None:
+                dF[b0:b1].copy_((g @ W).view(b1 - b0, L, C).transpose(1, 2))
+    return dW, dF
+
+
+CUDA = FusedLoss(cuda_forward, cuda_backward)
 
 
 # ---- triton: launch tables and drivers ---------------------------------------------------------------------------

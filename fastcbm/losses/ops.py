@@ -33,7 +33,8 @@ steps keep the replicas of ``W`` equal without a DDP wrapper (which would averag
 Backends (``launchers.py``): ``reference`` (materialises, autograd); ``cpu`` (torch GEMMs per batch tile plus one
 C++/OpenMP kernel per tile for the fused elementwise accumulate/gradient step — the GEMMs are ~80 % of the time and
 torch's MKL/oneDNN GEMM runs at ~170 GFLOP/s on the 2-core dev machine, which a simple blocked C++ GEMM would not
-approach, so no hand-written GEMM was built); ``triton`` (fused q/p GEMM + accumulation kernels, kernels/losses.py).
+approach, so no hand-written GEMM was built); ``triton`` (fused q/p GEMM + accumulation kernels, kernels/losses.py);
+``cuda`` (the ``cpu`` design on a GPU: cuBLAS GEMMs per tile + CUDA twins of the C++ elementwise kernels).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from fastcbm.losses.reference import EPS, cubic_cosine_loss_reference
 
 OP = "losses.cubic_cosine_loss"
 _CPU_TILE_ELEMS = 1 << 22  # cpu backend: 16 MB per fp32 tile buffer (2x faster copies than 8 MB, same GEMM speed)
-_GPU_TILE_ELEMS = 1 << 24  # triton backward: the [tile, L, M] gradient buffer, 64 MB in fp32
+_GPU_TILE_ELEMS = 1 << 24  # GPU backends: each per-tile buffer ([tile, L, M] gradients, q, p), 64 MB in fp32
 
 
 def _check_inputs(weight, features, prompt_emb, text_emb, min_batch: int = 2) -> tuple[int, int, int, int, int]:
@@ -136,7 +137,8 @@ def _tile_rows(batch: int, per_row: int, batch_tile: int | None, budget: int) ->
     return max(1, min(batch, budget // max(per_row, 1)))
 
 
-backends.define_op(OP, {"default": {"reference": cubic_cosine_loss_reference, "cpu": L.CPU, "triton": L.TRITON}})
+backends.define_op(OP, {"default": {"reference": cubic_cosine_loss_reference, "cpu": L.CPU, "triton": L.TRITON,
+                                    "cuda": L.CUDA}})
 
 
 class CubicCosineLossFunction(torch.autograd.Function):
@@ -183,7 +185,7 @@ def cubic_cosine_loss(
         features: backbone feature maps resized to the prompt grid, [B, C, L] (L cells); gradients flow to it.
         prompt_emb: unit CLIP embeddings of the L prompted copies of each image, [B, L, D] (targets, no gradient).
         text_emb: unit CLIP text embeddings of the M concepts, [M, D] (targets, no gradient).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"`` (see ``fastcbm.backends``).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"`` (see ``fastcbm.backends``).
         eps: added to each column norm (``x / (‖x‖ + eps)``), as in the reference.
         batch_tile: batch rows per streamed tile (default: ~4M elements per tile buffer on CPU, 16M on GPU).
         process_group: a ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD``) whose processes each
