@@ -191,14 +191,16 @@ def _sigs(params: tuple[str, ...], fp64_ptrs: tuple[str, ...]) -> tuple[dict[str
     return signatures(params, *({p: f"*{dt}" for p in params if p not in fixed} for dt in _DTYPES), **fixed)
 
 
-# GPU tiles: the largest whose sm_90 AND sm_80 builds keep every value in registers at 8 warps, for fp32 and fp64
-# (python -m bench.triton_resources; the earlier 64x64x32 tiles at 4 warps spilled 56-3192 B per thread).
-_QP_GPU = ({"BLOCK_B": 32, "BLOCK_M": 64, "BLOCK_C": 16, "BLOCK_D": 16},)
+# GPU tiles: the largest whose sm_90 AND sm_80 builds keep every value in registers at 8 warps, for fp32 and fp64,
+# under triton 3.9 and 3.6 (python -m bench.triton_resources; the earlier 64x64x32 tiles at 4 warps spilled 56-3192 B
+# per thread; the forward's five fp64 column sums make it the tightest: 32x64 tiles still spilled 8 B under 3.6).
 _QP_INTERP = ({"BLOCK_B": 16, "BLOCK_M": 16, "BLOCK_C": 16, "BLOCK_D": 16},)  # 16 is tl.dot's minimum
 FORWARD_KERNEL = TritonKernel("losses", "_forward_sums_kernel", _FWD, _sigs(_FWD, ("MU_Q", "MU_P", "SUMS")),
-                              gpu=_QP_GPU, interpreter=_QP_INTERP, num_warps=8)
+                              gpu=({"BLOCK_B": 32, "BLOCK_M": 32, "BLOCK_C": 16, "BLOCK_D": 16},),
+                              interpreter=_QP_INTERP, num_warps=8)
 GRAD_KERNEL = TritonKernel("losses", "_grad_tile_kernel", _GRAD, _sigs(_GRAD, ("MU_Q", "MU_P", "COEFS")),
-                           gpu=_QP_GPU, interpreter=_QP_INTERP, num_warps=8)
+                           gpu=({"BLOCK_B": 32, "BLOCK_M": 64, "BLOCK_C": 16, "BLOCK_D": 16},),
+                           interpreter=_QP_INTERP, num_warps=8)
 DWEIGHT_KERNEL = TritonKernel("losses", "_dweight_kernel", _DW, _sigs(_DW, ()),
                               gpu=({"BLOCK_R": 16, "BLOCK_M": 64, "BLOCK_C": 64},),
                               interpreter=({"BLOCK_R": 16, "BLOCK_M": 16, "BLOCK_C": 16},), num_warps=8)
