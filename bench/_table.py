@@ -146,6 +146,28 @@ def precompute_rows(rows: list[dict]) -> list[Row]:
                     f"naive (PIL ring per prompt): {_n(_f(base, 'prompted_per_s'), 1)} img/s, "
                     f"{100 * _f(base, 'non_encoder_frac'):.1f} % outside",
                     f"{_f(row, 'speedup_vs_naive'):.2f}×"))
+    out += _tower_rows(pick)
+    return out
+
+
+def _tower_rows(pick: dict) -> list[Row]:
+    """GPU rows of the image tower alone (``tower:<mode>``): prompted images/s and the bf16 roofline fraction, each
+    mode against the eager tower of the same run."""
+    out: list[Row] = []
+    for (mach, dev, model, pipe), row in sorted(pick.items()):
+        if dev != "cuda" or not pipe.startswith("tower:"):
+            continue
+        mode = pipe.split(":", 1)[1]
+        eager = pick.get((mach, dev, model, "tower:eager"))
+        roof = _f(row, "roofline_frac")
+        base = (f"eager tower: {_n(_f(eager, 'prompted_per_s'), 1)} img/s" if eager is not None and mode != "eager"
+                else "-")
+        out.append((f"`bench/precompute.py` {model} image tower alone (ring kernel into its input buffer, "
+                    f"{row.get('encoder_dtype', 'bf16')}), {mode}, {row['images']} images × {1 + int(row['grid'])**2}"
+                    f"{_quick(row)}", f"{mach} ({dev})",
+                    f"{_n(_f(row, 'prompted_per_s'), 1)} prompted img/s"
+                    + (f", {100 * roof:.0f} % of the bf16 roofline" if roof == roof else ""),
+                    base, f"{_f(row, 'speedup_vs_eager'):.2f}×" if base != "-" else "-"))
     return out
 
 

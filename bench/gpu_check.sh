@@ -11,9 +11,11 @@
 #   2. build fastcbm._C and fastcbm._C_cuda for sm_90 THERE, with cmake + nvcc: a module built here links this
 #      machine's Python 3.11, the image runs 3.12 (and nvcc 13.0 is on the image);
 #   3. fastcbm info (versions, backends, the op x backend matrix);
-#   4. the gpu-marked tests (every CUDA and compiled-Triton op against its reference), then cuda:1 when a second
-#      GPU exists, then the op test files whole on the image's torch / triton versions;
-#   5. the op benchmarks on the GPU (metrics, losses, precompute: CSV rows tagged with the GPU);
+#   4. the gpu-marked tests (every CUDA and compiled-Triton op against its reference, the precompute tower's CUDA
+#      graph / compile / fused attention), then cuda:1 when a second GPU exists;
+#   5. the op benchmarks on the GPU (metrics, losses, the ViT-B/16 tower's share of the bf16 roofline per mode,
+#      precompute end to end vs naive: CSV rows tagged with the GPU), then the op test files whole on the image's
+#      torch / triton versions;
 #   6. the Triton resource table compiled by the image's triton for sm_90;
 #   7. collect what comes back into $OUT and check it against the device tool's limits (<= 8 files, <= 16 MiB each,
 #      <= 2 folders deep, names of letters, digits, '.', '_', '-'): log.txt, summary.txt, table.md (the README
@@ -110,14 +112,18 @@ step() {  # step NAME SECONDS CMD... : run with min(SECONDS, what is left of the
 if [ "$DEV" = cuda ]; then
   METRICS_ARGS=(--n 2000 --naive-n 5 --repeats 5)
   LOSSES_ARGS=(--batch 4096 --concepts 1000 --repeats 3)
-  PRECOMPUTE_ARGS=(--vit-images 64 --repeats 3)
+  PIPELINE_ARGS=(--quick --vit-images 64 --tower none)  # end-to-end (PIL decode) vs the naive pipeline
+  TOWER_ARGS=(--no-pipelines --tower-images 256 --repeats 3)  # ViT-B/16 alone: the roofline
   JOBS=$(nproc)
 else
   METRICS_ARGS=(--quick --n 4 --size 32 --naive-n 2 --repeats 1)
   LOSSES_ARGS=(--quick --batch 64 --concepts 8 --cells 4 --channels 16 --dim 16 --repeats 1)
-  PRECOMPUTE_ARGS=(--quick --skip-vit --tiny-images 2 --repeats 1)
+  PIPELINE_ARGS=(--quick --skip-vit --tiny-images 2 --repeats 1 --tower none)
+  TOWER_ARGS=(--no-pipelines --skip-vit --tower-images 2 --repeats 1)
   JOBS=2
 fi
+TOWER_FAST=(eager graph); TOWER_SLOW=(compile)  # compile: ~a minute of inductor before the first timing
+[ "$DEV" = cuda ] || { TOWER_FAST=(eager); TOWER_SLOW=(); }  # a CUDA graph needs a GPU; compile takes long on CPU
 
 echo "== fastcbm GPU check ($MODE, device $DEV) $(date -u +%FT%TZ) in $HERE"
 if [ "$DEV" = cuda ]; then
@@ -153,19 +159,24 @@ step "build fastcbm._C + _C_cuda (sm_90, CUDA=$CUDA_MODULE)" 180 bash -c "
 step "fastcbm info" 20 bash -c "$PY -m fastcbm info | tee '$RES/fastcbm_info.txt'"
 $PY -c "import fastcbm; print('fastcbm imported from', fastcbm.__file__)"
 
-# 4. tests (the suite's conftest turns the Triton interpreter on only where there is no GPU)
+# 4. tests (the suite's conftest turns the Triton interpreter on only where there is no GPU), then 5. the op
+# benchmarks (rows appended to bench/results/*.csv of this copy); in order of value, as the deadline cuts the tail
 step "pytest -m gpu (CUDA / compiled Triton vs reference)" 120 $PY -m pytest -q -m gpu -p no:cacheprovider -rs \
   --junitxml="$RES/gpu_tests.xml" tests
 step "second GPU: every op on cuda:1" 40 $PY -m pytest -q -p no:cacheprovider -rs --junitxml="$RES/multi_gpu.xml" \
   tests/test_multi_gpu.py
-step "op tests on this torch / triton" 90 $PY -m pytest -q -p no:cacheprovider -m "not slow" \
-  --junitxml="$RES/op_tests.xml" tests/test_prompts.py tests/test_losses.py tests/test_metrics.py tests/test_cam.py \
-  tests/test_backends.py tests/test_triton_compile.py tests/test_device_guards.py
-
-# 5. the op benchmarks (rows appended to bench/results/*.csv of this copy)
 step "bench/metrics.py" 45 $PY bench/metrics.py --device "$DEV" "${METRICS_ARGS[@]}"
 step "bench/losses.py" 60 $PY bench/losses.py --device "$DEV" "${LOSSES_ARGS[@]}"
-step "bench/precompute.py" 75 $PY bench/precompute.py --device "$DEV" "${PRECOMPUTE_ARGS[@]}"
+step "bench/precompute.py tower: ${TOWER_FAST[*]}" 45 $PY bench/precompute.py --device "$DEV" "${TOWER_ARGS[@]}" \
+  --tower "${TOWER_FAST[@]}"
+step "bench/precompute.py end to end vs naive" 60 $PY bench/precompute.py --device "$DEV" "${PIPELINE_ARGS[@]}"
+if [ ${#TOWER_SLOW[@]} -gt 0 ]; then
+  step "bench/precompute.py tower: ${TOWER_SLOW[*]}" 120 $PY bench/precompute.py --device "$DEV" \
+    "${TOWER_ARGS[@]}" --tower "${TOWER_SLOW[@]}"
+fi
+step "op tests on this torch / triton" 90 $PY -m pytest -q -p no:cacheprovider -m "not slow" \
+  --junitxml="$RES/op_tests.xml" tests/test_prompts.py tests/test_losses.py tests/test_metrics.py tests/test_cam.py \
+  tests/test_backends.py tests/test_triton_compile.py tests/test_device_guards.py tests/test_precompute_tower.py
 
 # 6. the Triton kernels as this triton compiles them for sm_90
 step "Triton resources for sm_90" 40 $PY -m bench.triton_resources --arch 90 --jobs "$JOBS" \

@@ -277,3 +277,32 @@ def test_paper_mode_allows_large_radius_and_clipping():
 def test_unavailable_backend_errors():
     with pytest.raises(BackendUnavailableError, match="render_rings: backend 'cuda' cannot run"):
         render_rings(_images(1, 16), radius=3, backend="cuda")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_render_into_a_given_buffer(device, backend, dtype):
+    """out=: the encoder's input buffer is written in place (reused across batches: stale values are overwritten)."""
+    imgs = _images(2, 21, seed=5).to(device)
+    want = render_rings(imgs, grid=2, radius=4, out_dtype=dtype, include_plain=True, backend="reference")
+    buf = torch.full((2, 5, 3, 21, 21), float("nan"), dtype=dtype, device=device)
+    got = render_rings(imgs, grid=2, radius=4, out_dtype=dtype, include_plain=True, backend=backend, out=buf)
+    assert got is buf
+    if backend == "triton" and dtype == torch.bfloat16 and device == "cpu":  # the interpreter truncates to bf16
+        assert_close(buf.cpu(), want, atol=0, rtol=HALF_TOL[dtype], what=backend)
+    else:
+        assert torch.equal(buf.cpu().view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           want.cpu().view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: torch.empty(2, 4, 3, 21, 21), r"shape \[2, 5, 3, 21, 21\]"),
+    (lambda: torch.empty(2, 5, 3, 21, 21, dtype=torch.float16), "float32"),
+    (lambda: torch.empty(2, 5, 3, 21, 42)[..., ::2], "not contiguous"),
+    (lambda: "buffer", "must be a torch.Tensor"),
+])
+def test_bad_out_buffer(bad, match):
+    from fastcbm.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=match):
+        render_rings(_images(2, 21), grid=2, radius=4, include_plain=True, out=bad())

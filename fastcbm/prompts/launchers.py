@@ -2,7 +2,7 @@
 device, call in; and the Triton launch table (:data:`TRITON_KERNELS`).
 
 All take a contiguous uint8 ``images`` ``[B, 3, S, S]`` and a :class:`~fastcbm.prompts.reference.RingPlan` and return
-``[B, Gt, 3, S, S]`` in ``out_dtype``.
+``[B, Gt, 3, S, S]`` in ``out_dtype``: written into ``out`` when given (the encoder's input buffer), else allocated.
 """
 
 from __future__ import annotations
@@ -41,16 +41,24 @@ def _check(images: torch.Tensor, plan: RingPlan, out_dtype: torch.dtype, device_
         raise InternalError(f"launcher: plan was made for size {plan.dy2.shape[1]}, images have size {S}")
 
 
-def _empty_out(images: torch.Tensor, plan: RingPlan, out_dtype: torch.dtype) -> torch.Tensor:
+def _empty_out(images: torch.Tensor, plan: RingPlan, out_dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    """``out`` (the caller's buffer, checked by the dispatcher) or a new ``[B, Gt, 3, S, S]`` tensor."""
     B, _, S, _ = images.shape
-    return torch.empty((B, plan.dy2.shape[0], 3, S, S), dtype=out_dtype, device=images.device)
+    shape = (B, plan.dy2.shape[0], 3, S, S)
+    if out is None:
+        return torch.empty(shape, dtype=out_dtype, device=images.device)
+    if tuple(out.shape) != shape or out.dtype != out_dtype or out.device != images.device or not out.is_contiguous():
+        raise InternalError(f"launcher: out must be contiguous {out_dtype} {list(shape)}, got {out.dtype} "
+                            f"{list(out.shape)}")
+    return out
 
 
-def render_rings_cpu(images: torch.Tensor, plan: RingPlan, out_dtype: torch.dtype) -> torch.Tensor:
+def render_rings_cpu(images: torch.Tensor, plan: RingPlan, out_dtype: torch.dtype,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """C++ (OpenMP) kernel on CPU tensors; half types are written through a uint16 view of the output."""
     _check(images, plan, out_dtype, "cpu")
     ext = _ext.cpu_module()
-    out = _empty_out(images, plan, out_dtype)
+    out = _empty_out(images, plan, out_dtype, out)
     args = (images.numpy(), plan.dy2.numpy(), plan.dx2.numpy(), plan.lo2, plan.hi2, plan.table.numpy())
     if out_dtype == torch.float32:
         ext.prompts_render_f32(*args, out.numpy())
@@ -63,13 +71,14 @@ def _device_plan(plan: RingPlan, device: torch.device) -> tuple[torch.Tensor, ..
     return tuple(t.to(device, non_blocking=True) for t in (plan.dy2, plan.dx2, plan.bounds, plan.table))
 
 
-def render_rings_triton(images: torch.Tensor, plan: RingPlan, out_dtype: torch.dtype) -> torch.Tensor:
+def render_rings_triton(images: torch.Tensor, plan: RingPlan, out_dtype: torch.dtype,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton kernel: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
     _check(images, plan, out_dtype, images.device.type)
     interpreted = triton_interpreted()
     with _ext.on_device(images.device):
         dy2, dx2, bounds, table = _device_plan(plan, images.device)
-        out = _empty_out(images, plan, out_dtype)
+        out = _empty_out(images, plan, out_dtype, out)
         B, _, S, _ = images.shape
         Gt = dy2.shape[0]
         if B * Gt == 0:
@@ -80,13 +89,14 @@ def render_rings_triton(images: torch.Tensor, plan: RingPlan, out_dtype: torch.d
     return out
 
 
-def render_rings_cuda(images: torch.Tensor, plan: RingPlan, out_dtype: torch.dtype) -> torch.Tensor:
+def render_rings_cuda(images: torch.Tensor, plan: RingPlan, out_dtype: torch.dtype,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """CUDA kernel on the images' device and its current stream."""
     _check(images, plan, out_dtype, "cuda")
     ext = _ext.cuda_module()
     with _ext.on_device(images.device) as stream:
         dy2, dx2, _, table = _device_plan(plan, images.device)
-        out = _empty_out(images, plan, out_dtype)
+        out = _empty_out(images, plan, out_dtype, out)
         B, _, S, _ = images.shape
         ext.prompts_render(
             images.data_ptr(), dy2.data_ptr(), dx2.data_ptr(), table.data_ptr(), out.data_ptr(),

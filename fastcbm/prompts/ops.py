@@ -40,13 +40,14 @@ __all__ = [
 OP = "prompts.render_rings"
 
 
-def _reference(images: torch.Tensor, plan, out_dtype: torch.dtype, mean, std) -> torch.Tensor:
-    return render_rings_reference(images, plan, mean, std, out_dtype)
+def _reference(images: torch.Tensor, plan, out_dtype: torch.dtype, mean, std, out=None) -> torch.Tensor:
+    res = render_rings_reference(images, plan, mean, std, out_dtype)
+    return res if out is None else out.copy_(res)
 
 
 def _compiled(launcher):
     """A launcher as an implementation: the compiled kernels take the plan's value table, not mean/std."""
-    return lambda images, plan, out_dtype, mean, std: launcher(images.contiguous(), plan, out_dtype)
+    return lambda images, plan, out_dtype, mean, std, out=None: launcher(images.contiguous(), plan, out_dtype, out)
 
 
 backends.define_op(OP, {"default": {
@@ -86,6 +87,7 @@ def render_rings(
     out_dtype: torch.dtype = torch.float32,
     include_plain: bool = False,
     backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw a red ring at each grid position and normalise: uint8 ``[B, 3, S, S]`` → ``[B, G(+1), 3, S, S]``.
 
@@ -103,6 +105,8 @@ def render_rings(
         out_dtype: float32, float16 or bfloat16.
         include_plain: put the un-prompted normalised image at index 0 (for the global embedding E0).
         backend: ``"auto"`` (CPU tensors → C++, CUDA tensors → CUDA, then Triton), or an explicit backend name.
+        out: write into this contiguous ``[B, G + include_plain, 3, S, S]`` tensor of ``out_dtype`` on the images'
+            device (e.g. the encoder's reused input buffer) instead of allocating; it is returned.
 
     Returns:
         ``[B, G + include_plain, 3, S, S]`` contiguous, ``out_dtype``, on the images' device.
@@ -113,5 +117,16 @@ def render_rings(
     if radius is None:
         radius = default_ring_geometry(S)[0]
     plan = make_plan(S, grid, radius, width, centers, mean, std, bool(include_plain))
+    if out is not None:
+        _check_out(out, (images.shape[0], plan.dy2.shape[0], 3, S, S), out_dtype, images.device)
     impl = backends.resolve(OP, backend, images.device)
-    return impl.fn(images, plan, out_dtype, mean, std)
+    return impl.fn(images, plan, out_dtype, mean, std, out)
+
+
+def _check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise InvalidArgument(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise InvalidArgument(f"out must be a contiguous {dtype} tensor of shape {list(shape)} on {device}, got "
+                              f"{out.dtype} {list(out.shape)} on {out.device}"
+                              f"{'' if out.is_contiguous() else ' (not contiguous)'}")
