@@ -73,37 +73,54 @@ class _Tiles:
         return q.view(tb, L * self.M), p.view(tb, L * self.M), fr
 
 
-def cpu_forward(W, F, E, T, mu_q, mu_p, tile) -> torch.Tensor:
-    _check(W, "cpu")
-    ext = _ext.cpu_module()
-    sums = torch.zeros((5, mu_q.numel()), dtype=torch.float64)
+def _tiled_forward(W, F, E, T, mu_q, tile, accumulate) -> torch.Tensor:
+    """The five column sums [5, K] fp64 over all batch tiles: ``accumulate(q [tb, K], p [tb, K], sums)`` adds one
+    tile's (the C++ or the CUDA elementwise kernel)."""
+    sums = torch.zeros((5, mu_q.numel()), dtype=torch.float64, device=W.device)
     tiles = _Tiles(W, F, E, T, tile)
-    mq, mp, s = mu_q.numpy(), mu_p.numpy(), sums.numpy()
     for b0 in range(0, F.shape[0], tile):
         q, p, _ = tiles.qp(b0, min(b0 + tile, F.shape[0]))
-        ext.losses_cubic_accumulate(q.numpy(), p.numpy(), mq, mp, s)
+        accumulate(q, p, sums)
     return sums
 
 
-def cpu_backward(W, F, E, T, mu_q, mu_p, coefs, tile, need_dw, need_df):
-    _check(W, "cpu")
-    ext = _ext.cpu_module()
+def _tiled_backward(W, F, E, T, tile, need_dw, need_df, gradient):
+    """dW, dF from recomputed tiles: ``gradient(q, p)`` overwrites q [tb, K] with g_q; then dW += g_qᵀ·F and
+    dF = g_q·W for the tile's rows (torch GEMMs)."""
     B, C, L = F.shape
     dW = torch.zeros_like(W, memory_format=torch.contiguous_format) if need_dw else None
     dF = torch.empty_like(F, memory_format=torch.contiguous_format) if need_df else None
     tiles = _Tiles(W, F, E, T, tile)
-    mq, mp, cf = mu_q.numpy(), mu_p.numpy(), coefs.numpy()
     for b0 in range(0, B, tile):
         b1 = min(b0 + tile, B)
         q, p, fr = tiles.qp(b0, b1)
-        qn = q.numpy()
-        ext.losses_cubic_gradient(qn, p.numpy(), mq, mp, cf, qn)  # g_q overwrites q
-        g = tiles.q[: (b1 - b0) * L]  # [tb·L, M]
+        gradient(q, p)
+        g = tiles.q[: (b1 - b0) * L]  # [tb·L, M]: g_q, where q was
         if dW is not None:
             dW.addmm_(g.t(), fr)
         if dF is not None:
             dF[b0:b1].copy_((g @ W).view(b1 - b0, L, C).transpose(1, 2))
     return dW, dF
+
+
+def cpu_forward(W, F, E, T, mu_q, mu_p, tile) -> torch.Tensor:
+    _check(W, "cpu")
+    ext = _ext.cpu_module()
+    mq, mp = mu_q.numpy(), mu_p.numpy()
+    return _tiled_forward(W, F, E, T, mu_q, tile,
+                          lambda q, p, sums: ext.losses_cubic_accumulate(q.numpy(), p.numpy(), mq, mp, sums.numpy()))
+
+
+def cpu_backward(W, F, E, T, mu_q, mu_p, coefs, tile, need_dw, need_df):
+    _check(W, "cpu")
+    ext = _ext.cpu_module()
+    mq, mp, cf = mu_q.numpy(), mu_p.numpy(), coefs.numpy()
+
+    def gradient(q, p):
+        qn = q.numpy()
+        ext.losses_cubic_gradient(qn, p.numpy(), mq, mp, cf, qn)  # g_q overwrites q
+
+    return _tiled_backward(W, F, E, T, tile, need_dw, need_df, gradient)
 
 
 CPU = FusedLoss(cpu_forward, cpu_backward)
@@ -137,39 +154,28 @@ def _ieee_fp32_matmul() -> Iterator[None]:
 def cuda_forward(W, F, E, T, mu_q, mu_p, tile) -> torch.Tensor:
     _check(W, "cuda")
     ext = _ext.cuda_module()
-    B, K = F.shape[0], mu_q.numel()
+    K, f64 = mu_q.numel(), W.dtype == torch.float64
     with _ext.on_device(W.device) as stream, _ieee_fp32_matmul():
-        sums = torch.zeros((5, K), dtype=torch.float64, device=W.device)
-        tiles = _Tiles(W, F, E, T, tile)
-        work = torch.empty((_row_chunks(min(tile, B), K), 5, K), dtype=torch.float64, device=W.device)
-        for b0 in range(0, B, tile):
-            q, p, _ = tiles.qp(b0, min(b0 + tile, B))
-            chunks = _row_chunks(q.shape[0], K)
+        work = torch.empty((_row_chunks(min(tile, F.shape[0]), K), 5, K), dtype=torch.float64, device=W.device)
+
+        def accumulate(q, p, sums):
             ext.losses_cubic_accumulate(q.data_ptr(), p.data_ptr(), mu_q.data_ptr(), mu_p.data_ptr(), sums.data_ptr(),
-                                        work.data_ptr(), q.shape[0], K, chunks, W.dtype == torch.float64, stream)
-    return sums
+                                        work.data_ptr(), q.shape[0], K, _row_chunks(q.shape[0], K), f64, stream)
+
+        return _tiled_forward(W, F, E, T, mu_q, tile, accumulate)
 
 
 def cuda_backward(W, F, E, T, mu_q, mu_p, coefs, tile, need_dw, need_df):
     _check(W, "cuda")
     ext = _ext.cuda_module()
-    B, C, L = F.shape
-    K = mu_q.numel()
+    K, f64 = mu_q.numel(), W.dtype == torch.float64
     with _ext.on_device(W.device) as stream, _ieee_fp32_matmul():
-        dW = torch.zeros_like(W, memory_format=torch.contiguous_format) if need_dw else None
-        dF = torch.empty_like(F, memory_format=torch.contiguous_format) if need_df else None
-        tiles = _Tiles(W, F, E, T, tile)
-        for b0 in range(0, B, tile):
-            b1 = min(b0 + tile, B)
-            q, p, fr = tiles.qp(b0, b1)
+
+        def gradient(q, p):  # g_q over q
             ext.losses_cubic_gradient(q.data_ptr(), p.data_ptr(), mu_q.data_ptr(), mu_p.data_ptr(), coefs.data_ptr(),
-                                      q.data_ptr(), b1 - b0, K, W.dtype == torch.float64, stream)  # g_q over q
-            g = tiles.q[: (b1 - b0) * L]  # [tb·L, M]
-            if dW is not None:
-                dW.addmm_(g.t(), fr)
-            if dF is not None:
-                dF[b0:b1].copy_((g @ W).view(b1 - b0, L, C).transpose(1, 2))
-    return dW, dF
+                                      q.data_ptr(), q.shape[0], K, f64, stream)
+
+        return _tiled_backward(W, F, E, T, tile, need_dw, need_df, gradient)
 
 
 CUDA = FusedLoss(cuda_forward, cuda_backward)
