@@ -145,7 +145,7 @@ def run_case(kind: str, n_images: int, repeats: int, grid: int, batch_size: int,
              meb: int | None, num_workers: int = 0, draft: bool = False, device: str = "cpu") -> list[dict]:
     from _env import VIT_B16_GFLOPS, roofline_fraction
 
-    from fastcbm.precompute import encoder_input_config
+    from fastcbm.models.inputs import encoder_input_config
     from fastcbm.prompts import default_ring_geometry
 
     model, name = load_model(kind)

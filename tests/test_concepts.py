@@ -1,4 +1,4 @@
-"""Concept lists: loading, filtering (with a deterministic fake text encoder), text encoding, generator hook."""
+"""Concept lists: loading, filtering (with a deterministic fake text encoder), text encoding."""
 
 from __future__ import annotations
 
@@ -11,15 +11,12 @@ import pytest
 import torch
 
 from fastcbm.concepts import (
-    ConceptGeneratorUnavailable,
     ConceptSet,
     concepts_from_mapping,
     encode_texts,
     filter_concepts,
-    generate_concepts,
-    get_generator,
+    load_concept_mapping,
     load_concepts,
-    register_generator,
 )
 
 DIM = 256
@@ -163,7 +160,7 @@ def test_filter_presence_top_k():
     kept, _ = filter_concepts(concepts, [], bag_of_words, image_embeddings=imgs, presence_cutoff=float(top3[0]) - 1e-4,
                               top_k=3)
     assert "whiskers" in kept and "engine" not in kept
-    from fastcbm.concepts import _presence
+    from fastcbm.concepts.filter import _presence
 
     assert torch.allclose(_presence(imgs, text, 5, chunk=7), top5, atol=1e-6)
     assert torch.allclose(_presence(imgs[:2], text, 5), sims[:2].mean(0), atol=1e-6)  # fewer images than k
@@ -234,28 +231,34 @@ def test_encode_texts_errors():
         encode_texts(object(), tok, ["a"], progress=False)
 
 
-# --------------------------------------------------------------------------------------------------------- generators
-def test_generator_hook():
-    with pytest.raises(ConceptGeneratorUnavailable, match="register_generator"):
-        get_generator("none")
-    with pytest.raises(ConceptGeneratorUnavailable):
-        generate_concepts(["cat"])
-    with pytest.raises(ValueError, match="unknown concept generator"):
-        get_generator("does-not-exist")
-    with pytest.raises(ValueError, match="'none'"):
-        register_generator("none", lambda names: {})
+def test_encode_texts_grad_and_length_check():
+    model, tok = _FakeCLIP(), _FakeTokenizer()
+    out = encode_texts(model, tok, ["red fur", "engine"], progress=False, grad=True)
+    assert out.requires_grad  # DEAL trains the text tower through its captions
+    out.sum().backward()
+    assert model.emb.weight.grad is not None and model.emb.weight.grad.abs().sum() > 0
+    assert not encode_texts(model, tok, ["red fur"], progress=False).requires_grad
 
-    register_generator("test-fn", lambda names: {n: [f"{n} ears", "Fur", "fur"] for n in names})
-    cs = generate_concepts(["cat", "dog"], "test-fn")
-    assert cs.names == ["cat ears", "Fur", "dog ears"] and cs.source == "generator:test-fn"
-    assert cs.class_to_concepts == {"cat": ["cat ears", "Fur"], "dog": ["dog ears", "Fur"]}
 
-    class Obj:
-        def generate(self, class_names):
-            return {c: [1] for c in class_names}
-
-    register_generator("test-obj", Obj())
-    assert isinstance(get_generator("test-obj"), Obj)
-    with pytest.raises(ValueError, match="not a string"):
-        generate_concepts(["cat"], "test-obj")
+# ----------------------------------------------------------------------------------------------- class → concepts JSON
+def test_concept_mapping_is_one_loader_for_every_method(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"cat": [" ears", "Fur", "fur", ""], "dog": ["fur"], "fish": []}))
+    assert load_concept_mapping(p) == {"cat": ["ears", "Fur"], "dog": ["fur"], "fish": []}
+    assert load_concepts(p).names == ["ears", "Fur"]  # the union, case-insensitively unique
     assert concepts_from_mapping({"x": ["y"]}).names == ["y"]
+
+
+@pytest.mark.parametrize("content,match", [
+    ('["a", "b"]', r"expected a JSON object \{class: \[concepts\]\}.*got a JSON list"),
+    ("{}", "got an empty object"),
+    ('{"cat": [1, null, "circle"]}', r"class 'cat', entry 0 is int \(1\), not a string"),
+    ('{"cat": "ears"}', "must map to a list of strings"),
+    ("{", "invalid JSON at line 1"),
+])
+def test_concept_mapping_refuses_what_is_not_class_to_strings(tmp_path, content, match):
+    p = tmp_path / "c.json"
+    p.write_text(content)
+    with pytest.raises(ValueError, match=match) as info:
+        load_concept_mapping(p)
+    assert str(p) in str(info.value)

@@ -133,7 +133,7 @@ def test_deal_lowers_separation_vs_plain_same_steps(tmp_path):
     from fastcbm.data import synthetic as S
     from fastcbm.deal.data import testbed_concepts
     from fastcbm.deal.evaluate import testbed_set
-    from fastcbm.deal.explain import encode_texts, explanations
+    from fastcbm.deal.explain import encode_text_rows, explanations
     from fastcbm.deal.metrics import separation_per_image
     from fastcbm.deal.train import DealConfig, load_deal_clip, train_deal
 
@@ -147,7 +147,7 @@ def test_deal_lowers_separation_vs_plain_same_steps(tmp_path):
         train_deal(train, concepts, "testbed", DealConfig(lr=1e-4, steps=6, batch_size=16, plain=plain,
                                                           checkpoint_every=0), out, resume=False, progress=False)
         model, _, tok = load_deal_clip(out)
-        maps = explanations(model, data.images, encode_texts(model, tok, rows), create_graph=False)
+        maps = explanations(model, data.images, encode_text_rows(model, tok, rows), create_graph=False)
         sep[plain] = float(separation_per_image(maps[:, 1:]).mean())
     assert sep[False] < sep[True] - 0.2, sep
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastcbm.concepts import tokenize_checked
 from fastcbm.deal import explain as E
 from tests.conftest import assert_close
 
@@ -243,13 +244,13 @@ def test_bad_inputs(testbed_clip):
 
 def test_encode_texts_and_length_check(testbed_clip):
     model, tok = testbed_clip
-    emb = E.encode_texts(model, tok, [["blue circle", "blue", "circle"], ["green square", "green", "blue"]])
+    emb = E.encode_text_rows(model, tok, [["blue circle", "blue", "circle"], ["green square", "green", "blue"]])
     assert emb.shape == (2, 3, 128)
     assert_close(emb.norm(dim=-1), torch.ones(2, 3), atol=1e-5, rtol=0, what="unit")
     assert_close(emb[0, 1], emb[1, 2], atol=0, rtol=0, what="same text, same row")
     fits = " ".join(["blue"] * (tok.context_length - 2))
-    E.tokenize_checked(tok, [fits])  # exactly fills the context
-    with pytest.raises(ValueError, match="caption too long"):
-        E.encode_texts(model, tok, [[fits + " circle"]])
+    tokenize_checked(tok, [fits])  # exactly fills the context
+    with pytest.raises(ValueError, match="text too long"):
+        E.encode_text_rows(model, tok, [[fits + " circle"]])
     with pytest.raises(ValueError, match="same number of texts"):
-        E.encode_texts(model, tok, [["a", "b"], ["a"]])
+        E.encode_text_rows(model, tok, [["a", "b"], ["a"]])

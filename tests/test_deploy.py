@@ -268,7 +268,7 @@ def _fake_trt(version: str):
 
 def test_engine_container_and_mismatch(tmp_path, monkeypatch, testbed_export):
     _, _, onnx_path = testbed_export
-    from fastcbm.deploy.onnx_export import file_sha256
+    from fastcbm.files import file_sha256
 
     gpu = {"name": "NVIDIA H200", "capability": "9.0"}
     header = {"engine_format": T.ENGINE_FORMAT, "gpu": gpu, "tensorrt": "10.9.0", "onnx_sha256": "0" * 64,

@@ -100,8 +100,8 @@ def test_precompute_engine_flag_reaches_precompute(tmp_path, monkeypatch, capsys
 
     seen = {}
 
-    def fake(*args, **kwargs):
-        seen.update(kwargs)
+    def fake(data, model, out, config, **kwargs):
+        seen.update(engine=config.engine)
         raise InvalidArgument("stop here")
 
     monkeypatch.setattr(fastcbm.precompute, "precompute", fake)

@@ -113,7 +113,7 @@ def cache_bytes(root: Path) -> dict[str, bytes]:
 
 
 def test_cache_contents(reference, images, model):
-    from fastcbm.precompute import encoder_input_config
+    from fastcbm.models.inputs import encoder_input_config
     from fastcbm.prompts import render_rings
 
     r = CacheReader(reference)
@@ -346,7 +346,7 @@ def test_bad_arguments(images, model, tmp_path):
 
 
 def test_encoder_input_config(model):
-    from fastcbm.precompute import encoder_input_config
+    from fastcbm.models.inputs import encoder_input_config
 
     assert encoder_input_config(model)[0] == 32
     tv = pytest.importorskip("fastcbm.compat").import_torchvision()
@@ -413,7 +413,6 @@ def _fake_models(monkeypatch, model):
 def test_cli_precompute_and_similarities(images, model, reference, tmp_path, monkeypatch, capsys):
     from fastcbm.cache import load_similarities
     from fastcbm.cli import main
-    from fastcbm.commands.precompute import encode_texts
 
     tokenizer = _fake_models(monkeypatch, model)
     out = tmp_path / "c"
@@ -427,7 +426,8 @@ def test_cli_precompute_and_similarities(images, model, reference, tmp_path, mon
                  "--out", str(tmp_path / "P"), "--chunk", "5", "--dtype", "float32"]) == 0
     index = json.loads((tmp_path / "P" / "index.json").read_text())
     assert index["concepts"] == ["red fur", "wheel", "sky"] and len(index["chunks"]) == 3
-    t = encode_texts(model, tokenizer, index["concepts"], "cpu")
+    with torch.no_grad():  # independent of fastcbm's text encoder: the definition, one unit embedding per concept
+        t = torch.nn.functional.normalize(model.encode_text(tokenizer(index["concepts"])).float(), dim=-1)
     want = torch.einsum("ngd,md->ngm", CacheReader(out).prompt_embeddings(dtype=torch.float32), t)
     assert_close(torch.from_numpy(load_similarities(tmp_path / "P")), want, atol=1e-5, rtol=1e-5, what="P file")
     assert main(["similarities", "--cache", str(out), "--concepts", str(tmp_path / "concepts.txt"), "--model",
@@ -448,3 +448,22 @@ def test_cli_features_backbone(images, model, tmp_path, monkeypatch):
     assert r.features().shape == (12, 512, 3, 3) and r.features().dtype == torch.float16
     assert r.settings["features"] == "resnet18"
     assert r.settings["features_source"] == {"backbone": "resnet18", "pretrained": False, "layer": "layer4"}
+
+
+def test_precompute_config_is_the_one_source_of_defaults():
+    """`fastcbm precompute`'s options default to PrecomputeConfig's fields; an unknown setting is refused."""
+    from fastcbm.cli import build_parser
+    from fastcbm.errors import InvalidArgument
+    from fastcbm.precompute import PrecomputeConfig
+
+    d = PrecomputeConfig()
+    args = build_parser().parse_args(["precompute", "--data", "x", "--model", "m", "--out", "o"])
+    for name in ("grid", "radius", "width", "centers", "batch_size", "max_encode_batch", "shard_size", "device",
+                 "dtype", "loader", "num_workers", "verify", "engine"):
+        assert getattr(args, name) == getattr(d, name), name
+    assert args.jpeg_draft == d.draft and args.features == d.features and args.cefam_classifier == d.cefam_classifier
+    with pytest.raises(InvalidArgument, match=r"unknown setting\(s\) \['gird'\]"):
+        PrecomputeConfig.from_settings(gird=3)
+    with pytest.raises(InvalidArgument, match="--features needs --grid >= 1"):
+        PrecomputeConfig.from_settings(grid=0, features="testbed").validate()
+    assert PrecomputeConfig.from_settings(cefam_layers=["layer4"]).cefam_layers == ("layer4",)

@@ -67,7 +67,7 @@ def test_flipped_byte_in_tensors_is_refused(saved, tmp_path):
 
 
 def _meta_edit(root, fn, *, fix_checksum=True):
-    from fastcbm.cache.store import canonical_sha256
+    from fastcbm.files import canonical_sha256
 
     meta = json.loads((root / "config.json").read_text())
     fn(meta)
@@ -147,11 +147,11 @@ def test_features_random_init_really_gives_a_random_backbone(tmp_path, monkeypat
     class Stop(Exception):
         pass
 
-    def fake(*a, **k):
-        raise Stop(k)
+    def fake(data, model, out, config, **k):
+        raise Stop(config)
 
     monkeypatch.setattr(P, "precompute", fake)
     with pytest.raises(Stop) as ei:
         main(["precompute", "--data", str(imgs), "--model", "testbed", "--out", str(tmp_path / "c"), "--features",
               "testbed", "--features-random-init"])
-    assert ei.value.args[0]["features_pretrained"] is False
+    assert ei.value.args[0].features_pretrained is False

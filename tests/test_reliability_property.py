@@ -20,6 +20,7 @@ from fastcbm.cache import (
     CacheReader,
 )
 from fastcbm.cache import store as store_mod
+from fastcbm import files as files_mod
 from fastcbm.precompute import precompute
 from tests.reliability_helpers import RUN, FakeCLIP, flip_byte, make_images, snapshot
 
@@ -92,7 +93,7 @@ def test_any_interleaving_ends_identical_or_refused(world, seq, monkeypatch):
                 assert damaged
                 return
         elif kind == "leftovers":  # what a SIGKILL leaves: a temp shard, a temp manifest, a stale lock file
-            host = store_mod._hostname()
+            host = files_mod._hostname()
             d = out / "shards" / f"{op[1]:05d}.tmp-{host}-{DEAD_PID}"
             d.mkdir(parents=True, exist_ok=True)
             (d / "prompt.npy").write_bytes(b"\x93NUMPY partial")

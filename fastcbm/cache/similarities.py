@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fastcbm.cache.store import atomic_write_json
+from fastcbm.files import atomic_path, atomic_write_json
 from fastcbm.errors import InvalidArgument
 
 
@@ -67,12 +67,8 @@ def write_similarities(reader, text_emb: torch.Tensor, out: str | os.PathLike, *
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, array)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def load_similarities(out: str | os.PathLike) -> np.ndarray:

@@ -28,18 +28,28 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import socket
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 
 from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
+from fastcbm.files import (  # noqa: F401  (canonical_sha256, file_sha256, tmp_suffix: part of this module's API)
+    FolderLock,
+    FolderLockedError,
+    os_error_line,
+    atomic_write_json,
+    canonical_sha256,
+    file_sha256,
+    fsync_dir,
+    remove_dead_temps,
+    tmp_suffix,
+    tmp_writer_alive,
+)
+from fastcbm.files import read_checked_json as _read_checked_json
 
 log = logging.getLogger("fastcbm.cache")
 
@@ -66,123 +76,17 @@ class CacheCorruptError(InvalidFile):
     """A file of a finished cache is damaged (truncated, checksum mismatch, NaN/inf rows, unreadable manifest)."""
 
 
-class CacheLockedError(OSError):
+class CacheLockedError(FolderLockedError):
     """Another live process is writing this cache directory."""
 
 
-def canonical_sha256(obj: Any) -> str:
-    """sha256 of a JSON value in canonical form (sorted keys, no whitespace): fingerprints of settings/records."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+class CacheLock(FolderLock):
+    """One writer per cache directory (:class:`fastcbm.files.FolderLock` on ``CACHE/.lock``)."""
 
-
-def _hostname() -> str:
-    # dots/slashes never reach a file name; the pid follows the last '-'
-    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname() or "host")[:64]
-
-
-def tmp_suffix() -> str:
-    """``tmp-<host>-<pid>``: names every temporary file/dir of this process, so cleanup can tell dead writers'."""
-    return f"tmp-{_hostname()}-{os.getpid()}"
-
-
-_TMP_RE = re.compile(r"\.tmp-(?:(?P<host>[A-Za-z0-9_]+)-)?(?P<pid>\d+)$")
-
-
-def tmp_writer_alive(name: str) -> bool:
-    """Whether the writer that owns temporary file/dir ``name`` may still be running. Unknown owners (another host,
-    an unparsable name) count as alive: we never remove what we cannot prove dead."""
-    m = _TMP_RE.search(name)
-    if m is None:
-        return True
-    host, pid = m.group("host"), int(m.group("pid"))
-    if host is not None and host != _hostname():
-        return True
-    if pid == os.getpid():
-        return False  # our own leftovers (a previous attempt in this process) are never in use at cleanup time
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except OSError:  # pragma: no cover
-        return True
-    return True
-
-
-class CacheLock:
-    """Exclusive writer lock of a cache directory: ``flock`` on ``CACHE/.lock`` (released by the kernel when the
-    process dies, so a killed run never leaves a stale lock). The file holds ``host pid start-time`` for the message a
-    second writer gets. Not reliable on network file systems without ``flock`` support (NFS < v4)."""
-
-    NAME = ".lock"
+    error = CacheLockedError
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-        self.path = self.root / self.NAME
-        self._fd: int | None = None
-
-    def acquire(self) -> Self:
-        import fcntl
-
-        for _ in range(20):
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise _os_error_line(exc, f"cannot write the cache directory {self.root}") from exc
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                try:
-                    holder = os.read(fd, 200).decode(errors="replace").split()
-                finally:
-                    os.close(fd)
-                who = (f"pid {holder[1]} on host {holder[0]}, started {holder[2]}" if len(holder) >= 3
-                       else "pid unknown")
-                raise CacheLockedError(
-                    f"another fastcbm precompute ({who}) is writing the cache at {self.root}; wait for it to finish "
-                    "(then rerun to resume) or use another --out") from None
-            try:  # the holder we waited on may have removed the file: then our lock is on a dead inode, retry
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        else:  # pragma: no cover - only under extreme churn
-            raise CacheLockedError(f"could not lock the cache at {self.root} (the lock file keeps changing)")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{_hostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        """Remove the lock file (a finished cache holds no lock file) and unlock."""
-        if self._fd is not None:
-            import fcntl
-
-            try:
-                self.path.unlink()
-            except OSError:
-                pass
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            finally:
-                os.close(self._fd)
-                self._fd = None
-
-    def __enter__(self) -> Self:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _os_error_line(exc: OSError, what: str) -> OSError:
-    """An OSError whose message is one line naming what failed and why (e.g. a read-only folder)."""
-    reason = exc.strerror or str(exc)
-    return type(exc)(f"{what}: {reason}" + (f" ({exc.filename})" if exc.filename else ""))
+        super().__init__(root, what="the cache", command="fastcbm precompute")
 
 
 @dataclass(frozen=True)
@@ -257,65 +161,9 @@ def _write_array(path: Path, array: np.ndarray) -> tuple[str, int]:
     return w.sha.hexdigest(), w.nbytes
 
 
-def file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            sha.update(chunk)
-    return sha.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path: Path, obj: Any, *, checksum: bool = False) -> None:
-    """Write JSON to ``path`` so readers see the old or the new file, never a partial one. ``checksum`` adds a
-    ``"checksum"`` field (sha256 of the canonical JSON of everything else; see :func:`read_checked_json`). A failed
-    write (e.g. disk full) removes its temporary file."""
-    if checksum:
-        obj = {**{k: v for k, v in obj.items() if k != "checksum"}, "checksum": canonical_sha256(
-            {k: v for k, v in obj.items() if k != "checksum"})}
-    tmp = path.with_name(f"{path.name}.{tmp_suffix()}")
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
 def read_checked_json(path: Path, what: str) -> dict:
-    """A JSON object written with ``atomic_write_json(checksum=True)``; :class:`CacheCorruptError` naming ``path``
-    when it is truncated, not JSON, not an object, or fails its checksum. A file without a checksum is accepted."""
-    try:
-        obj = json.loads(path.read_text())
-    except UnicodeDecodeError as exc:
-        raise CacheCorruptError(f"{what} {path} is damaged (not text: {exc.reason})") from None
-    except json.JSONDecodeError as exc:
-        raise CacheCorruptError(f"{what} {path} is damaged or truncated (invalid JSON at line {exc.lineno} column "
-                                f"{exc.colno}: {exc.msg})") from None
-    if not isinstance(obj, dict):
-        raise CacheCorruptError(f"{what} {path} is damaged (a JSON {type(obj).__name__}, not an object)")
-    if "checksum" in obj and obj["checksum"] != canonical_sha256({k: v for k, v in obj.items() if k != "checksum"}):
-        raise CacheCorruptError(f"{what} {path} fails its checksum (the file was modified or damaged)")
-    return obj
+    """:func:`fastcbm.files.read_checked_json`, failing with :class:`CacheCorruptError`."""
+    return _read_checked_json(path, what, error=CacheCorruptError)
 
 
 def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
@@ -409,7 +257,7 @@ class ShardedCache:
         try:
             self.shard_dir.mkdir(exist_ok=True)
         except OSError as exc:
-            raise _os_error_line(exc, f"cannot write the cache directory {self.root}") from exc
+            raise os_error_line(exc, f"cannot write the cache directory {self.root}") from exc
         self.manifest = manifest
 
     # -- compatibility -------------------------------------------------------------------------------------------
@@ -477,21 +325,7 @@ class ShardedCache:
         """Remove temporary shard directories and manifest files left by *dead* writers (a killed run): names carry
         ``tmp-<host>-<pid>``; a file of a live process, of another host or with an unknown owner is kept.
         Returns what was removed."""
-        removed = []
-        candidates = list(self.shard_dir.glob("*.tmp-*")) + list(self.root.glob(f"{MANIFEST}.tmp-*"))
-        for p in candidates:
-            if tmp_writer_alive(p.name):
-                log.info("cache %s: keeping %s (its writer may still be running)", self.root, p.name)
-                continue
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                try:
-                    p.unlink()
-                except OSError:
-                    pass
-            removed.append(p)
-        return removed
+        return remove_dead_temps(self.shard_dir) + remove_dead_temps(self.root, f"*{MANIFEST}*.tmp-*")
 
     def read_record(self, index: int) -> ShardRecord | None:
         """The shard's record, or None when it is missing, unreadable, or fails its own checksum."""
@@ -561,7 +395,7 @@ class ShardedCache:
                 exc.errno, f"no space left on the device holding the cache directory {self.root} while writing "
                 f"{what} ({exc.strerror}). The {done} finished shard(s) stay valid: free some space and run the same "
                 f"command again to resume.")
-        return _os_error_line(exc, f"cannot write {what} of the cache at {self.root}")
+        return os_error_line(exc, f"cannot write {what} of the cache at {self.root}")
 
     def write_shard(self, index: int, arrays: Mapping[str, np.ndarray], skipped: Sequence[Mapping] = ()) -> ShardRecord:
         """Write shard ``index`` atomically. ``arrays`` maps every declared array name to an array of shape
@@ -590,11 +424,11 @@ class ShardedCache:
             rec = ShardRecord(index, start, stop, next(iter(rows.values()), 0), files, [dict(s) for s in skipped],
                               self.shard_settings, self.fingerprint, self._inputs_sha(index))
             atomic_write_json(tmp / SHARD_META, rec.to_json(), checksum=True)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():  # a damaged leftover (pending_shards removes those; be safe anyway)
                 shutil.rmtree(final)
             os.replace(tmp, final)  # the commit point: the shard becomes visible complete
-            _fsync_dir(self.shard_dir)
+            fsync_dir(self.shard_dir)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise self._disk_error(exc, f"shard {index}") from exc

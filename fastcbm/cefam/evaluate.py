@@ -111,7 +111,7 @@ def to_input(images: Sequence[torch.Tensor], size: int, mean, std, device) -> to
 
 def clip_input_config(clip_model, preprocess=None) -> tuple[int, tuple, tuple]:
     """``(size, mean, std)`` of a CLIP image tower (fastcbm.precompute's reading of open_clip's preprocess)."""
-    from fastcbm.precompute import encoder_input_config
+    from fastcbm.models.inputs import encoder_input_config
 
     return encoder_input_config(clip_model, preprocess)
 

@@ -140,11 +140,11 @@ def overlay_png(path: str | os.PathLike, image: torch.Tensor, explanation: CEFAM
     import numpy as np
     from PIL import Image
 
-    from fastcbm.salf.report import _hwc, _overlay
+    from fastcbm.html import overlay, to_hwc
 
     img = image.detach().cpu().numpy()
-    hwc = _hwc(img)
-    tiles = [hwc] + [_overlay(hwc, r.numpy()) for r in explanation.regions]
+    hwc = to_hwc(img)
+    tiles = [hwc] + [overlay(hwc, r.numpy()) for r in explanation.regions]
     strip = np.concatenate(tiles, axis=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,25 +15,25 @@ from typing import Any
 
 import numpy as np
 
-from fastcbm.salf.report import (
-    _CSS,
-    DISPLAY_SIZE,
-    _atomic_write,
-    _check_images,
-    _display_scale,
-    _esc,
-    _fmt,
-    _hwc,
-    _img_tag,
-    _overlay,
-    _png_data_uri,
-    _summary_html,
-    _to_numpy,
-)
 from fastcbm.errors import InvalidArgument
+from fastcbm.html import (
+    CSS,
+    DISPLAY_SIZE,
+    check_images,
+    display_scale,
+    esc,
+    fmt,
+    img_tag,
+    overlay,
+    png_data_uri,
+    summary_html,
+    to_hwc,
+    to_numpy,
+    write_page,
+)
 
 _METRICS = ("nra", "nra_paper", "epg", "hit_rate")
-_EXTRA_CSS = "table.eval td,table.eval th{border:1px solid #ddd}table.eval th{background:#f0f0f0}"
+_EXTRACSS = "table.eval td,table.eval th{border:1px solid #ddd}table.eval th{background:#f0f0f0}"
 
 
 def _eval_html(evaluation: Mapping[str, Any]) -> str:
@@ -49,29 +49,29 @@ def _eval_html(evaluation: Mapping[str, Any]) -> str:
         methods.append(("CLIP-Dissect baseline", evaluation["clip_dissect"]))
     if not methods:
         return '<p class="note">No evaluation.</p>'
-    head = "<tr><th>concept type</th>" + "".join(f"<th>{_esc(m)}</th>" for m in _METRICS) + "<th>pairs</th></tr>"
+    head = "<tr><th>concept type</th>" + "".join(f"<th>{esc(m)}</th>" for m in _METRICS) + "<th>pairs</th></tr>"
     for title, res in methods:
         rows = []
         for t, v in res.get("per_type", {}).items():
-            rows.append(f"<tr><th>{_esc(t)}</th>" + "".join(f'<td class="num">{_esc(_fmt(v.get(m)))}</td>'
+            rows.append(f"<tr><th>{esc(t)}</th>" + "".join(f'<td class="num">{esc(fmt(v.get(m)))}</td>'
                                                                for m in _METRICS)
-                        + f'<td class="num">{_esc(v.get("pairs", ""))}</td></tr>')
+                        + f'<td class="num">{esc(v.get("pairs", ""))}</td></tr>')
         mean = res.get("mean", {})
-        rows.append("<tr><th>mean over types</th>" + "".join(f'<td class="num"><b>{_esc(_fmt(mean.get(m)))}</b></td>'
+        rows.append("<tr><th>mean over types</th>" + "".join(f'<td class="num"><b>{esc(fmt(mean.get(m)))}</b></td>'
                                                              for m in _METRICS) + "<td></td></tr>")
-        blocks.append(f"<h3>{_esc(title)}</h3><table class=\"eval\">{head}{''.join(rows)}</table>")
+        blocks.append(f"<h3>{esc(title)}</h3><table class=\"eval\">{head}{''.join(rows)}</table>")
     note = evaluation.get("note")
-    return "".join(blocks) + (f'<p class="muted">{_esc(note)}</p>' if note else "")
+    return "".join(blocks) + (f'<p class="muted">{esc(note)}</p>' if note else "")
 
 
 def _card_html(i: int, image: np.ndarray, e: Any, class_names: Sequence[str]) -> str:
     size = image.shape[-1]
-    scale = _display_scale(size)
-    hwc = _hwc(image)
+    scale = display_scale(size)
+    hwc = to_hwc(image)
     pred = int(e.predicted)
     name = e.class_name or (class_names[pred] if pred < len(class_names) else str(pred))
     prob = float(e.probabilities[pred])
-    regions = _to_numpy(e.regions, f"explanations[{i}].regions") if e.regions is not None else None
+    regions = to_numpy(e.regions, f"explanations[{i}].regions") if e.regions is not None else None
     if regions is not None and (regions.ndim != 3 or regions.shape[0] != len(e.concepts)):
         raise InvalidArgument(f"explanations[{i}].regions must be [k, H, W] with k = {len(e.concepts)} concepts, got "
                               f"shape {tuple(regions.shape)}")
@@ -80,18 +80,18 @@ def _card_html(i: int, image: np.ndarray, e: Any, class_names: Sequence[str]) ->
     for j, c in enumerate(e.concepts):
         width = 100.0 * abs(c.contribution) / cmax
         sign = "pos" if c.contribution >= 0 else "neg"
-        rows.append(f'<tr><td class="cname">{_esc(c.concept)}</td><td class="num">{c.score:.2f}</td>'
-                    f'<td>{_esc(c.layer)}</td><td class="barcell"><div class="bar {sign}" style="width:{width:.1f}%">'
+        rows.append(f'<tr><td class="cname">{esc(c.concept)}</td><td class="num">{c.score:.2f}</td>'
+                    f'<td>{esc(c.layer)}</td><td class="barcell"><div class="bar {sign}" style="width:{width:.1f}%">'
                     f'</div></td><td class="num">{c.contribution:+.3f}</td></tr>')
         if regions is not None:
-            uri = _png_data_uri(_overlay(hwc, regions[j]), max(1, scale // 2))
-            heats.append(f'<figure>{_img_tag(uri, f"region of {c.concept}", width=DISPLAY_SIZE // 2)}'
-                         f'<figcaption>{_esc(c.concept)} ({_esc(c.layer)})</figcaption></figure>')
+            uri = png_data_uri(overlay(hwc, regions[j]), max(1, scale // 2))
+            heats.append(f'<figure>{img_tag(uri, f"region of {c.concept}", width=DISPLAY_SIZE // 2)}'
+                         f'<figcaption>{esc(c.concept)} ({esc(c.layer)})</figcaption></figure>')
     table = ('<table class="contrib"><tr><th>concept</th><th>score</th><th>stage</th><th>contribution</th><th></th>'
              "</tr>" + "".join(rows) + "</table>") if rows else '<p class="note">No concepts.</p>'
     return (f'<div class="card"><div class="head">'
-            f'{_img_tag(_png_data_uri(hwc, scale), f"image {i}", "main", width=DISPLAY_SIZE)}'
-            f'<div class="pred"><div class="muted">#{i}</div><div class="cls">{_esc(name)} '
+            f'{img_tag(png_data_uri(hwc, scale), f"image {i}", "main", width=DISPLAY_SIZE)}'
+            f'<div class="pred"><div class="muted">#{i}</div><div class="cls">{esc(name)} '
             f'<span class="prob">{prob:.1%}</span></div>{table}</div></div>'
             f'<div class="heats">{"".join(heats)}</div></div>')
 
@@ -100,28 +100,28 @@ def _comparison_html(cmp: Mapping[str, Any]) -> str:
     missing = [k for k in ("images", "masks", "concepts", "cefam", "clip_dissect") if k not in cmp]
     if missing:
         raise InvalidArgument(f"comparisons is missing {missing} (needs images, masks, concepts, cefam, clip_dissect)")
-    imgs = _check_images(cmp["images"], "comparisons['images']")
+    imgs = check_images(cmp["images"], "comparisons['images']")
     n = imgs.shape[0]
     if len(cmp["concepts"]) != n:
         raise InvalidArgument(f"comparisons['concepts'] has {len(cmp['concepts'])} names for {n} images")
-    masks = [_to_numpy(m, "comparisons['masks']") for m in cmp["masks"]]
-    maps = {k: [_to_numpy(m, f"comparisons[{k!r}]").astype(np.float32) for m in cmp[k]] for k in ("cefam",
+    masks = [to_numpy(m, "comparisons['masks']") for m in cmp["masks"]]
+    maps = {k: [to_numpy(m, f"comparisons[{k!r}]").astype(np.float32) for m in cmp[k]] for k in ("cefam",
                                                                                                    "clip_dissect")}
     if len(masks) != n or any(len(v) != n for v in maps.values()):
         raise InvalidArgument(f"comparisons: masks, cefam and clip_dissect need {n} entries each")
     half = DISPLAY_SIZE // 2
     rows = []
     for i in range(n):
-        hwc = _hwc(imgs[i])
+        hwc = to_hwc(imgs[i])
         s = hwc.shape[0]
-        scale = max(1, _display_scale(s) // 2)
+        scale = max(1, display_scale(s) // 2)
         gt = np.where(masks[i].astype(bool), 255, 0).astype(np.uint8)
-        cells = [_img_tag(_png_data_uri(hwc, scale), f"image {i}", width=half),
-                 _img_tag(_png_data_uri(gt, max(1, scale * s // max(gt.shape[0], 1))), f"mask {i}", width=half),
-                 _img_tag(_png_data_uri(_overlay(hwc, maps["cefam"][i]), scale), f"CE-FAM {i}", width=half),
-                 _img_tag(_png_data_uri(_overlay(hwc, maps["clip_dissect"][i]), scale), f"CLIP-Dissect {i}",
+        cells = [img_tag(png_data_uri(hwc, scale), f"image {i}", width=half),
+                 img_tag(png_data_uri(gt, max(1, scale * s // max(gt.shape[0], 1))), f"mask {i}", width=half),
+                 img_tag(png_data_uri(overlay(hwc, maps["cefam"][i]), scale), f"CE-FAM {i}", width=half),
+                 img_tag(png_data_uri(overlay(hwc, maps["clip_dissect"][i]), scale), f"CLIP-Dissect {i}",
                           width=half)]
-        rows.append(f"<tr><th>{_esc(cmp['concepts'][i])}</th>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        rows.append(f"<tr><th>{esc(cmp['concepts'][i])}</th>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return ('<table class="seg"><tr><th>concept</th><th>image</th><th>ground truth</th><th>CE-FAM</th>'
             "<th>CLIP-Dissect</th></tr>" + "".join(rows) + "</table>")
 
@@ -144,11 +144,11 @@ def write_cefam_report(path: str | os.PathLike, *, images, explanations: Sequenc
     """
     n = len(explanations)
     if n:
-        imgs = _check_images(images, "images", n)
+        imgs = check_images(images, "images", n)
     if not isinstance(summary, Mapping):
         raise InvalidArgument(f"summary must be a dict name → value, got {type(summary).__name__}")  # noqa: TRY004
     cards = "".join(_card_html(i, imgs[i], e, list(class_names)) for i, e in enumerate(explanations)) if n else ""
-    sections = [f"<h2>Summary</h2>{_summary_html(summary)}"]
+    sections = [f"<h2>Summary</h2>{summary_html(summary)}"]
     if evaluation is not None:
         sections.append(f"<h2>Concept localisation</h2>{_eval_html(evaluation)}")
     sections.append(f"<h2>Explanations ({n} image{'s' if n != 1 else ''})</h2>"
@@ -160,9 +160,9 @@ def write_cefam_report(path: str | os.PathLike, *, images, explanations: Sequenc
         sections.append(f"<h2>Regions against the ground truth</h2>{_comparison_html(comparisons)}")
     page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_esc(title)}</title><style>{_CSS}{_EXTRA_CSS}</style></head><body><h1>{_esc(title)}</h1>"
+            f"<title>{esc(title)}</title><style>{CSS}{_EXTRACSS}</style></head><body><h1>{esc(title)}</h1>"
             + "".join(sections) + '<p class="muted" style="margin-top:2em">Generated by fastcbm.</p></body></html>\n')
-    return _atomic_write(Path(path), page)
+    return write_page(Path(path), page)
 
 
 __all__ = ["write_cefam_report"]

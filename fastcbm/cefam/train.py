@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from fastcbm.cache.reader import Z_CAT
 from fastcbm.cefam.model import CEFAM, CONFIG_FILE, TRANSLATOR_FILE, CEFAMConfig
 from fastcbm.errors import InvalidArgument, MissingFile, OutputExists
+from fastcbm.files import atomic_path
 
 log = logging.getLogger("fastcbm.cefam")
 
@@ -182,10 +183,9 @@ def _save_checkpoint(path: Path, translator, best: dict[str, torch.Tensor], opti
         for key, v in st.items():
             if isinstance(v, torch.Tensor):
                 tensors[f"optim.{pid}.{key}"] = v.detach().cpu().contiguous()
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"state": json.dumps(state), "param_groups": json.dumps(
-        [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]])})
-    os.replace(tmp, path)  # atomic: a kill never leaves a half-written checkpoint
+    with atomic_path(path) as tmp:  # a kill never leaves a half-written checkpoint
+        save_file(tensors, str(tmp), metadata={"state": json.dumps(state), "param_groups": json.dumps(
+            [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]])})
 
 
 def _load_checkpoint(path: Path, translator, optimizer, device) -> tuple[dict[str, torch.Tensor], dict]:

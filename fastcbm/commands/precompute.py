@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 
-from fastcbm.errors import InvalidArgument, InvalidFile
+from fastcbm.errors import InvalidArgument
 
 log = logging.getLogger("fastcbm.commands.precompute")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from fastcbm.precompute.config import PrecomputeConfig
+
+    d = PrecomputeConfig()  # every default below is read from here: the CLI, the API and the demos share them
     p = subparsers.add_parser(
         "precompute", help="encode images with red-ring prompts into a sharded prompt-embedding cache",
         description="Stream images, render G ring prompts per image, encode them with CLIP's image tower and store "
@@ -21,20 +24,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="CLIP model name for fastcbm.models.load_clip (e.g. ViT-B-16)")
     p.add_argument("--pretrained", default=None, help="pretrained tag (open_clip) or checkpoint")
     p.add_argument("--out", required=True, help="cache directory (created, or resumed if it exists)")
-    p.add_argument("--grid", type=int, default=7, help="rings per axis (G = grid²), default 7; 0: no ring prompts, "
+    p.add_argument("--grid", type=int, default=d.grid, help=f"rings per axis (G = grid²), default {d.grid}; 0: no ring prompts, "
                    "only the global embedding (the cheap mode for CE-FAM; SALF-CBM needs prompts)")
     p.add_argument("--no-prompts", action="store_true", help="same as --grid 0")
     p.add_argument("--radius", type=float, default=None, help="ring radius in px (default 32·S/224)")
-    p.add_argument("--width", type=float, default=2.0, help="ring line width in px (default 2)")
-    p.add_argument("--centers", choices=("inset", "paper"), default="inset")
+    p.add_argument("--width", type=float, default=d.width, help=f"ring line width in px (default {d.width:g})")
+    p.add_argument("--centers", choices=("inset", "paper"), default=d.centers,
+                   help=f"ring centres: inset (every ring inside the image) or paper (k·⌊S/(G−1)⌋); default {d.centers}")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 64 GPU, 4 CPU)")
     p.add_argument("--max-encode-batch", type=int, default=None,
                    help="prompted images per encoder forward (default 1024 GPU; CPU: about 1 M pixels, 20 at 224 px)")
-    p.add_argument("--shard-size", type=int, default=4096, help="input images per cache shard (default 4096)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+    p.add_argument("--shard-size", type=int, default=d.shard_size,
+                   help=f"input images per cache shard (default {d.shard_size})")
+    p.add_argument("--device", default=d.device, help=f"auto | cpu | cuda | cuda:N (default {d.device})")
+    p.add_argument("--dtype", default=d.dtype, choices=("auto", "bf16", "fp16", "fp32"),
                    help="encoder precision (auto: bf16 autocast on GPU, fp32 on CPU)")
-    p.add_argument("--loader", default="auto", choices=("auto", "torch", "dali"))
+    p.add_argument("--loader", default=d.loader, choices=("auto", "torch", "dali"),
+                   help="image decoding: torch/PIL workers or NVIDIA DALI (auto: DALI on a GPU when installed)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="decoding worker processes (torch loader; default: min(4, cores))")
     p.add_argument("--features", default=None, metavar="BACKBONE",
@@ -56,9 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--jpeg-draft", action="store_true",
                    help="let the JPEG decoder downscale by a power of two first (several times faster decoding of "
                         "large photos for small encoders; slightly different pixels, recorded in the manifest)")
-    p.add_argument("--verify", choices=("checksum", "size"), default="checksum",
+    p.add_argument("--verify", choices=("checksum", "size"), default=d.verify,
                    help="how finished shards are checked when resuming")
-    p.add_argument("--engine", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
+    p.add_argument("--engine", choices=("torch", "onnxruntime", "tensorrt"), default=d.engine,
                    help="what runs the image tower: PyTorch, or an exported ONNX graph on onnxruntime / a TensorRT "
                         "engine (cached by GPU, TensorRT version and graph hash); see fastcbm export")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -84,9 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_precompute(args: argparse.Namespace) -> int:
-    from fastcbm.precompute import precompute
-
     from fastcbm.files import check_output_dir
+    from fastcbm.precompute import PrecomputeConfig, precompute
 
     if args.features_layer and not args.features:
         raise InvalidArgument("--features-layer needs --features BACKBONE")
@@ -99,60 +104,28 @@ def run_precompute(args: argparse.Namespace) -> int:
     if args.grid < 0:
         raise InvalidArgument(f"--grid must be >= 0 (0: no ring prompts), got {args.grid}")
     cefam_layers = [s.strip() for s in args.cefam_layers.split(",") if s.strip()] if args.cefam_layers else None
+    config = PrecomputeConfig.from_settings(
+        grid=args.grid, radius=args.radius, width=args.width, centers=args.centers, batch_size=args.batch_size,
+        shard_size=args.shard_size, device=args.device, dtype=args.dtype, num_workers=args.num_workers,
+        loader=args.loader, max_encode_batch=args.max_encode_batch, features=args.features,
+        features_pretrained=False if args.features_random_init else True, features_layer=args.features_layer,
+        draft=args.jpeg_draft, verify=args.verify, cefam_classifier=args.cefam_classifier, cefam_layers=cefam_layers,
+        cefam_pretrained=None if args.cefam_random_init else True, progress=not args.no_progress, engine=args.engine)
+    config.validate()  # bad combinations: one line before loading any model
     check_output_dir(args.out, "--out")  # an existing file, an unwritable folder: one line before loading models
     # OSErrors (a full disk, a read-only folder, another writer's lock) are the CLI's: one line, exit 3
-    reader = precompute(args.data, args.model, args.out, pretrained=args.pretrained, grid=args.grid,
-                        radius=args.radius, width=args.width, centers=args.centers, batch_size=args.batch_size,
-                        shard_size=args.shard_size, device=args.device, dtype=args.dtype,
-                        num_workers=args.num_workers, loader=args.loader, max_encode_batch=args.max_encode_batch,
-                        features=args.features, features_pretrained=False if args.features_random_init else True,
-                        features_layer=args.features_layer, draft=args.jpeg_draft, verify=args.verify,
-                        cefam_classifier=args.cefam_classifier, cefam_layers=cefam_layers,
-                        cefam_pretrained=None if args.cefam_random_init else True,
-                        progress=not args.no_progress, engine=args.engine)
+    reader = precompute(args.data, args.model, args.out, config, pretrained=args.pretrained)
     m = reader.manifest
     print(f"cache {args.out}: {m['num_images']} images x {reader.num_prompts} prompts x {reader.dim} dims "
           f"({m['num_skipped']} skipped) in {len(m['shards'])} shards")
     return 0
 
 
-def read_concepts(path: str) -> list[str]:
-    """Concepts from a text file: ``fastcbm.concepts.load_concepts`` when available, else one per line (blank lines
-    and ``#`` comments skipped, duplicates dropped keeping the first)."""
-    try:
-        from fastcbm.concepts import load_concepts  # type: ignore[attr-defined]
-    except ImportError:
-        load_concepts = None
-    if load_concepts is not None:
-        return list(load_concepts(path))
-    seen, out = set(), []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            c = line.strip()
-            if c and not c.startswith("#") and c not in seen:
-                seen.add(c)
-                out.append(c)
-    if not out:
-        raise InvalidFile(f"--concepts: {path} lists no concepts")
-    return out
-
-
-def encode_texts(model, tokenizer, texts: list[str], device, batch: int = 256):
-    """[M, D] unit text embeddings."""
-    import torch
-
-    outs = []
-    with torch.inference_mode():
-        for lo in range(0, len(texts), batch):
-            tok = tokenizer(texts[lo:lo + batch]).to(device)
-            outs.append(torch.nn.functional.normalize(model.encode_text(tok).float(), dim=-1))
-    return torch.cat(outs)
-
-
 def run_similarities(args: argparse.Namespace) -> int:
     import torch
 
     from fastcbm.cache import CacheReader, write_similarities
+    from fastcbm.concepts import encode_texts, load_concepts
     from fastcbm.models import load_clip
 
     from fastcbm.cache import CacheCorruptError
@@ -174,11 +147,12 @@ def run_similarities(args: argparse.Namespace) -> int:
                               "live in another space")
     if "{}" not in args.template:
         raise InvalidArgument(f"--template must contain '{{}}', got {args.template!r}")
-    concepts = read_concepts(args.concepts)
+    concepts = list(load_concepts(args.concepts))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, _, tokenizer = load_clip(args.model, args.pretrained)
     model = model.eval().to(device)
-    text = encode_texts(model, tokenizer, [args.template.format(c) for c in concepts], device)
+    text = encode_texts(model, tokenizer, concepts, templates=(args.template,), device=device,
+                        progress=not getattr(args, "no_progress", False))
     index = write_similarities(reader, text, args.out, concepts=concepts, chunk=args.chunk, dtype=args.dtype,
                                device=device)
     print(f"wrote P [{index['num_images']}, {index['num_prompts']}, {index['num_concepts']}] {args.dtype} in "

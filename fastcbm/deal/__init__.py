@@ -8,6 +8,6 @@ to the category's explanation, with explanation gradients that actually reach th
 - :mod:`fastcbm.deal.train`: ``DealConfig``, ``train_deal`` (``fastcbm deal train``).
 """
 
-from fastcbm.deal.explain import encode_texts, explanations
+from fastcbm.deal.explain import encode_text_rows, explanations
 
-__all__ = ["encode_texts", "explanations"]
+__all__ = ["encode_text_rows", "explanations"]

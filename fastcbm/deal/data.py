@@ -3,10 +3,10 @@ descriptors for the synthetic testbed's 12 classes."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from fastcbm.concepts.load import load_concept_mapping
 from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
 
 CAPTION_FORMS = ("code", "paper")
@@ -14,20 +14,14 @@ CAPTION_FORMS = ("code", "paper")
 
 def load_concepts_json(path: str | os.PathLike, k: int = 5) -> dict[str, list[str]]:
     """``{class: [first k descriptors]}`` from the authors' JSON format (``{class: [descriptors]}``, usually 6 per
-    class of which the released code uses the first 5).
+    class of which the released code uses the first 5), read by :func:`fastcbm.concepts.load_concept_mapping`.
 
-    Raises FileNotFoundError / ValueError (one line naming the file and the class) for a missing or malformed file, a
-    class without descriptors, or a class with fewer than ``k``."""
+    Raises :class:`~fastcbm.errors.UserError` (one line naming the file and the class) for a missing or malformed
+    file, a non-string descriptor, a class without descriptors, or a class with fewer than ``k``."""
     path = Path(path)
     if not path.is_file():
         raise MissingFile(f"concepts: {path} does not exist (expected a JSON file {{class: [descriptors]}})")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidFile(f"concepts: {path} is not valid JSON ({exc})") from None
-    if not isinstance(raw, dict) or not raw:
-        raise InvalidFile(f"concepts: {path} must hold a non-empty JSON object {{class: [descriptors]}}")
-    return select_concepts(raw, k, source=str(path))
+    return select_concepts(load_concept_mapping(path), k, source=str(path))
 
 
 def select_concepts(raw: dict, k: int = 5, *, source: str = "concepts") -> dict[str, list[str]]:
@@ -39,7 +33,11 @@ def select_concepts(raw: dict, k: int = 5, *, source: str = "concepts") -> dict[
         if isinstance(descs, str) or not isinstance(descs, (list, tuple)):
             raise InvalidFile(f"{source}: class {name!r} must map to a list of descriptor strings, got "
                               f"{type(descs).__name__}")
-        descs = [d.strip() for d in descs if isinstance(d, str) and d.strip()]
+        bad = [d for d in descs if not isinstance(d, str)]
+        if bad:
+            raise InvalidFile(f"{source}: class {name!r} has a descriptor that is not a string ({bad[0]!r}); "
+                              "descriptors are text")
+        descs = [d.strip() for d in descs if d.strip()]
         if not descs:
             raise InvalidFile(f"{source}: class {name!r} has no descriptors")
         if len(descs) < k:

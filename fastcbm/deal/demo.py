@@ -121,7 +121,7 @@ def _run(cfg: DealDemoConfig) -> dict:
     from fastcbm.data import synthetic as S
     from fastcbm.deal.data import testbed_concepts
     from fastcbm.deal.evaluate import accuracy, evaluate, testbed_set
-    from fastcbm.deal.explain import encode_texts, explanations
+    from fastcbm.deal.explain import encode_text_rows, explanations
     from fastcbm.deal.report import write_deal_report
     from fastcbm.deal.train import DealConfig, load_deal_clip, train_deal
     from fastcbm.models import load_clip
@@ -160,7 +160,7 @@ def _run(cfg: DealDemoConfig) -> dict:
     texts = [cls, *concepts[cls][:k]]
     maps = {}
     for name, (model, _, tok) in models.items():
-        emb = encode_texts(model, tok, [texts])
+        emb = encode_text_rows(model, tok, [texts])
         maps[name] = explanations(model, data.images[idx:idx + 1].to(cfg.device), emb, create_graph=False,
                                   layer=cfg.explain_layer)[0].cpu()
     raw = scenes.images[idx]

@@ -177,7 +177,7 @@ def evaluate(model, tokenizer, data: EvalSet, concepts: dict[str, list[str]], *,
     """
     from tqdm import tqdm
 
-    from fastcbm.deal.explain import encode_texts, explanations
+    from fastcbm.deal.explain import encode_text_rows, explanations
 
     desc = _descriptors(data, concepts, k)
     model.eval()
@@ -194,7 +194,7 @@ def evaluate(model, tokenizer, data: EvalSet, concepts: dict[str, list[str]], *,
         labels = data.labels[sl].tolist()
         rows = [[data.class_names[y], *desc[data.class_names[y]]] for y in labels]
         with torch.no_grad():
-            text_emb = encode_texts(model, tokenizer, rows)
+            text_emb = encode_text_rows(model, tokenizer, rows)
             img_emb.append(model.encode_image(x).float().cpu())
         maps = explanations(model, x, text_emb, create_graph=False, layer=explain_layer).detach()
         seps.append(M.separation_per_image(maps[:, 1:]).cpu())
@@ -230,10 +230,10 @@ def _descriptors(data: EvalSet, concepts: dict[str, list[str]], k: int) -> dict[
 @torch.no_grad()
 def _accuracy_texts(model, tokenizer, class_names: list[str], desc: dict[str, list[str]]):
     """Per class its descriptor-sentence embeddings ``[k, D]`` and the class prompts ``[C, D]`` (eq. 6, zero-shot)."""
-    from fastcbm.deal.explain import encode_texts
+    from fastcbm.deal.explain import encode_text_rows
 
-    desc_emb = [encode_texts(model, tokenizer, [s])[0] for s in M.descriptor_sentences(class_names, desc)]
-    cls_emb = encode_texts(model, tokenizer, [[M.CLASS_TEMPLATE.format(cls=c) for c in class_names]])[0]
+    desc_emb = [encode_text_rows(model, tokenizer, [s])[0] for s in M.descriptor_sentences(class_names, desc)]
+    cls_emb = encode_text_rows(model, tokenizer, [[M.CLASS_TEMPLATE.format(cls=c) for c in class_names]])[0]
     return desc_emb, cls_emb
 
 

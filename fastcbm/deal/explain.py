@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcbm.errors import InvalidArgument
+from fastcbm.concepts.encode import encode_texts
 
 MODES = ("auto", "fast", "batched", "expand", "loop")
 RESNET_LAYERS = ("layer4", "layer3")  # the ResNet stage Grad-CAM explains (ViT towers: always the last block)
@@ -350,12 +351,13 @@ def _grid(visual: nn.Module, n: int) -> tuple[int, int]:
     return side, side
 
 
-def encode_texts(model: nn.Module, tokenizer, texts: Sequence[Sequence[str]], *, normalize: bool = True,
-                 check_length: bool = True) -> torch.Tensor:
-    """Text embeddings ``[B, K+1, D]`` for ``texts`` (B rows of K+1 strings each; all rows the same length).
+def encode_text_rows(model: nn.Module, tokenizer, texts: Sequence[Sequence[str]], *,
+                     check_length: bool = True) -> torch.Tensor:
+    """Unit text embeddings ``[B, K+1, D]`` for ``texts`` (B rows of K+1 strings each; all rows the same length),
+    each distinct text encoded once (:func:`fastcbm.concepts.encode_texts`; with gradients when grad mode is on).
 
-    ``check_length``: raise a ValueError naming the text when it does not fit the tokenizer's context (the testbed
-    tokenizer would silently truncate it)."""
+    ``check_length``: refuse a text that does not fit the tokenizer's context (the testbed tokenizer would silently
+    truncate it)."""
     rows = [list(r) for r in texts]
     if not rows:
         raise InvalidArgument("texts: empty")
@@ -365,32 +367,8 @@ def encode_texts(model: nn.Module, tokenizer, texts: Sequence[Sequence[str]], *,
                               f"{sorted({len(r) for r in rows})}")
     flat = [t for r in rows for t in r]
     uniq = list(dict.fromkeys(flat))
-    tokens = tokenize_checked(tokenizer, uniq) if check_length else tokenizer(uniq)
-    device = next(model.parameters()).device
-    emb = model.encode_text(tokens.to(device))
-    if normalize:
-        emb = F.normalize(emb, dim=-1)
+    emb = encode_texts(model, tokenizer, uniq, batch_size=len(uniq), progress=False, grad=torch.is_grad_enabled(),
+                       check_length=check_length)
     index = torch.tensor([uniq.index(t) for t in flat], device=emb.device) if len(uniq) != len(flat) else None
     out = emb if index is None else emb[index]
     return out.view(len(rows), T, -1)
-
-
-def tokenize_checked(tokenizer, texts: Sequence[str]) -> torch.Tensor:
-    """``tokenizer(texts)`` ``[N, ctx]``, with a ValueError naming the first text that does not fit the context.
-
-    Truncating tokenizers (the testbed's, open_clip's) cut an overlong text silently; we tokenize once more with a
-    4× longer context and count the non-padding tokens (padding id 0, as both use)."""
-    texts = list(texts)
-    tokens = tokenizer(texts)
-    ctx = tokens.shape[-1]
-    try:
-        long = tokenizer(texts, context_length=4 * ctx)
-    except TypeError:  # a tokenizer without a context argument: cannot check
-        return tokens
-    lengths = (long != 0).sum(dim=-1)
-    for i, text in enumerate(texts):
-        if int(lengths[i]) > ctx:
-            raise InvalidArgument(f"caption too long for the tokenizer's context: {int(lengths[i])} > {ctx} tokens: "
-                                  f"{text[:120]!r}; use fewer or shorter descriptors (--k) or a model with a longer "
-                                  "context")
-    return tokens

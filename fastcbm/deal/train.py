@@ -26,15 +26,16 @@ import torch.nn.functional as F
 
 from fastcbm.deal.data import (CAPTION_FORMS, captions, class_display_name, load_concepts_json, match_classes,
                                select_concepts)
-from fastcbm.deal.explain import MODES, RESNET_LAYERS, explanations, tokenize_checked
+from fastcbm.concepts.encode import tokenize_checked
+from fastcbm.deal.explain import MODES, RESNET_LAYERS, explanations
 from fastcbm.deal.losses import LOSS_FORMS, deal_loss
 from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
+from fastcbm.files import atomic_path, atomic_write_json
+from fastcbm.models.inputs import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger("fastcbm.deal")
 
 FORMAT = "fastcbm-deal"
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class NonFiniteLossError(ValueError):
@@ -202,15 +203,12 @@ def _batches(n: int, cfg: DealConfig, total: int) -> list[list[int]]:
 def _atomic_save(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def _atomic_json(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=2)
 
 
 def _save_checkpoint(out: Path, model, opt, names: dict, step: int, meta: dict) -> None:
@@ -254,8 +252,8 @@ def _check_resume(meta: dict, model_name: str, pretrained, cfg: DealConfig, out:
 
 # ---- training ------------------------------------------------------------------------------------------------------
 def _normalizer(model, device):
-    mean = getattr(model.visual, "image_mean", None) or OPENAI_MEAN
-    std = getattr(model.visual, "image_std", None) or OPENAI_STD
+    mean = getattr(model.visual, "image_mean", None) or CLIP_MEAN
+    std = getattr(model.visual, "image_std", None) or CLIP_STD
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
     return lambda u8: (u8.to(device).float() / 255 - m) / s

@@ -10,7 +10,6 @@ TorchScript exporter be gone from a future torch, ``"auto"`` falls back to dynam
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from fastcbm.deploy.graph import (
     ExplainedSALF,
 )
 from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
+from fastcbm.files import atomic_path
 
 log = logging.getLogger("fastcbm.deploy")
 
@@ -108,7 +108,7 @@ def export_clip_onnx(model: Any, path: str | os.PathLike, *, pretrained: str | N
     """Export a CLIP image tower (``model.encode_image``; a model or a :func:`fastcbm.models.load_clip` name) as an
     ONNX graph ``images [N, 3, S, S]`` → ``embedding [N, D]`` (fp32, un-normalised). ``input_dtype`` defaults to
     ``"normalized"``: the input space ``fastcbm precompute`` renders its ring prompts in."""
-    from fastcbm.precompute import encoder_input_config
+    from fastcbm.models.inputs import encoder_input_config
 
     _check_common(input_dtype, precision, max_batch, opset, exporter)
     if isinstance(model, str):
@@ -136,48 +136,47 @@ def _export(graph: torch.nn.Module, path: str | os.PathLike, *, meta: dict, inpu
     device = next(iter(graph.buffers()), torch.zeros(0)).device  # trace where the model lives (CPU or GPU)
     example = torch.zeros((2, 3, input_size, input_size), dtype=dtype, device=device)  # batch 2: 1 would be frozen
     names = list(graph.outputs)
-    tmp = path.with_name(path.name + ".tmp")
-    auto = exporter == "auto"
-    if auto:
-        exporter = "torchscript" if opset < 18 else "dynamo"
-    if exporter == "torchscript":
-        try:
-            _torchscript_export(graph, example, tmp, names, opset)
-        except Exception as exc:  # a torch without the TorchScript exporter: use dynamo at 18
-            if not auto:
-                raise
-            log.warning("TorchScript ONNX export failed (%s: %s); using the dynamo exporter at opset 18",
-                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-            exporter, opset = "dynamo", max(opset, 18)
-    if exporter == "dynamo":
-        _dynamo_export(graph, example, tmp, names, opset, max_batch)
-    with torch.no_grad():  # the true output shapes: the exporter leaves e.g. the resized grid dims symbolic
-        shapes = {n: tuple(t.shape) for n, t in zip(names, graph(example))}
-    proto = onnx.load(str(tmp))
-    # declare every output as [batch, static dims...] so runners (and TensorRT) can preallocate them
-    for vi in list(proto.graph.input) + list(proto.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            dims[0].dim_param = "batch"
-        for d, size in zip(list(dims)[1:], shapes.get(vi.name, ())[1:]):
-            d.dim_value = int(size)
-    description = {
-        "format": "fastcbm.onnx", "version": 1, "fastcbm_version": fastcbm.__version__, **meta,
-        "input": {"name": "images", "dtype": input_dtype, "shape": ["batch", 3, input_size, input_size],
-                  "range": {"uint8": "0-255", "float32": "0-1", "normalized": "normalized"}[input_dtype],
-                  "mean": [float(v) for v in mean], "std": [float(v) for v in std]},
-        "input_size": input_size, "outputs": names, "precision": precision, "max_batch": max_batch,
-        "opset": opset, "exporter": exporter,
-    }
-    del proto.metadata_props[:]
-    for key, value in {META_KEY: json.dumps(description), "fastcbm_version": fastcbm.__version__,
-                       "input_dtype": input_dtype, "input_size": str(input_size)}.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    proto.producer_name = "fastcbm"
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)  # never leave a half-written model under the final name
+    with atomic_path(path) as tmp:  # never a half-written model under the final name, never a temp file left
+        auto = exporter == "auto"
+        if auto:
+            exporter = "torchscript" if opset < 18 else "dynamo"
+        if exporter == "torchscript":
+            try:
+                _torchscript_export(graph, example, tmp, names, opset)
+            except Exception as exc:  # a torch without the TorchScript exporter: use dynamo at 18
+                if not auto:
+                    raise
+                log.warning("TorchScript ONNX export failed (%s: %s); using the dynamo exporter at opset 18",
+                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                exporter, opset = "dynamo", max(opset, 18)
+        if exporter == "dynamo":
+            _dynamo_export(graph, example, tmp, names, opset, max_batch)
+        with torch.no_grad():  # the true output shapes: the exporter leaves e.g. the resized grid dims symbolic
+            shapes = {n: tuple(t.shape) for n, t in zip(names, graph(example))}
+        proto = onnx.load(str(tmp))
+        # declare every output as [batch, static dims...] so runners (and TensorRT) can preallocate them
+        for vi in list(proto.graph.input) + list(proto.graph.output):
+            dims = vi.type.tensor_type.shape.dim
+            if dims and not dims[0].HasField("dim_value"):
+                dims[0].dim_param = "batch"
+            for d, size in zip(list(dims)[1:], shapes.get(vi.name, ())[1:]):
+                d.dim_value = int(size)
+        description = {
+            "format": "fastcbm.onnx", "version": 1, "fastcbm_version": fastcbm.__version__, **meta,
+            "input": {"name": "images", "dtype": input_dtype, "shape": ["batch", 3, input_size, input_size],
+                      "range": {"uint8": "0-255", "float32": "0-1", "normalized": "normalized"}[input_dtype],
+                      "mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+            "input_size": input_size, "outputs": names, "precision": precision, "max_batch": max_batch,
+            "opset": opset, "exporter": exporter,
+        }
+        del proto.metadata_props[:]
+        for key, value in {META_KEY: json.dumps(description), "fastcbm_version": fastcbm.__version__,
+                           "input_dtype": input_dtype, "input_size": str(input_size)}.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        proto.producer_name = "fastcbm"
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
     log.info("exported %s (%s, %s, opset %d, max batch %d)", path, meta["kind"], precision, opset, max_batch)
     return path
 
@@ -218,11 +217,3 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if META_KEY not in props:
         raise InvalidFile(f"{path}: an ONNX file without fastcbm metadata (export it with fastcbm export)")
     return json.loads(props[META_KEY])
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()

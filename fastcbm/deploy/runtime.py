@@ -251,7 +251,8 @@ def _is_model_folder(path: Path) -> bool:
 
 def _folder_onnx(folder: Path, cache_dir: str | os.PathLike | None, input_dtype: str, precision: str) -> Path:
     """Export a saved folder to ONNX once, cached under a key of its bytes."""
-    from fastcbm.deploy.onnx_export import export_onnx, file_sha256
+    from fastcbm.deploy.onnx_export import export_onnx
+    from fastcbm.files import file_sha256
     from fastcbm.deploy.tensorrt import cache_root
 
     h = hashlib.sha256()

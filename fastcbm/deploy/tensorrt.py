@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
+from fastcbm.files import atomic_path, atomic_write_bytes
 
 log = logging.getLogger("fastcbm.deploy.tensorrt")
 
@@ -123,13 +124,11 @@ def write_engine_file(path: str | os.PathLike, header: dict, engine: bytes) -> P
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     head = json.dumps(header).encode()
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(MAGIC)
         fh.write(struct.pack("<I", len(head)))
         fh.write(head)
         fh.write(engine)
-    os.replace(tmp, path)
     return path
 
 
@@ -184,7 +183,8 @@ def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike | None = N
     """
     import shutil
 
-    from fastcbm.deploy.onnx_export import file_sha256, read_metadata
+    from fastcbm.deploy.onnx_export import read_metadata
+    from fastcbm.files import file_sha256
 
     meta = read_metadata(onnx_path)  # also: a clear error for a missing / foreign file, before TensorRT
     trt = import_tensorrt()
@@ -244,9 +244,7 @@ def _build_serialized(trt, onnx_path, profile: Profile, cache: Path, gpu: dict, 
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = tc_path.with_name(tc_path.name + ".tmp")
-    tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    os.replace(tmp, tc_path)
+    atomic_write_bytes(tc_path, memoryview(config.get_timing_cache().serialize()))
     return bytes(memoryview(serialized))
 
 
@@ -255,7 +253,7 @@ def load_engine_file(path: str | os.PathLike, *, device: int = 0, rebuild: bool 
     """``(header, engine bytes)`` of an engine that runs on this GPU and TensorRT: a mismatched engine is rebuilt from
     its ONNX file when that file still exists with the same sha256 (and ``rebuild``), otherwise a ValueError says
     what it was built for and how to rebuild it."""
-    from fastcbm.deploy.onnx_export import file_sha256
+    from fastcbm.files import file_sha256
 
     header = read_engine_header(path)
     trt = import_tensorrt()

@@ -5,7 +5,7 @@
 - ``load_backbone(name, pretrained=None) -> Backbone``: ``"testbed"`` (tiny ResNet-like CNN, layer1..layer4) and
   ``"testbed-vit"`` (tiny timm ViT) are bundled; torchvision names (``resnet18``, ``resnet50``, ...) and timm names
   work too. ``pretrained=None`` gives random init; a pretrained request that cannot be fetched (offline) raises a
-  ``RuntimeError`` naming the weights.
+  :class:`~fastcbm.errors.WeightsUnavailableError` naming the weights.
 
 Register more with :func:`register_clip` / :func:`register_backbone`.
 """
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from fastcbm.errors import InvalidFile
+from fastcbm.models.inputs import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401
 
 
 @dataclass
@@ -58,14 +58,51 @@ def register_backbone(name: str, loader: Callable) -> None:
     _BACKBONE_LOADERS[name] = loader
 
 
+_CLIP_FOLDER_LOADERS: dict[str, Callable | str] = {}
+
+
+def register_clip_folder(format_name: str, loader: Callable | str) -> None:
+    """Register ``loader(path) -> (model, preprocess, tokenizer)`` for CLIP model folders whose ``config.json`` says
+    ``"format": format_name`` (a method's fine-tuned CLIP, e.g. DEAL's output). ``loader`` may be a
+    ``"module:function"`` string, imported on first use, so registering costs nothing and this module imports no
+    method package."""
+    _CLIP_FOLDER_LOADERS[format_name] = loader
+
+
+def _clip_folder_loader(path: str) -> Callable | None:
+    """The registered loader of the CLIP model folder ``path``, or None when ``path`` is not a folder with a
+    ``config.json`` (then the name goes to open_clip). A folder of an unregistered format is refused in one line."""
+    import importlib
+    import json
+
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        return None
+    try:
+        with open(cfg, encoding="utf-8") as fh:
+            fmt = json.load(fh).get("format")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InvalidFile(f"model: {cfg} is not a readable model config ({type(exc).__name__})") from None
+    loader = _CLIP_FOLDER_LOADERS.get(fmt)
+    if loader is None:
+        raise InvalidFile(f"model: {path} holds a {fmt!r} folder, not a CLIP model folder (known formats: "
+                          f"{sorted(_CLIP_FOLDER_LOADERS)})")
+    if isinstance(loader, str):
+        module, _, attr = loader.partition(":")
+        loader = _CLIP_FOLDER_LOADERS[fmt] = getattr(importlib.import_module(module), attr)
+    return loader
+
+
 def load_clip(name: str = "testbed", pretrained: str | None = None, device: str = "cpu"):
-    """``(model, preprocess, tokenizer)`` for a CLIP model; ``model.encode_image`` / ``encode_text`` as open_clip."""
+    """``(model, preprocess, tokenizer)`` for a CLIP model; ``model.encode_image`` / ``encode_text`` as open_clip.
+
+    ``name``: a registered name (the bundled ``"testbed"``), a CLIP model folder of a registered format (a ``fastcbm
+    deal train`` output; :func:`register_clip_folder`), or an open_clip model name."""
+    folder_loader = None if name in _CLIP_LOADERS else _clip_folder_loader(str(name))
     if name in _CLIP_LOADERS:
         model, preprocess, tokenizer = _CLIP_LOADERS[name](pretrained)
-    elif os.path.isfile(os.path.join(str(name), "config.json")):  # a `fastcbm deal train` output folder
-        from fastcbm.deal.train import load_deal_clip
-
-        model, preprocess, tokenizer = load_deal_clip(name)
+    elif folder_loader is not None:
+        model, preprocess, tokenizer = folder_loader(name)
     else:
         from fastcbm.models.external import load_open_clip
 
@@ -104,6 +141,8 @@ def available_models() -> dict[str, list[str]]:
 from fastcbm.models import testbed as _testbed  # noqa: E402  (registers the bundled models)
 
 _testbed.register()
+# DEAL's fine-tuned CLIP folders, by name: fastcbm.deal is imported only when such a folder is loaded
+register_clip_folder("fastcbm-deal", "fastcbm.deal.train:load_deal_clip")
 
-__all__ = ["Backbone", "IMAGENET_MEAN", "IMAGENET_STD", "available_models", "load_backbone", "load_clip",
-           "register_backbone", "register_clip"]
+__all__ = ["Backbone", "CLIP_MEAN", "CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "available_models", "load_backbone", "load_clip",
+           "register_backbone", "register_clip", "register_clip_folder"]

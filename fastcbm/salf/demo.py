@@ -98,7 +98,8 @@ def _run_demo(cfg: DemoConfig) -> dict:
     from fastcbm.data.export import export_image_folder
     from fastcbm.cam.gradcam import grad_cam
     from fastcbm.models import load_backbone, load_clip
-    from fastcbm.precompute import encoder_input_config, precompute
+    from fastcbm.models.inputs import encoder_input_config
+    from fastcbm.precompute import precompute
     from fastcbm.salf.report import write_salf_report
     from fastcbm.salf import explain as ex
     from fastcbm.salf.pipeline import normalize_for_backbone

@@ -126,7 +126,7 @@ class SALFCBM(nn.Module):
         file, checked by :meth:`load`; both files get the same permissions (0644 under the usual umask)."""
         from safetensors.torch import save_file
 
-        from fastcbm.cache.store import canonical_sha256, file_sha256
+        from fastcbm.files import canonical_sha256, file_sha256
 
         path = Path(path)
         if path.exists() and not path.is_dir():
@@ -185,7 +185,7 @@ def _load_tensors(path: Path, meta: dict, map_location: str) -> dict[str, torch.
     checksum existed are loaded unchecked)."""
     from safetensors.torch import load_file
 
-    from fastcbm.cache.store import file_sha256
+    from fastcbm.files import file_sha256
 
     tensor_file = path / "model.safetensors"
     rec = meta.get("tensors")
@@ -220,7 +220,7 @@ def _read_meta(path: Path) -> dict:
         fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise InvalidFile(f"{cfg_file}: not a SALF-CBM config (format={fmt!r})")
     if "checksum" in meta:
-        from fastcbm.cache.store import canonical_sha256
+        from fastcbm.files import canonical_sha256
 
         if meta["checksum"] != canonical_sha256({k: v for k, v in meta.items() if k != "checksum"}):
             raise InvalidFile(f"{cfg_file} fails its checksum (edited or damaged)")

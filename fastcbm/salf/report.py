@@ -12,161 +12,42 @@ backend of the calling process is never switched.
 from __future__ import annotations
 
 import base64
-import html
 import io
-import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from fastcbm.errors import InvalidArgument
+from fastcbm.html import (
+    CSS,
+    DISPLAY_SIZE,
+    check_images,
+    display_scale,
+    esc,
+    img_tag,
+    matplotlib_parts,
+    overlay,
+    png_data_uri,
+    summary_html,
+    to_hwc,
+    to_numpy,
+    write_page,
+)
 
-HEATMAP_CMAP = "jet"  # heatmap overlays (the usual CAM colormap)
 WEIGHTS_CMAP = "RdBu_r"  # diverging, centred at 0: red = positive weight, blue = negative
-OVERLAY_ALPHA = 0.5  # weight of the colormapped heatmap in the blend
 MAX_DIAGRAM_CONCEPTS = 60  # columns of the class-weight diagram (largest max|w| kept)
 MAX_DIAGRAM_CLASSES = 50
 RULES_PER_CLASS = 8  # rows of the text table per class
-DISPLAY_SIZE = 256  # target on-page size of the main image (px); small images are upscaled ×4 at most
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 
 
-def _matplotlib():
-    """Import matplotlib lazily with a clear message (it is not a core dependency)."""
-    try:
-        import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:  # pragma: no cover - matplotlib is installed where the report is used
-        raise ImportError("the HTML report needs matplotlib: pip install matplotlib") from e
-    return matplotlib, Figure, FigureCanvasAgg
-
-
-def _to_numpy(x: Any, name: str) -> np.ndarray:
-    """Tensor / array / nested list → numpy array (on CPU, detached)."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    try:
-        return np.asarray(x)
-    except Exception as e:  # noqa: BLE001 - report which argument was bad
-        raise InvalidArgument(f"{name}: cannot convert {type(x).__name__} to an array ({e})") from None
-
-
-def _check_images(x: Any, name: str, n: int | None = None) -> np.ndarray:
-    """Validate uint8 images ``[n, 3, S, S]`` and return them as a numpy array."""
-    a = _to_numpy(x, name)
-    if a.ndim != 4 or a.shape[1] != 3 or a.shape[2] != a.shape[3]:
-        raise InvalidArgument(f"{name} must be uint8 [n, 3, S, S], got shape {tuple(a.shape)}")
-    if a.dtype != np.uint8:
-        raise InvalidArgument(f"{name} must be uint8 [n, 3, S, S], got dtype {a.dtype}")
-    if n is not None and a.shape[0] != n:
-        raise InvalidArgument(f"{name} has {a.shape[0]} images, expected {n}")
-    return a
-
-
-def _display_scale(size: int) -> int:
-    """Integer nearest-neighbour upscale factor for an image of side ``size`` (×4 for 64 px, ×1 from 256 px)."""
-    return max(1, min(4, DISPLAY_SIZE // max(size, 1)))
-
-
-def _png_data_uri(rgb: np.ndarray, scale: int = 1) -> str:
-    """``[H, W, 3]`` (or ``[H, W]``) uint8 → ``data:image/png;base64,...``, upscaled ×scale with nearest neighbour."""
-    img = Image.fromarray(np.ascontiguousarray(rgb))
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=6)  # optimize=True: 10× slower, same size
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _hwc(image_chw: np.ndarray) -> np.ndarray:
-    """``[3, S, S]`` → ``[S, S, 3]``."""
-    return np.ascontiguousarray(image_chw.transpose(1, 2, 0))
-
-
-def _resize_map(m: np.ndarray, size: int) -> np.ndarray:
-    """Float map ``[h, w]`` → ``[size, size]`` (bilinear, align_corners=False, like ``salf.explain.upsample``)."""
-    m = np.asarray(m, dtype=np.float32)
-    if m.shape == (size, size):
-        return m
-    t = torch.from_numpy(np.ascontiguousarray(m))[None, None]
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
-
-
-def _minmax(m: np.ndarray) -> np.ndarray:
-    """Min-max normalise to [0, 1]; a constant (or non-finite) map becomes all zeros."""
-    m = np.nan_to_num(np.asarray(m, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = float(m.min()), float(m.max())
-    return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-
-
-def _overlay(image_hwc: np.ndarray, heat: np.ndarray, cmap_name: str = HEATMAP_CMAP,
-             alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """Alpha-blend a min-max normalised, colormapped heatmap ``[h, w]`` onto an image ``[S, S, 3]`` → uint8."""
-    mpl, _, _ = _matplotlib()
-    heat = _minmax(_resize_map(heat, image_hwc.shape[0]))
-    colored = mpl.colormaps[cmap_name](heat)[..., :3] * 255.0  # [S, S, 3] float
-    out = (1.0 - alpha) * image_hwc.astype(np.float32) + alpha * colored
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def _fmt(v: Any) -> str:
-    """A summary / table value as short text (floats to 4 significant digits)."""
-    if isinstance(v, (torch.Tensor, np.ndarray)) and np.size(v) == 1:
-        v = v.item()
-    elif isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, bool) or v is None:
-        return str(v)
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return f"{v:.4g}" if math.isfinite(v) else str(v)
-    return str(v)
-
-
-def _esc(s: Any) -> str:
-    return html.escape(str(s), quote=True)
-
-
-def _img_tag(uri: str, alt: str, css_class: str = "", width: int | None = None) -> str:
-    w = f' width="{width}"' if width else ""
-    c = f' class="{css_class}"' if css_class else ""
-    return f'<img{c} src="{uri}" alt="{_esc(alt)}"{w}>'
-
-
 # ---------------------------------------------------------------------------------------------------------- sections
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """Nested summary dicts as ``parent · child`` rows, lists as comma-separated figures: a reader sees numbers,
-    never a Python repr."""
-    out: list[tuple[str, Any]] = []
-    for k, v in d.items():
-        key = f"{prefix} · {k}" if prefix else str(k).replace("_", " ")
-        if isinstance(v, Mapping):
-            out += _flatten(v, key)
-        elif isinstance(v, (list, tuple)) and all(not isinstance(x, (Mapping, list, tuple)) for x in v):
-            out.append((key, ", ".join(_fmt(x) for x in v)))
-        else:
-            out.append((key, v))
-    return out
-
-
-def _summary_html(summary: Mapping[str, Any]) -> str:
-    if not summary:
-        return '<p class="note">No summary figures.</p>'
-    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(_fmt(v))}</td></tr>" for k, v in _flatten(summary))
-    return f'<table class="summary">{rows}</table>'
 
 
 def _check_explanation(e: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -175,12 +56,12 @@ def _check_explanation(e: Any, i: int) -> tuple[np.ndarray, np.ndarray]:
     for attr in ("predicted", "probabilities", "top_concepts", "heatmaps"):
         if not hasattr(e, attr):
             raise InvalidArgument(f"{name} is not an Explanation (no {attr!r})")
-    probs = _to_numpy(e.probabilities, f"{name}.probabilities").astype(np.float64)
+    probs = to_numpy(e.probabilities, f"{name}.probabilities").astype(np.float64)
     if probs.ndim != 1 or probs.size == 0:
         raise InvalidArgument(f"{name}.probabilities must be [K], got shape {tuple(probs.shape)}")
     if not 0 <= int(e.predicted) < probs.size:
         raise InvalidArgument(f"{name}.predicted = {e.predicted} is out of range [0, {probs.size})")
-    heat = _to_numpy(e.heatmaps, f"{name}.heatmaps")
+    heat = to_numpy(e.heatmaps, f"{name}.heatmaps")
     if heat.ndim != 3:
         raise InvalidArgument(f"{name}.heatmaps must be [k, H, W], got shape {tuple(heat.shape)}")
     if heat.shape[0] != len(e.top_concepts):
@@ -196,17 +77,17 @@ def _card_html(i: int, image: np.ndarray, e: Any, probs: np.ndarray, heat: np.nd
                class_names: Sequence[str], label: int | None) -> str:
     """One image's card: image, prediction, top-k contributions as bars, heatmap overlays."""
     size = image.shape[-1]
-    scale = _display_scale(size)
-    hwc = _hwc(image)
+    scale = display_scale(size)
+    hwc = to_hwc(image)
     pred = int(e.predicted)
     pred_name = e.class_name if getattr(e, "class_name", None) else _class_label(pred, class_names)
     verdict = ""
     if label is not None:
         ok = label == pred
         verdict = (f' <span class="{"ok" if ok else "bad"}">{"✓" if ok else "✗"}</span>'
-                   f' <span class="muted">true: {_esc(_class_label(label, class_names))}</span>')
+                   f' <span class="muted">true: {esc(_class_label(label, class_names))}</span>')
     others = np.argsort(-probs)[:3]
-    runner = ", ".join(f"{_esc(_class_label(int(j), class_names))} {probs[j]:.2f}" for j in others if j != pred)
+    runner = ", ".join(f"{esc(_class_label(int(j), class_names))} {probs[j]:.2f}" for j in others if j != pred)
     # contribution bars, scaled by the largest |contribution| shown on this card
     conts = [float(c) for _, c, _ in e.top_concepts]
     cmax = max((abs(c) for c in conts), default=0.0) or 1.0
@@ -223,27 +104,27 @@ def _card_html(i: int, image: np.ndarray, e: Any, probs: np.ndarray, heat: np.nd
               "(below average, negative weight)", "against": "evidence against"}
     for kind, rows in groups.items():
         if rows:
-            bars.append(f'<tr class="group"><td colspan="4" class="muted">{_esc(titles[kind])}</td></tr>')
+            bars.append(f'<tr class="group"><td colspan="4" class="muted">{esc(titles[kind])}</td></tr>')
         for j, cname, c, act in rows:
             width = 100.0 * abs(float(c)) / cmax
             sign = "pos" if float(c) >= 0 else "neg"
             label = f"no {cname}" if kind == "absent" else cname
             bars.append(
-                f'<tr class="{kind}"><td class="cname">{_esc(label)}</td>'
+                f'<tr class="{kind}"><td class="cname">{esc(label)}</td>'
                 f'<td class="barcell"><div class="bar {sign}" style="width:{width:.1f}%"></div></td>'
                 f'<td class="num">{float(c):+.3f}</td><td class="num muted">{float(act):+.2f}</td></tr>')
     for j, (cname, c, act) in enumerate(e.top_concepts):
-        uri = _png_data_uri(_overlay(hwc, heat[j]), max(1, scale // 2))  # heatmaps shown at half size
-        heats.append(f'<figure>{_img_tag(uri, f"heatmap of {cname}", width=DISPLAY_SIZE // 2)}'
-                     f'<figcaption>{_esc(cname)}</figcaption></figure>')
+        uri = png_data_uri(overlay(hwc, heat[j]), max(1, scale // 2))  # heatmaps shown at half size
+        heats.append(f'<figure>{img_tag(uri, f"heatmap of {cname}", width=DISPLAY_SIZE // 2)}'
+                     f'<figcaption>{esc(cname)}</figcaption></figure>')
     bars_html = ('<table class="contrib"><tr><th>concept</th><th>contribution</th><th></th>'
                  '<th title="standardised activation">act.</th></tr>' + "".join(bars) + "</table>"
                  if bars else '<p class="note">No concepts.</p>')
     return (
         f'<div class="card"><div class="head">'
-        f'{_img_tag(_png_data_uri(hwc, scale), f"image {i}", "main", width=DISPLAY_SIZE)}'
+        f'{img_tag(png_data_uri(hwc, scale), f"image {i}", "main", width=DISPLAY_SIZE)}'
         f'<div class="pred"><div class="muted">#{i}</div>'
-        f'<div class="cls">{_esc(pred_name)} <span class="prob">{probs[pred]:.1%}</span>{verdict}</div>'
+        f'<div class="cls">{esc(pred_name)} <span class="prob">{probs[pred]:.1%}</span>{verdict}</div>'
         f'<div class="muted">next: {runner or "—"}</div>{bars_html}</div></div>'
         f'<div class="heats">{"".join(heats)}</div></div>'
     )
@@ -277,7 +158,7 @@ def _rules_matrix(rules: Mapping[str, Sequence[tuple[str, float]]]) -> tuple[lis
 
 def _weights_png(classes: list[str], concepts: list[str], w: np.ndarray) -> str:
     """The class-weight diagram (classes × concepts, diverging colormap centred at 0) as a PNG data URI."""
-    _, Figure, FigureCanvasAgg = _matplotlib()
+    _, Figure, FigureCanvasAgg = matplotlib_parts()
     fig = Figure(figsize=(min(2.5 + 0.28 * len(concepts), 24), min(1.8 + 0.3 * len(classes), 18)), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -304,14 +185,14 @@ def _rules_html(rules: Mapping[str, Sequence[tuple[str, float]]]) -> str:
     if total > len(concepts) or len(rules) > len(classes):
         note = (f'<p class="note">Diagram shows {len(classes)} of {len(rules)} classes and {len(concepts)} of '
                 f'{total} concepts (largest weights).</p>')
-    diagram = _img_tag(_weights_png(classes, concepts, w), "class × concept weight diagram", "diagram")
+    diagram = img_tag(_weights_png(classes, concepts, w), "class × concept weight diagram", "diagram")
     rows = []
     for c, lst in rules.items():
         top = sorted(lst, key=lambda t: -abs(float(t[1])))[:RULES_PER_CLASS]
-        cells = " ".join(f'<span class="rule {"pos" if float(x) >= 0 else "neg"}">{_esc(n)} {float(x):+.3f}</span>'
+        cells = " ".join(f'<span class="rule {"pos" if float(x) >= 0 else "neg"}">{esc(n)} {float(x):+.3f}</span>'
                          for n, x in top)
         more = f' <span class="muted">(+{len(lst) - len(top)} more)</span>' if len(lst) > len(top) else ""
-        rows.append(f"<tr><th>{_esc(c)}</th><td class=\"num\">{len(lst)}</td><td>{cells or '—'}{more}</td></tr>")
+        rows.append(f"<tr><th>{esc(c)}</th><td class=\"num\">{len(lst)}</td><td>{cells or '—'}{more}</td></tr>")
     table = ('<table class="rules"><tr><th>class</th><th>#w≠0</th><th>top rules (concept weight)</th></tr>'
              + "".join(rows) + "</table>")
     return f"{diagram}{note}{table}"
@@ -321,53 +202,33 @@ def _segmentation_html(seg: Mapping[str, Any]) -> str:
     missing = [k for k in ("images", "masks", "salf", "gradcam") if k not in seg]
     if missing:
         raise InvalidArgument(f"segmentation is missing {missing} (needs images, masks, salf, gradcam)")
-    imgs = _check_images(seg["images"], "segmentation['images']")
+    imgs = check_images(seg["images"], "segmentation['images']")
     n, s = imgs.shape[0], imgs.shape[-1]
-    masks = _to_numpy(seg["masks"], "segmentation['masks']")
+    masks = to_numpy(seg["masks"], "segmentation['masks']")
     if masks.shape != (n, s, s):
         raise InvalidArgument(f"segmentation['masks'] must be bool [{n}, {s}, {s}], got shape {tuple(masks.shape)}")
     maps = {}
     for key in ("salf", "gradcam"):
-        m = _to_numpy(seg[key], f"segmentation[{key!r}]")
+        m = to_numpy(seg[key], f"segmentation[{key!r}]")
         if m.ndim != 3 or m.shape[0] != n:
             raise InvalidArgument(f"segmentation[{key!r}] must be float [{n}, H, W], got shape {tuple(m.shape)}")
         maps[key] = m.astype(np.float32)
     if n == 0:
         return '<p class="note">No segmentation samples.</p>'
-    scale, half = max(1, _display_scale(s) // 2), DISPLAY_SIZE // 2  # four pictures a row: half size
+    scale, half = max(1, display_scale(s) // 2), DISPLAY_SIZE // 2  # four pictures a row: half size
     rows = []
     for i in range(n):
-        hwc = _hwc(imgs[i])
+        hwc = to_hwc(imgs[i])
         gt = np.where(masks[i].astype(bool), 255, 0).astype(np.uint8)
-        cells = [_img_tag(_png_data_uri(hwc, scale), f"segmentation image {i}", width=half),
-                 _img_tag(_png_data_uri(gt, scale), f"ground-truth mask {i}", width=half),
-                 _img_tag(_png_data_uri(_overlay(hwc, maps["salf"][i]), scale), f"SALF heatmap {i}", width=half),
-                 _img_tag(_png_data_uri(_overlay(hwc, maps["gradcam"][i]), scale), f"Grad-CAM {i}", width=half)]
+        cells = [img_tag(png_data_uri(hwc, scale), f"segmentation image {i}", width=half),
+                 img_tag(png_data_uri(gt, scale), f"ground-truth mask {i}", width=half),
+                 img_tag(png_data_uri(overlay(hwc, maps["salf"][i]), scale), f"SALF heatmap {i}", width=half),
+                 img_tag(png_data_uri(overlay(hwc, maps["gradcam"][i]), scale), f"Grad-CAM {i}", width=half)]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return ('<table class="seg"><tr><th>image</th><th>ground truth</th><th>SALF-CBM</th><th>Grad-CAM</th></tr>'
             + "".join(rows) + "</table>")
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fafafa}
-h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse}th,td{padding:3px 8px;text-align:left;vertical-align:top}
-table.summary th{font-weight:600;background:#f0f0f0}table.summary td,table.summary th{border:1px solid #ddd}
-.note{color:#777;font-style:italic}.muted{color:#888;font-size:.9em}.num{text-align:right;font-variant-numeric:tabular-nums}
-.cards{display:flex;flex-wrap:wrap;gap:16px}
-.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:12px;max-width:720px}
-.head{display:flex;gap:12px}.pred{flex:1;min-width:260px}.cls{font-size:1.15em;font-weight:600;margin:4px 0}
-.prob{font-weight:400;color:#555}.ok{color:#1a7f37}.bad{color:#c62828}
-img{image-rendering:pixelated}img.main{border:1px solid #ccc}
-.contrib{margin-top:6px;width:100%}.cname{max-width:180px;overflow-wrap:anywhere}
-.barcell{width:120px}.bar{height:10px;border-radius:2px}.bar.pos{background:#2e7d32}.bar.neg{background:#c62828}
-.heats{display:flex;flex-wrap:wrap;gap:8px;margin-top:8px}
-figure{margin:0;text-align:center}figcaption{font-size:.8em;max-width:128px;overflow-wrap:anywhere}
-.rule{display:inline-block;margin:1px 4px 1px 0;padding:0 4px;border-radius:3px;font-size:.9em}
-.rule.pos{background:#e8f5e9}.rule.neg{background:#ffebee}
-table.rules td,table.rules th{border-bottom:1px solid #eee}img.diagram{max-width:100%;image-rendering:auto}
-table.seg td{padding:2px}
-"""
 
 
 # -------------------------------------------------------------------------------------------------------------- API
@@ -410,12 +271,12 @@ def write_salf_report(
             raise InvalidArgument(f"images is None but there are {n} explanations")
         imgs = np.zeros((0, 3, 1, 1), dtype=np.uint8)
     else:
-        imgs = _check_images(images, "images")
+        imgs = check_images(images, "images")
         if imgs.shape[0] != n:
             raise InvalidArgument(f"images has {imgs.shape[0]} images but explanations has {n}")
     labs: list[int] | None = None
     if labels is not None:
-        la = _to_numpy(labels, "labels")
+        la = to_numpy(labels, "labels")
         if la.ndim != 1 or la.shape[0] != n:
             raise InvalidArgument(f"labels must be [n] with n = {n}, got shape {tuple(la.shape)}")
         labs = [int(v) for v in la.tolist()]
@@ -441,9 +302,9 @@ def write_salf_report(
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>{_esc(title)}</h1>"
-        f"<h2>Summary</h2>{_summary_html(summary)}"
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
+        f"<h1>{esc(title)}</h1>"
+        f"<h2>Summary</h2>{summary_html(summary)}"
         f"<h2>Explanations ({n} image{'s' if n != 1 else ''})</h2>"
         '<p class="muted">Bars: contribution of each concept to the predicted class logit (green: for, red: against); '
         "act.: standardised concept activation. Heatmaps: where each concept is, min-max normalised.</p>"
@@ -452,27 +313,4 @@ def write_salf_report(
         f"{seg_html}"
         '<p class="muted" style="margin-top:2em">Generated by fastcbm.</p></body></html>\n'
     )
-    return _atomic_write(Path(path), page)
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    """Write ``text`` to a temp file next to ``path``, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
-__all__ = ["write_salf_report"]
+    return write_page(path, page)

@@ -1,0 +1,186 @@
+"""The HTML building blocks every explanation page shares (SALF-CBM, CE-FAM and DEAL reports).
+
+Pages are one self-contained ``.html`` file: no external CSS or JS, every picture an inline base64 PNG, one style
+sheet (:data:`CSS`). matplotlib is imported lazily (colormaps) through its Agg canvas only: the global pyplot backend of
+the calling process is never switched. :func:`write_page` writes a page atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fastcbm.errors import InvalidArgument
+from fastcbm.files import atomic_write_text
+
+HEATMAP_CMAP = "jet"  # heatmap overlays (the usual CAM colormap)
+OVERLAY_ALPHA = 0.5  # weight of the colormapped heatmap in the blend
+DISPLAY_SIZE = 256  # target on-page size of the main image (px); small images are upscaled ×4 at most
+
+
+def matplotlib_parts():
+    """Import matplotlib lazily with a clear message (it is not a core dependency)."""
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - matplotlib is installed where the report is used
+        raise ImportError("the HTML report needs matplotlib: pip install matplotlib") from e
+    return matplotlib, Figure, FigureCanvasAgg
+
+
+def to_numpy(x: Any, name: str) -> np.ndarray:
+    """Tensor / array / nested list → numpy array (on CPU, detached)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    try:
+        return np.asarray(x)
+    except Exception as e:  # noqa: BLE001 - report which argument was bad
+        raise InvalidArgument(f"{name}: cannot convert {type(x).__name__} to an array ({e})") from None
+
+
+def check_images(x: Any, name: str, n: int | None = None) -> np.ndarray:
+    """Validate uint8 images ``[n, 3, S, S]`` and return them as a numpy array."""
+    a = to_numpy(x, name)
+    if a.ndim != 4 or a.shape[1] != 3 or a.shape[2] != a.shape[3]:
+        raise InvalidArgument(f"{name} must be uint8 [n, 3, S, S], got shape {tuple(a.shape)}")
+    if a.dtype != np.uint8:
+        raise InvalidArgument(f"{name} must be uint8 [n, 3, S, S], got dtype {a.dtype}")
+    if n is not None and a.shape[0] != n:
+        raise InvalidArgument(f"{name} has {a.shape[0]} images, expected {n}")
+    return a
+
+
+def display_scale(size: int) -> int:
+    """Integer nearest-neighbour upscale factor for an image of side ``size`` (×4 for 64 px, ×1 from 256 px)."""
+    return max(1, min(4, DISPLAY_SIZE // max(size, 1)))
+
+
+def png_data_uri(rgb: np.ndarray, scale: int = 1) -> str:
+    """``[H, W, 3]`` (or ``[H, W]``) uint8 → ``data:image/png;base64,...``, upscaled ×scale with nearest neighbour."""
+    img = Image.fromarray(np.ascontiguousarray(rgb))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=6)  # optimize=True: 10× slower, same size
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def to_hwc(image_chw: np.ndarray) -> np.ndarray:
+    """``[3, S, S]`` → ``[S, S, 3]``."""
+    return np.ascontiguousarray(image_chw.transpose(1, 2, 0))
+
+
+def resize_map(m: np.ndarray, size: int) -> np.ndarray:
+    """Float map ``[h, w]`` → ``[size, size]`` (bilinear, align_corners=False, like ``salf.explain.upsample``)."""
+    m = np.asarray(m, dtype=np.float32)
+    if m.shape == (size, size):
+        return m
+    t = torch.from_numpy(np.ascontiguousarray(m))[None, None]
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def minmax(m: np.ndarray) -> np.ndarray:
+    """Min-max normalise a map ``[h, w]`` to [0, 1] (:func:`fastcbm.cam.minmax_normalize`); non-finite values count
+    as 0 and a constant map becomes all zeros."""
+    from fastcbm.cam.reference import minmax_normalize
+
+    m = np.nan_to_num(np.asarray(m, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    return minmax_normalize(torch.from_numpy(np.ascontiguousarray(m))).numpy()
+
+
+def overlay(image_hwc: np.ndarray, heat: np.ndarray, cmap_name: str = HEATMAP_CMAP,
+             alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """Alpha-blend a min-max normalised, colormapped heatmap ``[h, w]`` onto an image ``[S, S, 3]`` → uint8."""
+    mpl, _, _ = matplotlib_parts()
+    heat = minmax(resize_map(heat, image_hwc.shape[0]))
+    colored = mpl.colormaps[cmap_name](heat)[..., :3] * 255.0  # [S, S, 3] float
+    out = (1.0 - alpha) * image_hwc.astype(np.float32) + alpha * colored
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def fmt(v: Any) -> str:
+    """A summary / table value as short text (floats to 4 significant digits)."""
+    if isinstance(v, (torch.Tensor, np.ndarray)) and np.size(v) == 1:
+        v = v.item()
+    elif isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def esc(s: Any) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def img_tag(uri: str, alt: str, css_class: str = "", width: int | None = None) -> str:
+    w = f' width="{width}"' if width else ""
+    c = f' class="{css_class}"' if css_class else ""
+    return f'<img{c} src="{uri}" alt="{esc(alt)}"{w}>'
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested summary dicts as ``parent · child`` rows, lists as comma-separated figures: a reader sees numbers,
+    never a Python repr."""
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix} · {k}" if prefix else str(k).replace("_", " ")
+        if isinstance(v, Mapping):
+            out += flatten(v, key)
+        elif isinstance(v, (list, tuple)) and all(not isinstance(x, (Mapping, list, tuple)) for x in v):
+            out.append((key, ", ".join(fmt(x) for x in v)))
+        else:
+            out.append((key, v))
+    return out
+
+
+def summary_html(summary: Mapping[str, Any]) -> str:
+    if not summary:
+        return '<p class="note">No summary figures.</p>'
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(fmt(v))}</td></tr>" for k, v in flatten(summary))
+    return f'<table class="summary">{rows}</table>'
+
+
+
+
+def write_page(path: str | os.PathLike, page: str) -> Path:
+    """Write an HTML page atomically (parent folders created) and return its path."""
+    return atomic_write_text(Path(path), page)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fafafa}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse}th,td{padding:3px 8px;text-align:left;vertical-align:top}
+table.summary th{font-weight:600;background:#f0f0f0}table.summary td,table.summary th{border:1px solid #ddd}
+.note{color:#777;font-style:italic}.muted{color:#888;font-size:.9em}.num{text-align:right;font-variant-numeric:tabular-nums}
+.cards{display:flex;flex-wrap:wrap;gap:16px}
+.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:12px;max-width:720px}
+.head{display:flex;gap:12px}.pred{flex:1;min-width:260px}.cls{font-size:1.15em;font-weight:600;margin:4px 0}
+.prob{font-weight:400;color:#555}.ok{color:#1a7f37}.bad{color:#c62828}
+img{image-rendering:pixelated}img.main{border:1px solid #ccc}
+.contrib{margin-top:6px;width:100%}.cname{max-width:180px;overflow-wrap:anywhere}
+.barcell{width:120px}.bar{height:10px;border-radius:2px}.bar.pos{background:#2e7d32}.bar.neg{background:#c62828}
+.heats{display:flex;flex-wrap:wrap;gap:8px;margin-top:8px}
+figure{margin:0;text-align:center}figcaption{font-size:.8em;max-width:128px;overflow-wrap:anywhere}
+.rule{display:inline-block;margin:1px 4px 1px 0;padding:0 4px;border-radius:3px;font-size:.9em}
+.rule.pos{background:#e8f5e9}.rule.neg{background:#ffebee}
+table.rules td,table.rules th{border-bottom:1px solid #eee}img.diagram{max-width:100%;image-rendering:auto}
+table.seg td{padding:2px}
+"""
