@@ -99,7 +99,7 @@ def _trivial_cos(cache, train_rows, val_rows) -> float:
 
 
 def test_training_learns_the_clip_embedding(caches, tmp_path):
-    from fastcbm.salf.data import split_rows
+    from fastcbm.data.split import split_rows
 
     _, _, cache, _ = caches
     model, rep = train_translator_run(cache, tmp_path / "m", max_epochs=25, concepts=["red", "circle", "striped"])
@@ -125,7 +125,7 @@ def test_standardized_training_folds_into_a_raw_z_translator(caches, tmp_path):
     from fastcbm.cefam.model import load_cefam
     from fastcbm.cefam.train import _column_stats, _fold_standardization, _Rows
     from fastcbm.cefam.translator import Translator
-    from fastcbm.salf.data import split_rows
+    from fastcbm.data.split import split_rows
 
     _, _, cache, _ = caches
     _, rep = train_translator_run(cache, tmp_path / "m", max_epochs=25, standardize=True)

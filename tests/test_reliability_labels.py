@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fastcbm.data.labels import match_csv_labels
-from fastcbm.salf.data import csv_labels, folder_labels
+from fastcbm.data.labels import csv_labels, folder_labels
 
 
 def _files(root, classes=("cat", "dog"), n=3):

@@ -66,7 +66,7 @@ def fitted():
 
 
 def _normalized(backbone, images):
-    from fastcbm.salf.pipeline import normalize_for_backbone
+    from fastcbm.models.features import normalize_for_backbone
 
     return normalize_for_backbone(images, backbone, torch.device("cpu"))
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastcbm.salf.data import CacheData, TensorData, batches, csv_labels, folder_labels, split_rows, subset_rows
+from fastcbm.data.labels import csv_labels, folder_labels
+from fastcbm.data.split import split_rows, subset_rows
+from fastcbm.salf.data import CacheData, TensorData, batches
 from tests.conftest import assert_close
 
 GRID = 7

@@ -273,7 +273,7 @@ def train_translator(cache: str | os.PathLike, out: str | os.PathLike | None, *,
     from fastcbm.cefam.translator import Translator, default_hidden
     from fastcbm.distributed import resolve_device
     from fastcbm.models import load_backbone, load_clip
-    from fastcbm.salf.data import split_rows
+    from fastcbm.data.split import split_rows
 
     for name, v in (("lr", lr), ("warmup_lr", warmup_lr), ("batch_size", batch_size), ("max_epochs", max_epochs),
                     ("early_stop", early_stop), ("warmup_epochs", warmup_epochs)):

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from fastcbm.data.folder import BadImageError, decode_image
     from fastcbm.salf import explain as ex
     from fastcbm.salf.model import SALFCBM
-    from fastcbm.salf.pipeline import normalize_for_backbone
+    from fastcbm.models.features import normalize_for_backbone
 
     if args.top_k < 1:
         raise InvalidArgument(f"--top-k must be >= 1, got {args.top_k}")

@@ -21,7 +21,7 @@ from typing import Any, Self
 
 import torch
 
-from fastcbm.errors import InvalidFile, MissingFile
+from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
 
 HEADER_FIRST_CELLS = ("file", "path", "image", "filename")
 _DETAIL_ROWS = 200  # the report lists every row's match up to this many rows (counts always)
@@ -196,3 +196,33 @@ def folder_report(files: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
     """The ``"labels"`` report for ImageFolder labels (each image's parent folder is its class)."""
     return {"source": "folders", "images": len(files), "classes": len(names),
             "how": "the parent folder name of every image"}
+
+
+def folder_labels(files: Sequence[str], class_names: Sequence[str] | None = None
+                  ) -> tuple[torch.Tensor, list[str]]:
+    """ImageFolder labels: the parent directory name of every file → (labels long [N], class names).
+
+    Without ``class_names`` the classes are the sorted distinct directory names (torchvision's ImageFolder order);
+    with them, a file whose directory is not a listed class raises ``ValueError`` naming it."""
+    dirs = [Path(f).parent.name for f in files]
+    names = sorted(set(dirs)) if class_names is None else list(class_names)
+    index = {c: i for i, c in enumerate(names)}
+    missing = [f for f, d in zip(files, dirs) if d not in index]
+    if missing:
+        raise InvalidArgument(f"labels: {len(missing)} images are in folders that are not classes, e.g. {missing[0]} "
+                              f"(classes: {names[:5]}{'...' if len(names) > 5 else ''})")
+    return LabelRows(torch.tensor([index[d] for d in dirs], dtype=torch.long), names, folder_report(files, names))
+
+
+def csv_labels(path: str | os.PathLike, files: Sequence[str], class_names: Sequence[str] | None = None
+               ) -> tuple[torch.Tensor, list[str]]:
+    """Labels from a CSV/TSV file of ``path,class`` rows → (labels long [N] for ``files``, class names), with
+    ``.report`` saying how every row was matched. Paths are relative to the CSV's folder or absolute; a bare file name
+    matches an image elsewhere only when exactly one image has that name. Conflicting rows, ambiguous names, rows that
+    match no image and unlabelled images are refused, naming the rows (:func:`fastcbm.data.labels.match_csv_labels`).
+    An optional header row (first cell ``file``/``path``/``image``/``filename``) may name a ``class`` column to use
+    instead of the second (the testbed's ``labels.csv`` is ``file,label,class``).
+
+    Without ``class_names`` the classes are numbered in order of first appearance; with them (e.g. the training
+    split's, for a validation CSV), a class that is not listed raises ``ValueError`` naming it."""
+    return match_csv_labels(path, files, class_names)

@@ -147,7 +147,8 @@ def train_bottleneck_on(
     from tqdm.auto import tqdm
 
     from fastcbm.losses import cubic_cosine_loss
-    from fastcbm.salf.data import batches, subset_rows
+    from fastcbm.data.split import subset_rows
+    from fastcbm.salf.data import batches
 
     config = config or BottleneckConfig()
     if config.batch_size < 2 or config.max_steps < 1 or config.eval_every < 1 or config.val_samples < 2:

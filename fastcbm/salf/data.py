@@ -9,10 +9,8 @@ RAM: each optimiser step gathers only its own batch.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -183,55 +181,3 @@ def batches(data: SALFData, rows_per_step: Iterator[torch.Tensor], device: torch
             pending = nxt
         if pending is not None:
             yield to_device(pending.result())
-
-
-def subset_rows(n: int, limit: int, seed: int) -> torch.Tensor:
-    """All of ``0..n-1`` when ``n <= limit``, else a seeded sorted random subset of ``limit`` rows."""
-    if n <= limit:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
-
-
-def split_rows(n: int, val_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded random train/validation split of ``n`` rows → (train rows, val rows), both sorted."""
-    if not 0 < val_fraction < 1:
-        raise InvalidArgument(f"val_fraction must be in (0, 1), got {val_fraction}")
-    n_val = int(round(n * val_fraction))
-    if n_val < 2 or n - n_val < 2:
-        raise InvalidArgument(f"val_fraction {val_fraction} of {n} images leaves fewer than 2 images on one side")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[n_val:].sort().values, perm[:n_val].sort().values
-
-
-def folder_labels(files: Sequence[str], class_names: Sequence[str] | None = None
-                  ) -> tuple[torch.Tensor, list[str]]:
-    """ImageFolder labels: the parent directory name of every file → (labels long [N], class names).
-
-    Without ``class_names`` the classes are the sorted distinct directory names (torchvision's ImageFolder order);
-    with them, a file whose directory is not a listed class raises ``ValueError`` naming it."""
-    dirs = [Path(f).parent.name for f in files]
-    names = sorted(set(dirs)) if class_names is None else list(class_names)
-    index = {c: i for i, c in enumerate(names)}
-    missing = [f for f, d in zip(files, dirs) if d not in index]
-    if missing:
-        raise InvalidArgument(f"labels: {len(missing)} images are in folders that are not classes, e.g. {missing[0]} "
-                              f"(classes: {names[:5]}{'...' if len(names) > 5 else ''})")
-    from fastcbm.data.labels import LabelRows, folder_report
-
-    return LabelRows(torch.tensor([index[d] for d in dirs], dtype=torch.long), names, folder_report(files, names))
-
-
-def csv_labels(path: str | os.PathLike, files: Sequence[str], class_names: Sequence[str] | None = None
-               ) -> tuple[torch.Tensor, list[str]]:
-    """Labels from a CSV/TSV file of ``path,class`` rows → (labels long [N] for ``files``, class names), with
-    ``.report`` saying how every row was matched. Paths are relative to the CSV's folder or absolute; a bare file name
-    matches an image elsewhere only when exactly one image has that name. Conflicting rows, ambiguous names, rows that
-    match no image and unlabelled images are refused, naming the rows (:func:`fastcbm.data.labels.match_csv_labels`).
-    An optional header row (first cell ``file``/``path``/``image``/``filename``) may name a ``class`` column to use
-    instead of the second (the testbed's ``labels.csv`` is ``file,label,class``).
-
-    Without ``class_names`` the classes are numbered in order of first appearance; with them (e.g. the training
-    split's, for a validation CSV), a class that is not listed raises ``ValueError`` naming it."""
-    from fastcbm.data.labels import match_csv_labels
-
-    return match_csv_labels(path, files, class_names)

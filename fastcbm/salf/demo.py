@@ -102,7 +102,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     from fastcbm.precompute import precompute
     from fastcbm.salf.report import write_salf_report
     from fastcbm.salf import explain as ex
-    from fastcbm.salf.pipeline import normalize_for_backbone
+    from fastcbm.models.features import normalize_for_backbone
     from fastcbm.salf.train import TrainConfig, train_salf_from_cache
 
     t_start = time.perf_counter()

@@ -24,7 +24,7 @@ def model_labels(files: Sequence[str], class_names: Sequence[str], labels: str |
     """Labels ``[N]`` of ``files`` in the model's class order: the image's folder name (ImageFolder) or the class
     column of a ``path,class`` CSV, matched to ``class_names`` as written or humanised (``blue_circle`` ↔
     ``blue circle``, the display names ``fastcbm train`` saves)."""
-    from fastcbm.salf.data import csv_labels, folder_labels
+    from fastcbm.data.labels import csv_labels, folder_labels
     from fastcbm.salf.train import humanize_class_name
 
     raw, raw_names = csv_labels(labels, files) if labels is not None else folder_labels(files)

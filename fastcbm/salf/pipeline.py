@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from fastcbm.models.features import extract_feature_maps, normalize_for_backbone  # noqa: F401 (re-export)
+from fastcbm.models.features import extract_feature_maps, normalize_for_backbone
 from fastcbm.salf.bottleneck import BottleneckConfig, BottleneckResult, train_bottleneck_on
 from fastcbm.salf.model import SALFCBM, SALFConfig
 from fastcbm.errors import InvalidArgument

@@ -77,7 +77,7 @@ def humanize_class_names(names: list[str]) -> list[str]:
 
 
 def _labels_for(reader, labels, class_names):
-    from fastcbm.salf.data import csv_labels, folder_labels
+    from fastcbm.data.labels import csv_labels, folder_labels
 
     files = reader.files
     if labels is None:
@@ -144,7 +144,8 @@ def train_salf_from_cache(
     )
     from fastcbm.distributed import init_distributed, resolve_device
     from fastcbm.models import load_backbone, load_clip
-    from fastcbm.salf.data import CacheData, split_rows
+    from fastcbm.data.split import split_rows
+    from fastcbm.salf.data import CacheData
     from fastcbm.salf.model import SALFConfig
     from fastcbm.salf.pipeline import fit_salf_on
 
