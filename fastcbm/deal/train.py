@@ -31,7 +31,7 @@ from fastcbm.deal.explain import MODES, RESNET_LAYERS, explanations
 from fastcbm.deal.losses import LOSS_FORMS, deal_loss
 from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
 from fastcbm.files import atomic_path, atomic_write_json
-from fastcbm.models.inputs import CLIP_MEAN, CLIP_STD
+from fastcbm.models.inputs import CLIP_MEAN, CLIP_STD, normalize_uint8
 
 log = logging.getLogger("fastcbm.deal")
 
@@ -254,9 +254,7 @@ def _check_resume(meta: dict, model_name: str, pretrained, cfg: DealConfig, out:
 def _normalizer(model, device):
     mean = getattr(model.visual, "image_mean", None) or CLIP_MEAN
     std = getattr(model.visual, "image_std", None) or CLIP_STD
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    return lambda u8: (u8.to(device).float() / 255 - m) / s
+    return lambda u8: normalize_uint8(u8, mean, std, device=device)
 
 
 def _image_size(model) -> int:
