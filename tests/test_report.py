@@ -152,3 +152,36 @@ def test_bad_explanation_heatmaps_raise(tmp_path):
     with pytest.raises(ValueError, match=re.escape("explanations[1].heatmaps")):
         write_salf_report(tmp_path / "r.html", images=images(2), explanations=exps, rules={}, summary={},
                           class_names=CLASSES)
+
+
+@pytest.mark.parametrize("v, text", [(0.902, "+0.902"), (-0.061, "-0.061"), (0.0, "0"), (-0.0, "0"),
+                                     (3.0e-07, "+3.0e-07"), (-4.9e-4, "-4.9e-04"), (5e-4, "+0.001")])
+def test_signed_never_prints_a_tiny_value_as_zero(v, text):
+    from fastcbm.html import signed
+
+    assert signed(v) == text
+
+
+def test_bars_share_the_page_scale_and_zero_rows_go(tmp_path):
+    """The HTML itself (the browser test reads the layout): one data-scale = the largest |contribution| shown; exact
+    and rounded-away zeros are not listed; absent concepts are named "no …" in rows and captions alike."""
+    from fastcbm.salf.report import labels_from_folders
+
+    e1, e2 = fake_explanations(2, k=3)
+    e1.top_concepts = [("curve", 0.007, 0.4), ("stripes", 0.2, -1.5), ("corner", -0.0, -0.3)]
+    e2.top_concepts = [("curve", 0.7, 1.2), ("corner", 0.0004, 0.2), ("red blob", -0.1, -0.2)]
+    files = ["/d/circle/a.png", "/d/square/b.png"]
+    text = write_salf_report(tmp_path / "r.html", images=images(2), explanations=[e1, e2], rules=fake_rules(),
+                             summary={}, class_names=CLASSES, files=files).read_text()
+    assert set(re.findall(r'data-scale="([^"]+)"', text)) == {"0.7"}
+    assert sorted(map(float, re.findall(r'data-v="([^"]+)"', text))) == [-0.1, 0.007, 0.2, 0.7]
+    assert "0.000</td>" not in text and text.count("1 more of the top concepts contribute 0.000") == 2
+    assert "<figcaption>no stripes</figcaption>" in text and "<figcaption>no red blob</figcaption>" in text
+    assert ">no stripes</td>" in text and "circle/a.png" in text and text.count("true: ") == 2
+    assert labels_from_folders(files, CLASSES) == [0, 1]
+    assert labels_from_folders(["/d/red_blob/x.png"], ["red blob"]) == [0]  # ImageFolder name → class display name
+    assert labels_from_folders(["/d/circle/a.png", "/d/other/b.png"], CLASSES) is None
+    assert labels_from_folders(None, CLASSES) is None
+    with pytest.raises(ValueError, match="files has 1 paths but explanations has 2"):
+        write_salf_report(tmp_path / "x.html", images=images(2), explanations=[e1, e2], rules={}, summary={},
+                          class_names=CLASSES, files=files[:1])

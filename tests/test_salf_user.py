@@ -213,6 +213,8 @@ def test_bulk_explain_writes_arrays_and_one_page(tiny, tmp_path, capsys):
     contrib = np.load(out / "contributions.npy")
     assert maps.shape == (36, 64, 64) and contrib.shape == (36, 5)
     assert (out / "explanations.html").stat().st_size > 1000 and (out / "explanations.safetensors").is_file()
+    page = (out / "explanations.html").read_text()  # the folders (blue_circle, ...) are the model's classes: ✓ / ✗
+    assert page.count("true: ") == 24 and "the folders are the model's classes" in page
     files = (out / "files.txt").read_text().splitlines()
     assert len(files) == 36
     # the format `fastcbm metrics` reads

@@ -17,15 +17,20 @@ import numpy as np
 
 from fastcbm.errors import InvalidArgument
 from fastcbm.html import (
-    CSS,
     DISPLAY_SIZE,
+    ZERO_SHOWN,
+    bar_cell,
+    bar_legend,
+    bar_scale,
     check_images,
     display_scale,
     esc,
     fmt,
     img_tag,
     overlay,
+    page_html,
     png_data_uri,
+    signed,
     summary_html,
     to_hwc,
     to_numpy,
@@ -61,39 +66,73 @@ def _eval_html(evaluation: Mapping[str, Any]) -> str:
                                                              for m in _METRICS) + "<td></td></tr>")
         blocks.append(f"<h3>{esc(title)}</h3><table class=\"eval\">{head}{''.join(rows)}</table>")
     note = evaluation.get("note")
-    return "".join(blocks) + (f'<p class="muted">{esc(note)}</p>' if note else "")
+    return "".join(blocks) + _above_one_note(methods) + (f'<p class="muted">{esc(note)}</p>' if note else "")
 
 
-def _card_html(i: int, image: np.ndarray, e: Any, class_names: Sequence[str]) -> str:
+def _above_one_note(methods: list[tuple[str, Mapping[str, Any]]]) -> str:
+    """A line naming the ``nra_paper`` values above 1, which a reader of a normalised score would take for an error:
+    the paper's form thresholds at the top p % of pixels with ties included, so a region can hold more pixels than
+    the rank it is scored against (a map whose mask pixels share the top value, the rest distinct, scores 1.245 on
+    256 pixels); ``nra`` (exact ranks) stays ≤ 1."""
+    over = []
+    for title, res in methods:
+        rows = [*res.get("per_type", {}).items(), ("mean", res.get("mean", {}))]
+        over += [f"{t} {fmt(v['nra_paper'])} ({title})" for t, v in rows
+                 if isinstance(v.get("nra_paper"), (int, float)) and v["nra_paper"] > 1]
+    if not over:
+        return ""
+    return (f'<p class="muted">nra_paper above 1: {esc("; ".join(over))}. nra_paper is the published formula (the top '
+            "p % of pixels as the region, tied values included, so a region can be larger than the rank it is "
+            "compared with); it is not bounded by 1, nra (exact ranks) is.</p>")
+
+
+def _card_html(i: int, image: np.ndarray, e: Any, class_names: Sequence[str], scale: float) -> str:
+    """One image's card: image, prediction, top concepts (score, stage, contribution bar on the page's ``scale``),
+    their regions."""
     size = image.shape[-1]
-    scale = display_scale(size)
+    scale_px = display_scale(size)
     hwc = to_hwc(image)
     pred = int(e.predicted)
     name = e.class_name or (class_names[pred] if pred < len(class_names) else str(pred))
     prob = float(e.probabilities[pred])
-    regions = to_numpy(e.regions, f"explanations[{i}].regions") if e.regions is not None else None
-    if regions is not None and (regions.ndim != 3 or regions.shape[0] != len(e.concepts)):
-        raise InvalidArgument(f"explanations[{i}].regions must be [k, H, W] with k = {len(e.concepts)} concepts, got "
-                              f"shape {tuple(regions.shape)}")
-    cmax = max((abs(c.contribution) for c in e.concepts), default=0.0) or 1.0
+    regions = _regions(i, e)
     rows, heats = [], []
     for j, c in enumerate(e.concepts):
-        width = 100.0 * abs(c.contribution) / cmax
-        sign = "pos" if c.contribution >= 0 else "neg"
         rows.append(f'<tr><td class="cname">{esc(c.concept)}</td><td class="num">{c.score:.2f}</td>'
-                    f'<td>{esc(c.layer)}</td><td class="barcell"><div class="bar {sign}" style="width:{width:.1f}%">'
-                    f'</div></td><td class="num">{c.contribution:+.3f}</td></tr>')
+                    f"<td>{esc(c.layer)}</td>{bar_cell(c.contribution, scale)}"
+                    f'<td class="num val">{signed(c.contribution)}</td></tr>')
         if regions is not None:
-            uri = png_data_uri(overlay(hwc, regions[j]), max(1, scale // 2))
+            uri = png_data_uri(overlay(hwc, regions[j]), max(1, scale_px // 2))
             heats.append(f'<figure>{img_tag(uri, f"region of {c.concept}", width=DISPLAY_SIZE // 2)}'
                          f'<figcaption>{esc(c.concept)} ({esc(c.layer)})</figcaption></figure>')
     table = ('<table class="contrib"><tr><th>concept</th><th>score</th><th>stage</th><th>contribution</th><th></th>'
              "</tr>" + "".join(rows) + "</table>") if rows else '<p class="note">No concepts.</p>'
     return (f'<div class="card"><div class="head">'
-            f'{img_tag(png_data_uri(hwc, scale), f"image {i}", "main", width=DISPLAY_SIZE)}'
+            f'{img_tag(png_data_uri(hwc, scale_px), f"image {i}", "main", width=DISPLAY_SIZE)}'
             f'<div class="pred"><div class="muted">#{i}</div><div class="cls">{esc(name)} '
             f'<span class="prob">{prob:.1%}</span></div>{table}</div></div>'
             f'<div class="heats">{"".join(heats)}</div></div>')
+
+
+def _regions(i: int, e: Any) -> np.ndarray | None:
+    """``explanations[i].regions`` as ``[k, H, W]`` numpy (k = its concepts), or None."""
+    if e.regions is None:
+        return None
+    regions = to_numpy(e.regions, f"explanations[{i}].regions")
+    if regions.ndim != 3 or regions.shape[0] != len(e.concepts):
+        raise InvalidArgument(f"explanations[{i}].regions must be [k, H, W] with k = {len(e.concepts)} concepts, got "
+                              f"shape {tuple(regions.shape)}")
+    return regions
+
+
+def _contributions_note(values: list[float]) -> str:
+    """A line when every contribution on the page would print as ±0.000: the page-wide bar scale then magnifies
+    values close to zero, and the reader is told so in numbers."""
+    if not values or any(abs(v) >= ZERO_SHOWN for v in values):
+        return ""
+    zeros = sum(v == 0.0 for v in values)
+    return (f'<p class="note">Every contribution on this page is below {ZERO_SHOWN:g} in size ({zeros} of '
+            f"{len(values)} exactly 0): the bars compare values that are all close to zero.</p>")
 
 
 def _comparison_html(cmp: Mapping[str, Any]) -> str:
@@ -147,7 +186,11 @@ def write_cefam_report(path: str | os.PathLike, *, images, explanations: Sequenc
         imgs = check_images(images, "images", n)
     if not isinstance(summary, Mapping):
         raise InvalidArgument(f"summary must be a dict name → value, got {type(summary).__name__}")  # noqa: TRY004
-    cards = "".join(_card_html(i, imgs[i], e, list(class_names)) for i, e in enumerate(explanations)) if n else ""
+    for i, e in enumerate(explanations):  # validate everything before drawing
+        _regions(i, e)
+    values = [float(c.contribution) for e in explanations for c in e.concepts]
+    scale = bar_scale(values)
+    cards = "".join(_card_html(i, imgs[i], e, list(class_names), scale) for i, e in enumerate(explanations))
     sections = [f"<h2>Summary</h2>{summary_html(summary)}"]
     if evaluation is not None:
         sections.append(f"<h2>Concept localisation</h2>{_eval_html(evaluation)}")
@@ -155,14 +198,11 @@ def write_cefam_report(path: str | os.PathLike, *, images, explanations: Sequenc
                     '<p class="muted">Top concepts by concept score S = s·cos(h, t) + b; stage = argmax of the layer '
                     "association; bars: contribution to the predicted class (green: for, red: against); regions: "
                     "Grad-CAM of the concept score at that stage, min-max normalised for display.</p>"
-                    + (f'<div class="cards">{cards}</div>' if n else '<p class="note">No images were explained.</p>'))
+                    + ((bar_legend(scale) + _contributions_note(values) + f'<div class="cards">{cards}</div>') if n
+                       else '<p class="note">No images were explained.</p>'))
     if comparisons is not None:
         sections.append(f"<h2>Regions against the ground truth</h2>{_comparison_html(comparisons)}")
-    page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{esc(title)}</title><style>{CSS}{_EXTRACSS}</style></head><body><h1>{esc(title)}</h1>"
-            + "".join(sections) + '<p class="muted" style="margin-top:2em">Generated by fastcbm.</p></body></html>\n')
-    return write_page(Path(path), page)
+    return write_page(Path(path), page_html(title, "".join(sections), _EXTRACSS))
 
 
 __all__ = ["write_cefam_report"]

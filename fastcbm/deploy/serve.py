@@ -106,7 +106,7 @@ def run_explain_engine(args) -> int:
     if getattr(args, "html", None):
         from fastcbm.salf.report import write_salf_report
 
-        write_salf_report(args.html, images=image[None], explanations=[explanation], rules={},
+        write_salf_report(args.html, images=image[None], explanations=[explanation], rules=None,
                           summary={"image": str(args.image), "engine": str(args.engine)},
                           class_names=meta.get("class_names") or [])
         result["html"] = str(args.html)

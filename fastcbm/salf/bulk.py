@@ -107,7 +107,7 @@ def explain_folder(model: SALFCBM, backbone, data: str | os.PathLike, out: str |
                       summary={"images explained": n, "images shown": n_html, "unreadable images skipped": len(skipped),
                                "predictions": ", ".join(f"{classes[c] if classes else c}: {int(counts[c])}"
                                                         for c in np.argsort(-counts) if counts[c])},
-                      class_names=classes)
+                      class_names=classes, files=good[:n_html])
     return summary
 
 

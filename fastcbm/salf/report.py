@@ -23,15 +23,20 @@ import torch
 
 from fastcbm.errors import InvalidArgument
 from fastcbm.html import (
-    CSS,
     DISPLAY_SIZE,
+    ZERO_SHOWN,
+    bar_cell,
+    bar_legend,
+    bar_scale,
     check_images,
     display_scale,
     esc,
     img_tag,
     matplotlib_parts,
     overlay,
+    page_html,
     png_data_uri,
+    signed,
     summary_html,
     to_hwc,
     to_numpy,
@@ -42,9 +47,6 @@ WEIGHTS_CMAP = "RdBu_r"  # diverging, centred at 0: red = positive weight, blue 
 MAX_DIAGRAM_CONCEPTS = 60  # columns of the class-weight diagram (largest max|w| kept)
 MAX_DIAGRAM_CLASSES = 50
 RULES_PER_CLASS = 8  # rows of the text table per class
-
-
-# ----------------------------------------------------------------------------------------------------------- helpers
 
 
 # ---------------------------------------------------------------------------------------------------------- sections
@@ -73,11 +75,58 @@ def _class_label(idx: int, class_names: Sequence[str]) -> str:
     return str(class_names[idx]) if 0 <= idx < len(class_names) else str(idx)
 
 
+def _shown_concepts(e: Any) -> list[tuple[int, str, float, float]]:
+    """The rows a card shows: ``(j, name, contribution, activation)`` of the top concepts whose contribution does not
+    print as zero. A sparse head gives most concepts weight 0 for a class, so top-k often ends in exact zeros
+    (``-0.000`` for a below-average concept): they are not evidence, and the card says how many it leaves out."""
+    return [(j, str(n), float(c), float(a)) for j, (n, c, a) in enumerate(e.top_concepts)
+            if abs(float(c)) >= ZERO_SHOWN]
+
+
+def _concept_label(name: str, act: float) -> str:
+    """A concept as the card names it: ``no <name>`` when its standardised activation is below 0 (below its training
+    average), so an absent concept is never read as a present one, in the bars and under its map alike."""
+    return f"no {name}" if act < 0 else name
+
+
+_GROUP_TITLES = {"present": "evidence from present concepts",
+                 "absent": "evidence from absent concepts (below average, negative weight)",
+                 "against": "evidence against"}
+
+
+def _bars_html(rows: list[tuple[int, str, float, float]], hidden: int, scale: float) -> str:
+    """The contribution table of one card, grouped: present concepts (activation ≥ 0) with a positive weight; absent
+    concepts (activation < 0) with a negative weight (the class is supported because the concept is missing); evidence
+    against the class (negative contribution, ``no <name>`` when the concept is absent). Grouped apart, so "striped
+    +0.8" is never read as "stripes seen" when stripes were in fact absent."""
+    groups: dict[str, list[tuple[int, str, float, float]]] = {"present": [], "absent": [], "against": []}
+    for row in rows:
+        _, _, c, act = row
+        groups["against" if c < 0 else ("absent" if act < 0 else "present")].append(row)
+    def note(css: str, text: str) -> str:  # a full-width line that wraps to the card instead of widening it
+        return f'<tr class="{css}"><td colspan="4" class="muted"><div class="fill">{esc(text)}</div></td></tr>'
+
+    out = []
+    for kind, items in groups.items():
+        if items:
+            out.append(note("group", _GROUP_TITLES[kind]))
+        for _, name, c, act in items:
+            out.append(f'<tr class="{kind}"><td class="cname">{esc(_concept_label(name, act))}</td>{bar_cell(c, scale)}'
+                       f'<td class="num val">{signed(c)}</td><td class="num muted">{act:+.2f}</td></tr>')
+    if hidden:
+        out.append(note("hidden", f"{hidden} more of the top concepts contribute 0.000 (no weight for this class, or "
+                                  "an activation at its average): not shown"))
+    if not rows and not hidden:
+        return '<p class="note">No concepts.</p>'
+    return ('<table class="contrib"><tr><th>concept</th><th>contribution</th><th></th>'
+            '<th title="standardised activation">act.</th></tr>' + "".join(out) + "</table>")
+
+
 def _card_html(i: int, image: np.ndarray, e: Any, probs: np.ndarray, heat: np.ndarray,
-               class_names: Sequence[str], label: int | None) -> str:
-    """One image's card: image, prediction, top-k contributions as bars, heatmap overlays."""
+               class_names: Sequence[str], label: int | None, scale: float, file: str | None = None) -> str:
+    """One image's card: image, prediction (✓/✗ against ``label``), contributions as bars on the page's ``scale``,
+    the shown concepts' heatmaps over the image."""
     size = image.shape[-1]
-    scale = display_scale(size)
     hwc = to_hwc(image)
     pred = int(e.predicted)
     pred_name = e.class_name if getattr(e, "class_name", None) else _class_label(pred, class_names)
@@ -88,46 +137,48 @@ def _card_html(i: int, image: np.ndarray, e: Any, probs: np.ndarray, heat: np.nd
                    f' <span class="muted">true: {esc(_class_label(label, class_names))}</span>')
     others = np.argsort(-probs)[:3]
     runner = ", ".join(f"{esc(_class_label(int(j), class_names))} {probs[j]:.2f}" for j in others if j != pred)
-    # contribution bars, scaled by the largest |contribution| shown on this card
-    conts = [float(c) for _, c, _ in e.top_concepts]
-    cmax = max((abs(c) for c in conts), default=0.0) or 1.0
-    bars, heats = [], []
-    # Evidence comes in three kinds: a present concept (standardised activation ≥ 0) with a positive weight, an
-    # *absent* concept (activation < 0: below its training average) with a negative weight — the class is supported
-    # because the concept is missing — and evidence against the class (negative contribution). Grouped apart, so
-    # "striped +0.8" is never read as "stripes seen" when stripes were in fact absent.
-    groups = {"present": [], "absent": [], "against": []}
-    for j, (cname, c, act) in enumerate(e.top_concepts):
-        kind = "against" if float(c) < 0 else ("absent" if float(act) < 0 else "present")
-        groups[kind].append((j, cname, c, act))
-    titles = {"present": "evidence from present concepts", "absent": "evidence from absent concepts "
-              "(below average, negative weight)", "against": "evidence against"}
-    for kind, rows in groups.items():
-        if rows:
-            bars.append(f'<tr class="group"><td colspan="4" class="muted">{esc(titles[kind])}</td></tr>')
-        for j, cname, c, act in rows:
-            width = 100.0 * abs(float(c)) / cmax
-            sign = "pos" if float(c) >= 0 else "neg"
-            label = f"no {cname}" if kind == "absent" else cname
-            bars.append(
-                f'<tr class="{kind}"><td class="cname">{esc(label)}</td>'
-                f'<td class="barcell"><div class="bar {sign}" style="width:{width:.1f}%"></div></td>'
-                f'<td class="num">{float(c):+.3f}</td><td class="num muted">{float(act):+.2f}</td></tr>')
-    for j, (cname, c, act) in enumerate(e.top_concepts):
-        uri = png_data_uri(overlay(hwc, heat[j]), max(1, scale // 2))  # heatmaps shown at half size
-        heats.append(f'<figure>{img_tag(uri, f"heatmap of {cname}", width=DISPLAY_SIZE // 2)}'
-                     f'<figcaption>{esc(cname)}</figcaption></figure>')
-    bars_html = ('<table class="contrib"><tr><th>concept</th><th>contribution</th><th></th>'
-                 '<th title="standardised activation">act.</th></tr>' + "".join(bars) + "</table>"
-                 if bars else '<p class="note">No concepts.</p>')
+    rows = _shown_concepts(e)
+    heats = []
+    for j, name, _, act in rows:
+        uri = png_data_uri(overlay(hwc, heat[j]), max(1, display_scale(size) // 2))  # heatmaps shown at half size
+        label_j = _concept_label(name, act)
+        heats.append(f'<figure>{img_tag(uri, f"heatmap of {label_j}", width=DISPLAY_SIZE // 2)}'
+                     f"<figcaption>{esc(label_j)}</figcaption></figure>")
+    where = f" · {esc(_short_path(file))}" if file else ""
     return (
         f'<div class="card"><div class="head">'
-        f'{img_tag(png_data_uri(hwc, scale), f"image {i}", "main", width=DISPLAY_SIZE)}'
-        f'<div class="pred"><div class="muted">#{i}</div>'
+        f'{img_tag(png_data_uri(hwc, display_scale(size)), f"image {i}", "main", width=DISPLAY_SIZE)}'
+        f'<div class="pred"><div class="muted file fill">#{i}{where}</div>'
         f'<div class="cls">{esc(pred_name)} <span class="prob">{probs[pred]:.1%}</span>{verdict}</div>'
-        f'<div class="muted">next: {runner or "—"}</div>{bars_html}</div></div>'
+        f'<div class="muted">next: {runner or "—"}</div>'
+        f"{_bars_html(rows, len(e.top_concepts) - len(rows), scale)}</div></div>"
         f'<div class="heats">{"".join(heats)}</div></div>'
     )
+
+
+def _short_path(file: str) -> str:
+    """``folder/name.png``: the image's parent folder (its class in an ImageFolder) and file name."""
+    p = Path(file)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+def labels_from_folders(files: Sequence[str] | None, class_names: Sequence[str]) -> list[int] | None:
+    """True labels from the images' parent folder names when every one of them names a class of the model (an
+    ImageFolder of the model's classes: the folder itself, or its display form ``blue_circle`` → ``blue circle``
+    that training saves as the class name, :func:`fastcbm.salf.train.humanize_class_name`), else None."""
+    if not files or not class_names:
+        return None
+    from fastcbm.salf.train import humanize_class_name
+
+    index = {str(c): i for i, c in enumerate(class_names)}
+    labels = []
+    for f in files:
+        folder = Path(f).parent.name
+        i = index.get(folder, index.get(humanize_class_name(folder)))
+        if i is None:  # some folder is not a class: the folders are not labels
+            return None
+        labels.append(i)
+    return labels
 
 
 def _rules_matrix(rules: Mapping[str, Sequence[tuple[str, float]]]) -> tuple[list[str], list[str], np.ndarray, int]:
@@ -177,7 +228,10 @@ def _weights_png(classes: list[str], concepts: list[str], w: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _rules_html(rules: Mapping[str, Sequence[tuple[str, float]]]) -> str:
+def _rules_html(rules: Mapping[str, Sequence[tuple[str, float]]] | None) -> str:
+    if rules is None:
+        return ('<p class="note">Decision rules are not available on this page: it was made without the model\'s '
+                "head weights (e.g. from an exported graph).</p>")
     if not rules or not any(len(v) for v in rules.values()):
         return '<p class="note">No decision rules (the head has no non-zero weights).</p>'
     classes, concepts, w, total = _rules_matrix(rules)
@@ -229,8 +283,6 @@ def _segmentation_html(seg: Mapping[str, Any]) -> str:
             + "".join(rows) + "</table>")
 
 
-
-
 # -------------------------------------------------------------------------------------------------------------- API
 
 
@@ -239,12 +291,13 @@ def write_salf_report(
     *,
     images: torch.Tensor | np.ndarray | None,
     explanations: Sequence[Any],
-    rules: Mapping[str, Sequence[tuple[str, float]]],
+    rules: Mapping[str, Sequence[tuple[str, float]]] | None,
     summary: Mapping[str, Any],
     class_names: Sequence[str],
     labels: torch.Tensor | np.ndarray | Sequence[int] | None = None,
     segmentation: Mapping[str, Any] | None = None,
     title: str = "fastcbm SALF-CBM report",
+    files: Sequence[str] | None = None,
 ) -> Path:
     """Write a self-contained HTML report of a SALF-CBM and return its path.
 
@@ -254,16 +307,19 @@ def write_salf_report(
             empty when ``explanations`` is empty.
         explanations: ``n`` :class:`~fastcbm.salf.explain.Explanation` (``probabilities [K]``, ``top_concepts`` k
             tuples, ``heatmaps [k, H, W]``; maps at another resolution than S are resized bilinearly).
-        rules: class → [(concept, weight)], the non-zero head weights (``salf.explain.decision_rules``).
+        rules: class → [(concept, weight)], the non-zero head weights (``salf.explain.decision_rules``); None when
+            they are not available (a page made from an exported graph says so).
         summary: name → number or string, shown as a table at the top (floats to 4 significant digits).
         class_names: ``K`` class names (used for the true label and when an explanation has no class name).
         labels: optional true labels ``[n]`` (ints); each card then shows ✓ / ✗.
         segmentation: optional dict ``images`` uint8 ``[m, 3, S, S]``, ``masks`` bool ``[m, S, S]``, ``salf`` and
             ``gradcam`` float ``[m, H, W]``: one row per image (image, GT mask, SALF heatmap, Grad-CAM heatmap).
         title: page title (escaped).
+        files: optional ``n`` image paths, named on the cards; without ``labels``, when every image's parent folder
+            is one of ``class_names`` (an ImageFolder of the model's classes), the folders are the true labels.
 
     Raises:
-        ValueError: a shape or length does not match; the message names the argument.
+        InvalidArgument: a shape or length does not match; the message names the argument.
     """
     n = len(explanations)
     if images is None:
@@ -274,23 +330,31 @@ def write_salf_report(
         imgs = check_images(images, "images")
         if imgs.shape[0] != n:
             raise InvalidArgument(f"images has {imgs.shape[0]} images but explanations has {n}")
+    if files is not None and len(files) != n:
+        raise InvalidArgument(f"files has {len(files)} paths but explanations has {n}")
+    class_names = [str(c) for c in class_names]
     labs: list[int] | None = None
+    from_folders = False
     if labels is not None:
         la = to_numpy(labels, "labels")
         if la.ndim != 1 or la.shape[0] != n:
             raise InvalidArgument(f"labels must be [n] with n = {n}, got shape {tuple(la.shape)}")
         labs = [int(v) for v in la.tolist()]
-    if not isinstance(rules, Mapping):
+    else:
+        labs = labels_from_folders(files, class_names)
+        from_folders = labs is not None
+    if rules is not None and not isinstance(rules, Mapping):
         raise InvalidArgument(f"rules must be a dict class → [(concept, weight)], got {type(rules).__name__}")
     if not isinstance(summary, Mapping):
         raise InvalidArgument(f"summary must be a dict name → value, got {type(summary).__name__}")
-    class_names = [str(c) for c in class_names]
     checked = [_check_explanation(e, i) for i, e in enumerate(explanations)]  # validate everything before drawing
 
+    scale = bar_scale(c for e in explanations for _, _, c, _ in _shown_concepts(e))
     if n:
-        cards = "".join(_card_html(i, imgs[i], e, p, h, class_names, None if labs is None else labs[i])
+        cards = "".join(_card_html(i, imgs[i], e, p, h, class_names, None if labs is None else labs[i], scale,
+                                   None if files is None else str(files[i]))
                         for i, (e, (p, h)) in enumerate(zip(explanations, checked)))
-        cards_html = f'<div class="cards">{cards}</div>'
+        cards_html = bar_legend(scale) + f'<div class="cards">{cards}</div>'
     else:
         cards_html = '<p class="note">No images were explained.</p>'
     seg_html = ""
@@ -298,19 +362,16 @@ def write_salf_report(
         if not isinstance(segmentation, Mapping):
             raise InvalidArgument(f"segmentation must be a dict, got {type(segmentation).__name__}")
         seg_html = f"<h2>Zero-shot segmentation</h2>{_segmentation_html(segmentation)}"
-
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
-        f"<h1>{esc(title)}</h1>"
+    truth = (" ✓ / ✗: the prediction against the image's folder name (the folders are the model's classes)."
+             if from_folders else "")
+    body = (
         f"<h2>Summary</h2>{summary_html(summary)}"
         f"<h2>Explanations ({n} image{'s' if n != 1 else ''})</h2>"
         '<p class="muted">Bars: contribution of each concept to the predicted class logit (green: for, red: against); '
-        "act.: standardised concept activation. Heatmaps: where each concept is, min-max normalised.</p>"
+        "act.: standardised concept activation (below 0: below the concept's training average, named "
+        f"“no …”). Heatmaps: where each concept is, min-max normalised.{truth}</p>"
         f"{cards_html}"
         f"<h2>Decision rules</h2>{_rules_html(rules)}"
         f"{seg_html}"
-        '<p class="muted" style="margin-top:2em">Generated by fastcbm.</p></body></html>\n'
     )
-    return write_page(path, page)
+    return write_page(path, page_html(title, body))
