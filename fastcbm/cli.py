@@ -28,7 +28,7 @@ COMMAND_MODULES = (
     "fastcbm.commands.metrics",
     "fastcbm.commands.precompute",
     "fastcbm.commands.testbed",
-    "fastcbm.commands.train",
+    "fastcbm.commands.salf",
 )
 
 
