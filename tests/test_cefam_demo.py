@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 from contextlib import redirect_stdout
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,12 +24,12 @@ def _cli(argv: list[str]) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from fastcbm.cefam.demo import CEFAMDemoConfig, run_cefam_demo
+    from fastcbm.cefam.demo import DEMO_TRANSLATOR, CEFAMDemoConfig, run_cefam_demo
 
     out = tmp_path_factory.mktemp("cefam_demo")
     # ~40 s on an idle 2-core machine: 200 training scenes, 40 fresh test scenes, at most 40 translator epochs
     result = run_cefam_demo(CEFAMDemoConfig(out=out, n_train=200, n_test=40, report_images=2, comparisons=4,
-                                            progress=False, train={"max_epochs": 40}))
+                                            progress=False, translator=replace(DEMO_TRANSLATOR, max_epochs=40)))
     return out, result
 
 
@@ -67,12 +68,12 @@ def test_quality_against_clip_dissect(demo):
 
 @pytest.fixture(scope="module")
 def demo_vit(tmp_path_factory):
-    from fastcbm.cefam.demo import CEFAMDemoConfig, run_cefam_demo
+    from fastcbm.cefam.demo import DEMO_TRANSLATOR, CEFAMDemoConfig, run_cefam_demo
 
     out = tmp_path_factory.mktemp("cefam_demo_vit")
     # ~20 s: the bundled ViT classifier, 400 training scenes, 40 fresh test scenes, at most 40 translator epochs
     return run_cefam_demo(CEFAMDemoConfig(out=out, n_train=400, n_test=40, report_images=2, comparisons=4,
-                                          classifier="testbed-vit", progress=False, train={"max_epochs": 40}))
+                                          classifier="testbed-vit", progress=False, translator=replace(DEMO_TRANSLATOR, max_epochs=40)))
 
 
 @pytest.mark.slow
