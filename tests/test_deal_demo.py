@@ -55,10 +55,10 @@ def test_demo_cli_dispatches_to_deal(monkeypatch, tmp_path, capsys):
         return {"method": "deal"}
 
     monkeypatch.setattr(D, "run_deal_demo", fake)
-    assert main(["demo", "--method", "deal", "--seed", "3", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert main(["deal", "demo", "--seed", "3", "--no-progress", "--out", str(tmp_path)]) == 0
     assert seen["cfg"].seed == 3 and seen["cfg"].out == tmp_path and not seen["cfg"].progress
     assert json.loads(capsys.readouterr().out) == {"method": "deal"}
-    assert main(["demo", "--method", "deal", "--no-progress"]) == 0  # the default folder is the DEAL demo's own
+    assert main(["deal", "demo", "--no-progress"]) == 0  # the default folder is the DEAL demo's own
     assert str(seen["cfg"].out) == "fastcbm_out/deal_demo"
 
 

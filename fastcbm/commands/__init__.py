@@ -66,12 +66,26 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
+def config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """``{field: parsed value}`` of every option the parser added with :func:`config_option`."""
+    return {n: getattr(args, n) for n in getattr(args, CONFIG_FIELDS, ())}
+
+
 def config_from_args(defaults: Any, args: argparse.Namespace, **overrides: Any) -> Any:
     """``defaults`` (a dataclass instance) with every config option the parser recorded replaced by its parsed
     value (fields the parser has no option for keep their default), then ``overrides``."""
     names = {f.name for f in dataclasses.fields(defaults)}
-    values = {n: getattr(args, n) for n in getattr(args, CONFIG_FIELDS, ()) if n in names}
+    values = {n: v for n, v in config_values(args).items() if n in names}
     return dataclasses.replace(defaults, **{**values, **overrides})
+
+
+def signature_defaults(func: Any) -> dict[str, Any]:
+    """A function's keyword defaults by name: the CLI reads a default from the function it calls when that function
+    has no config dataclass (``fastcbm deal evaluate --batch-size`` from ``fastcbm.deal.evaluate.evaluate``)."""
+    import inspect
+
+    return {n: p.default for n, p in inspect.signature(func).parameters.items()
+            if p.default is not inspect.Parameter.empty}
 
 
 def folder_method(path: str | Path) -> str | None:
@@ -99,3 +113,13 @@ def positive(**values: int | float | None) -> None:
     for name, value in values.items():
         if value is not None and value < 1:
             raise InvalidArgument(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """Every parser of the tree under ``parser`` as ``(path, parser, subcommands)``: ``path`` the words after
+    ``fastcbm`` (``("cefam", "train")``), ``subcommands`` the sub-parsers' action (None for a command that runs)."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    yield path, parser, sub
+    if sub is not None:
+        for name, child in sub.choices.items():
+            yield from walk(child, (*path, name))
