@@ -180,12 +180,12 @@ def test_cli_train_errors(testbed_cache, tmp_path, capsys):
     root, _, images, cache = testbed_cache
     base = ["salf", "train", "--cache", str(cache.root), "--concepts", str(root / "data" / "concepts.txt"), "--out",
             str(tmp_path / "m"), "--no-progress", "--device", "cpu"]
-    assert main(base[:2] + [str(tmp_path / "nope")] + base[3:]) == 2
+    assert main(base[:3] + [str(tmp_path / "nope")] + base[4:]) == 2
     assert "--cache" in capsys.readouterr().err
     assert main(base + ["--val-fraction", "1"]) == 2
     assert "--val-fraction" in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("\n# nothing\n")
-    assert main(base[:4] + [str(tmp_path / "empty.txt")] + base[5:]) == 2
+    assert main(base[:5] + [str(tmp_path / "empty.txt")] + base[6:]) == 2
     assert "empty" in capsys.readouterr().err
     (tmp_path / "bad.csv").write_text("somewhere/else.png,cat\n")
     assert main(base + ["--labels", str(tmp_path / "bad.csv")]) == 2
