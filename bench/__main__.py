@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 # every benchmark in the order the runner and the README table list them; a script here that is missing is skipped
 BENCHMARKS = {
     "metrics": "NRA / EPG backends vs the authors' per-pixel loop",
-    "cubic_loss": "fused cubic-cosine loss vs the materialised reference (time, peak memory)",
+    "losses": "fused cubic-cosine loss vs the materialised reference (time, peak memory)",
     "precompute": "ring-prompt precompute vs a naive PIL pipeline (images/s, % outside the encoder, % of roofline)",
     "deploy": "exported SALF-CBM: eager PyTorch vs onnxruntime vs TensorRT latency; cost of the explanation outputs",
     "cefam": "CE-FAM regions / association / contribution, batched vs the authors' per-concept loops",

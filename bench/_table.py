@@ -102,7 +102,7 @@ def metrics_rows(rows: list[dict]) -> list[Row]:
     return out
 
 
-def cubic_loss_rows(rows: list[dict]) -> list[Row]:
+def losses_rows(rows: list[dict]) -> list[Row]:
     out: list[Row] = []
     rows = [r for r in rows if not _truthy(r.get("features_grad"))]
     pick = latest(rows, lambda r: (r["backend"], r["B"], r["M"]))
@@ -114,12 +114,12 @@ def cubic_loss_rows(rows: list[dict]) -> list[Row]:
             continue
         if int(b) < max(int(k[3]) for k in pick if k[:2] == (mach, dev)):
             continue  # the largest batch measured on this machine
-        out.append((f"`bench/cubic_loss.py` B={int(b):,}, {int(m):,} concepts × {row['L']} cells, C=D={row['C']}, "
+        out.append((f"`bench/losses.py` B={int(b):,}, {int(m):,} concepts × {row['L']} cells, C=D={row['C']}, "
                     f"fwd+bwd{_quick(row)}", f"{mach} ({dev})",
                     f"fused {'C++' if backend == 'cpu' else backend}: {_f(row, 'median_s'):.1f} s, "
                     f"{_n(_f(row, 'peak_extra_mib'))} MiB extra",
                     f"materialised reference: {_f(ref, 'median_s'):.1f} s, {_n(_f(ref, 'peak_extra_mib'))} MiB",
-                    f"**{_f(ref, 'peak_extra_mib') / _f(row, 'peak_extra_mib'):.0f}× less memory**, "
+                    f"**{_f(ref, 'peak_extra_mib') / max(_f(row, 'peak_extra_mib'), 0.1):.0f}× less memory**, "
                     f"{_f(ref, 'median_s') / _f(row, 'median_s'):.1f}× faster"))
     return out
 
@@ -146,6 +146,28 @@ def precompute_rows(rows: list[dict]) -> list[Row]:
                     f"naive (PIL ring per prompt): {_n(_f(base, 'prompted_per_s'), 1)} img/s, "
                     f"{100 * _f(base, 'non_encoder_frac'):.1f} % outside",
                     f"{_f(row, 'speedup_vs_naive'):.2f}×"))
+    out += _tower_rows(pick)
+    return out
+
+
+def _tower_rows(pick: dict) -> list[Row]:
+    """GPU rows of the image tower alone (``tower:<mode>``): prompted images/s and the bf16 roofline fraction, each
+    mode against the eager tower of the same run."""
+    out: list[Row] = []
+    for (mach, dev, model, pipe), row in sorted(pick.items()):
+        if dev != "cuda" or not pipe.startswith("tower:"):
+            continue
+        mode = pipe.split(":", 1)[1]
+        eager = pick.get((mach, dev, model, "tower:eager"))
+        roof = _f(row, "roofline_frac")
+        base = (f"eager tower: {_n(_f(eager, 'prompted_per_s'), 1)} img/s" if eager is not None and mode != "eager"
+                else "-")
+        out.append((f"`bench/precompute.py` {model} image tower alone (ring kernel into its input buffer, "
+                    f"{row.get('encoder_dtype', 'bf16')}), {mode}, {row['images']} images × {1 + int(row['grid'])**2}"
+                    f"{_quick(row)}", f"{mach} ({dev})",
+                    f"{_n(_f(row, 'prompted_per_s'), 1)} prompted img/s"
+                    + (f", {100 * roof:.0f} % of the bf16 roofline" if roof == roof else ""),
+                    base, f"{_f(row, 'speedup_vs_eager'):.2f}×" if base != "-" else "-"))
     return out
 
 
@@ -236,7 +258,7 @@ def generic_rows(name: str, rows: list[dict]) -> list[Row]:
 
 SUMMARISERS: dict[str, Callable[[list[dict]], list[Row]]] = {
     "metrics": metrics_rows,
-    "cubic_loss": cubic_loss_rows,
+    "losses": losses_rows,
     "precompute": precompute_rows,
     "deploy": deploy_rows,
     "cefam": cefam_rows,

@@ -17,7 +17,7 @@ plain step (the paper reports 1.97× per ImageNet epoch with detached, image-rep
 Models: the bundled testbed CLIP (64², ModifiedResNet tower, batch 16) and a randomly initialised open_clip ViT-B-32
 (224², batch 4; quick: 2). Each model runs in its own process holding both methods' copies, their timed steps
 interleaved (plain, DEAL, plain, …) so that a loaded machine slows both alike. Peak memory as in
-``bench/cubic_loss.py`` (CPU: VmHWM − VmRSS over one step after resetting the high-water mark, with
+``bench/losses.py`` (CPU: VmHWM − VmRSS over one step after resetting the high-water mark, with
 ``MALLOC_MMAP_THRESHOLD_=65536``; GPU: ``max_memory_allocated`` beyond what was allocated before the step): the
 step's peak beyond the steady state (weights, Adam state and the previous step's gradients), i.e. activations, the
 explanation graph and transients.

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcbm
-from fastcbm.backends import backend_problem
+from fastcbm.backends import backend_problem, implemented
 from fastcbm.metrics import epg, nra
 from fastcbm.metrics.baselines import loop_paper_nra, naive_official_nra
 
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         n, naive_n, repeats = min(n, 40), min(naive_n, 5), 3
     maps, masks = make_data(n, args.size, device)
     # the Triton interpreter on CPU is a correctness tool, far too slow to time at 224x224
-    backends = [b for b in ("reference", "cpu", "triton", "cuda")
+    def runnable(op: str, variant: str = "default") -> list[str]:  # from the op registry
+        return [b for b in implemented(op, variant)
                 if backend_problem(b, device) is None and not (b == "triton" and device.type == "cpu")]
 
     rows = []
@@ -101,11 +102,11 @@ def main(argv: list[str] | None = None) -> None:
         base_per_map = t[0] / naive_n
         rows.append((metric, f"{base_name} (extrapolated from {naive_n} maps)", base_per_map * n,
                      base_per_map * n, base_per_map * n, 1.0))
-        for b in backends:
+        for b in runnable("metrics.nra", variant):
             med, p10, p90 = quantiles(timed(lambda: nra(maps, masks, variant=variant, backend=b), repeats, device))
             rows.append((metric, b, med, p10, p90, base_per_map * n / med))
     ref_epg = None
-    for b in backends:
+    for b in runnable("metrics.epg"):
         med, p10, p90 = quantiles(timed(lambda: epg(maps, masks, backend=b), repeats, device))
         ref_epg = ref_epg or med
         rows.append(("epg", b, med, p10, p90, ref_epg / med))

@@ -11,8 +11,16 @@ Both run in the same process, on the same images, on the same device. Reported: 
 encode / write (+ setup: listing, model probe, manifest). The CPU target: everything except the encoder ≤ 5 % of
 the wall time.
 
+tower rows (``--tower``, pipeline ``tower:<mode>``): the image tower at its limit, without decoding or writing —
+uint8 images already on the device, rendered by the ring kernel straight into the tower's input buffer in the
+encoder's dtype and encoded (``fastcbm.precompute.tower.PromptTower``: eager autocast, CUDA graph, torch.compile).
+Reported: prompted images/s and, for ViT-B/16 on a GPU, the fraction of the bf16 roofline (35.13 GFLOP per image
+at the GPU's measured bf16 matmul rate: ≈ 22,500 images/s on an H100, DESIGN.md §4); ``setup_s`` is the first
+call (capture / compilation).
+
     python bench/precompute.py            # tiny config and testbed CLIP (64 px) on 24 images ×3, ViT-B/16 on 3
     python bench/precompute.py --quick    # 8 tiny images ×2, ViT-B/16 on 1 image
+    python bench/precompute.py --device cuda --no-pipelines --tower eager graph compile   # the tower alone
 Rows are appended to bench/results/precompute.csv.
 """
 
@@ -174,6 +182,64 @@ def run_case(kind: str, n_images: int, repeats: int, grid: int, batch_size: int,
     return rows
 
 
+def tower_case(kind: str, n_images: int, repeats: int, grid: int, device: str, modes: list[str],
+               max_encode_batch: int | None) -> list[dict]:
+    """Render + encode of uint8 images already on ``device``, per tower mode (see the module docstring)."""
+    from _env import VIT_B16_GFLOPS, roofline_fraction
+
+    from fastcbm.precompute import encoder_input_config
+    from fastcbm.precompute.tower import PromptTower
+    from fastcbm.prompts import default_ring_geometry, render_rings
+
+    dev = torch.device(device)
+    model, name = load_model(kind)
+    model = model.to(dev)
+    size, mean, std = encoder_input_config(model)
+    radius, width = default_ring_geometry(size)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    copies = 1 + grid * grid
+    meb = max_encode_batch or (1024 if dev.type == "cuda" else copies)
+    images = torch.randint(0, 256, (n_images, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0)).to(dev)
+
+    def render(imgs, out):
+        return render_rings(imgs, grid=grid, radius=radius, width=width, mean=mean, std=std, out_dtype=dtype,
+                            include_plain=True, out=out)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    rows, eager = [], None
+    for mode in modes:
+        tower = PromptTower(model, render, copies=copies, size=size, device=dev, dtype=dtype, max_encode_batch=meb,
+                            mode=mode)
+        t0 = time.perf_counter()
+        tower(images)  # the first call: capture / compilation / autotuning
+        sync()
+        setup = time.perf_counter() - t0
+        walls = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            tower(images)
+            sync()
+            walls.append(time.perf_counter() - t0)
+        med, p10, p90 = quantiles([n_images * copies / w for w in walls])
+        eager = med if mode == "eager" else eager
+        roof = (roofline_fraction(med * VIT_B16_GFLOPS * 1e9) if kind == "vit-b-16" and dev.type == "cuda"
+                else None)
+        rows.append({"model": name, "image_size": size, "grid": grid, "max_encode_batch": meb, "images": n_images,
+                     "prompted": n_images * copies, "repeats": repeats, "pipeline": f"tower:{mode}",
+                     "encoder_dtype": str(dtype).replace("torch.", ""), "prompted_per_s": med, "p10": p10,
+                     "p90": p90, "images_per_s": med / copies, "wall_s": statistics.median(walls),
+                     "setup_s": setup, "speedup_vs_eager": med / eager if eager else "",
+                     "roofline_frac": "" if roof is None else roof})
+        print(f"tower {name} {mode:<8} {med:>10.1f} prompted img/s (p10 {p10:.1f}, p90 {p90:.1f}); first call "
+              f"{setup:.1f} s" + ("" if roof is None else f"; {100 * roof:.1f} % of the bf16 roofline"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     import fastcbm
 
@@ -195,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="fastcbm encoder batch: 'same' = 1+G like the naive pipeline (isolates the pipeline "
                          "overhead; the CPU default), 'auto' = precompute's default (the GPU default: a GPU is "
                          "filled by large batches, which is the point of the fused pipeline), or a number")
+    ap.add_argument("--tower", nargs="+", default=None, choices=["eager", "graph", "compile", "none"],
+                    help="tower rows to measure (default: eager graph compile on a GPU, eager on CPU; none: skip)")
+    ap.add_argument("--tower-images", type=int, default=None,
+                    help="images per tower call (default 256 on a GPU = 12,800 prompted; 2 on CPU)")
+    ap.add_argument("--no-pipelines", action="store_true", help="only the tower rows (no end-to-end comparison)")
     args = ap.parse_args(argv)
     gpu_run = args.device == "cuda"
     args.batch_size = args.batch_size or (32 if gpu_run else 4)
@@ -205,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.repeats or (2 if args.quick else 3)
     cases = [("tiny", tiny_n, reps), ("testbed", tiny_n, reps)]
     cases += [] if args.skip_vit else [("vit-b-16", vit_n, 1 if args.quick else 2)]
+    cases = [] if args.no_pipelines else cases
+    modes = args.tower or (["eager", "graph", "compile"] if gpu_run else ["eager"])
+    modes = [] if "none" in modes else modes
+    tower_kind = "tiny" if args.skip_vit else "vit-b-16"
+    tower_n = args.tower_images or (256 if gpu_run else 2)
     hw = platform.processor() or platform.machine()
     try:
         hw = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -221,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         for kind, n, r in cases:
             rows += run_case(kind, n, r, args.grid, args.batch_size, Path(tmp) / kind, meb, args.num_workers,
                              args.jpeg_draft, args.device)
+    tower_rows = tower_case(tower_kind, tower_n, reps, args.grid, args.device, modes,
+                            None if args.max_encode_batch in ("same", "auto") else int(args.max_encode_batch)) \
+        if modes else []
     print(f"precompute on {hw} ({torch.get_num_threads()} threads), torch {torch.__version__}, grid {args.grid}")
     head = (f"{'model':<28} {'pipeline':<8} {'imgs':>4} {'prompted/s':>10} {'p10':>8} {'p90':>8} {'speedup':>7} "
             f"{'wall':>7} {'decode':>7} {'render':>7} {'encode':>7} {'write':>6} {'setup':>6} {'non-enc':>7}")
@@ -230,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['p10']:>8.1f} {row['p90']:>8.1f} {row['speedup_vs_naive']:>6.2f}x {row['wall_s']:>7.2f} "
               f"{row['decode_s']:>7.3f} {row['render_s']:>7.3f} {row['encode_s']:>7.2f} {row['write_s']:>6.3f} "
               f"{row['setup_s']:>6.3f} {100 * row['non_encoder_frac']:>6.1f}%")
-    append_rows(RESULTS, [{**meta, **row} for row in rows])
+    append_rows(RESULTS, [{**meta, **row} for row in rows + tower_rows])
     return 0
 
 

@@ -10,17 +10,26 @@ namespace py = pybind11;
 #ifndef FASTCBM_CUDA_MODULE
 void register_metrics_cpu(py::module_& m);
 void register_prompts_cpu(py::module_& m);
-void register_cubic_loss_cpu(py::module_& m);
+void register_losses_cpu(py::module_& m);
 void register_cam_cpu(py::module_& m);
 #else
 void register_metrics_cuda(py::module_& m);
 void register_prompts_cuda(py::module_& m);
-void register_cubic_loss_cuda(py::module_& m);
+void register_losses_cuda(py::module_& m);
 void register_cam_cuda(py::module_& m);
 #endif
 
 PYBIND11_MODULE(FASTCBM_MODULE_NAME, m) {
   m.doc() = "fastcbm compiled kernels (private; use the fastcbm Python API)";
+  // A broken launcher invariant is a bug: raise fastcbm.errors.InternalError (imported when it first happens).
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const fastcbm::internal_error& e) {
+      py::object cls = py::module_::import("fastcbm.errors").attr("InternalError");
+      PyErr_SetString(cls.ptr(), e.what());
+    }
+  });
   m.def("build_info", []() {
     py::dict info;
 #ifdef FASTCBM_WITH_OPENMP
@@ -48,12 +57,12 @@ PYBIND11_MODULE(FASTCBM_MODULE_NAME, m) {
 #ifndef FASTCBM_CUDA_MODULE
   register_metrics_cpu(m);
   register_prompts_cpu(m);
-  register_cubic_loss_cpu(m);
+  register_losses_cpu(m);
   register_cam_cpu(m);
 #else
   register_metrics_cuda(m);
   register_prompts_cuda(m);
-  register_cubic_loss_cuda(m);
+  register_losses_cuda(m);
   register_cam_cuda(m);
 #endif
 }

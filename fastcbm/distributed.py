@@ -16,7 +16,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return dev
 
 
@@ -30,6 +30,10 @@ def init_distributed(device: torch.device) -> tuple[int, int, bool]:
         return dist.get_rank(), dist.get_world_size(), False
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, False
+    if device.type == "cuda":
+        # this process's GPU (LOCAL_RANK under torchrun, see resolve_device) becomes its current device before NCCL
+        # binds the group to it; otherwise every rank would create its context and communicator on GPU 0
+        torch.cuda.set_device(device if device.index is not None else int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if device.type == "cuda" else "gloo"
     # a rank that finishes early waits at the final barrier: allow for long, unbalanced resumes
     dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))

@@ -1,4 +1,5 @@
-"""What is installed and which backends can run: the data behind ``fastcbm info``."""
+"""What is installed, which backends can run and which backend implements which op: the data behind
+``fastcbm info``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import platform
 import torch
 
 from fastcbm import __version__, _ext
-from fastcbm.backends import triton_installed, triton_interpreted
+from fastcbm.backends import format_op_matrix, op_matrix, triton_installed, triton_interpreted
 
 
 def _version(dist: str) -> str | None:
@@ -54,6 +55,8 @@ def collect() -> dict:
             "cuda": _cuda_status(),
             "triton": _triton_status(),
         },
+        # the op registry: which backend implements which variant of which op (x = implemented)
+        "ops": op_matrix(),
         "optional": {},
     }
     for name, module, dist in (
@@ -101,6 +104,9 @@ def format_report(report: dict) -> str:
              f"{report['torch_threads']} torch threads)", f"platform: {report['platform']}",
              f"CUDA device: {report['cuda_device'] or 'none'}", "backends:"]
     lines += [f"  {k:<10} {v}" for k, v in report["backends"].items()]
+    lines.append("ops (x = implemented; an explicit backend without an x raises; 'auto' tries cuda, triton, reference "
+                 "for GPU tensors and cpu, reference for CPU tensors):")
+    lines.append(format_op_matrix(report["ops"]))
     lines.append("optional packages:")
     lines += [f"  {k:<12} {v}" for k, v in report["optional"].items()]
     return "\n".join(lines)

@@ -5,15 +5,13 @@ optional per-map min-max) over float32 maps ``raw [N, h, w]`` that the launcher 
 One program per map, looping over the output in blocks: pass 1 writes the resized map and reduces its min/max;
 pass 2 (only with ``normalize``) recomputes each value from the raw map — instead of reading back what other threads
 of the program stored — and rescales it. Runs in the interpreter under TRITON_INTERPRET=1 (tests, CPU).
+Launched by ``fastcbm.cam.launchers`` (grid, block size and signature: its ``EPILOGUE_KERNEL`` table).
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-
-_BLOCK = 256
 
 
 @triton.jit
@@ -64,17 +62,3 @@ def _epilogue_kernel(raw_ptr, out_ptr, h, w, oh, ow, sy, sx, NORMALIZE: tl.const
             v = _value(raw_ptr, base, k, valid, h, w, ow, sy, sx)
             tl.store(out_ptr + obase + k, (v - mn) * inv, mask=valid)
 
-
-def epilogue(raw: torch.Tensor, size: tuple[int, int], normalize: bool) -> torch.Tensor:
-    """``raw`` float32 contiguous ``[N, h, w]`` (pre-ReLU) → float32 ``[N, H, W]``."""
-    if raw.dtype != torch.float32 or raw.dim() != 3 or not raw.is_contiguous():
-        raise ValueError(f"cam epilogue: expected contiguous float32 [N, h, w], got {raw.dtype} {tuple(raw.shape)}")
-    n, h, w = raw.shape
-    oh, ow = int(size[0]), int(size[1])
-    out = torch.empty((n, oh, ow), dtype=torch.float32, device=raw.device)
-    if n == 0:
-        return out
-    # the same float32 scale ATen uses (in / out), passed as a float so the index arithmetic matches
-    _epilogue_kernel[(n,)](raw, out, h, w, oh, ow, float(h) / float(oh), float(w) / float(ow),
-                           NORMALIZE=bool(normalize), BLOCK=_BLOCK)
-    return out

@@ -3,16 +3,14 @@
 Design: composite int64 keys (kernel a) + a segmented ``torch.sort`` on device give the exact pixel order; the AUC
 epilogues (kernel b: official NRA from sorted mask bits, kernel c: paper NRA from 100 thresholds) and EPG (kernel d)
 are one program per map, looping over the map in blocks and accumulating in float64.
-Launchers take the prepared buffers of ``fastcbm.metrics._common.prepare`` (float32 ``[N, n]``, contiguous).
+Launched by ``fastcbm.metrics.launchers`` (grids, block sizes and signatures: its launch tables) on the prepared
+buffers of ``fastcbm.metrics._common.prepare`` (float32 ``[N, n]``, contiguous).
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-
-_BLOCK = 1024
 
 
 @triton.jit
@@ -130,40 +128,3 @@ def _epg_kernel(x_ptr, mask_ptr, out_ptr, n, BLOCK: tl.constexpr):
     res = tl.where(tot > 0, tl.sum(num, axis=0) / tl.where(tot > 0, tot, 1.0), 0.0)
     tl.store(out_ptr + row, res)
 
-
-def _block(n: int) -> int:
-    return min(_BLOCK, triton.next_power_of_2(n))
-
-
-def build_keys(x: torch.Tensor) -> torch.Tensor:
-    """float32 ``[N, n]`` -> int64 keys ``[N, n]`` whose ascending order is the metrics pixel order."""
-    n_maps, n = x.shape
-    keys = torch.empty(n_maps, n, dtype=torch.int64, device=x.device)
-    block = _block(n)
-    _keys_kernel[(n_maps, triton.cdiv(n, block))](x, keys, n, BLOCK=block)
-    return keys
-
-
-def official_epilogue(sorted_bits: torch.Tensor, step: int) -> torch.Tensor:
-    """uint8 mask bits in metrics order ``[N, n]`` -> official NRA float64 ``[N]``."""
-    n_maps, n = sorted_bits.shape
-    out = torch.empty(n_maps, dtype=torch.float64, device=sorted_bits.device)
-    _official_kernel[(n_maps,)](sorted_bits, out, n, step, BLOCK=_block(n))
-    return out
-
-
-def paper_epilogue(x: torch.Tensor, mask_u8: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """float32 ``[N, n]``, uint8 ``[N, n]``, float32 thresholds T_1..T_100 ``[N, 100]`` -> paper NRA float64 ``[N]``."""
-    n_maps, n = x.shape
-    out = torch.empty(n_maps, dtype=torch.float64, device=x.device)
-    # the [BLOCK, 128] comparison tile bounds the block size
-    _paper_kernel[(n_maps,)](x, mask_u8, thresholds, out, n, BLOCK=min(128, _block(n)), PB=128)
-    return out
-
-
-def epg(x: torch.Tensor, mask_u8: torch.Tensor) -> torch.Tensor:
-    """float32 ``[N, n]``, uint8 ``[N, n]`` -> EPG float64 ``[N]``."""
-    n_maps, n = x.shape
-    out = torch.empty(n_maps, dtype=torch.float64, device=x.device)
-    _epg_kernel[(n_maps,)](x, mask_u8, out, n, BLOCK=_block(n))
-    return out

@@ -1,4 +1,5 @@
-"""Triton kernel for ring prompts (``fastcbm.prompts.render_rings(..., backend="triton")``).
+"""Triton kernel for ring prompts (``fastcbm.prompts.render_rings(..., backend="triton")``); launched by
+``fastcbm.prompts.launchers`` (grid, block sizes and signatures: its ``RENDER_KERNEL`` table).
 
 One program per (row = b·Gt + g, block of pixels): ring membership from one float64 addition of host-tabulated squared
 offsets compared against float64 bounds (the same arithmetic as every backend, see fastcbm/prompts/reference.py),
@@ -7,7 +8,6 @@ then a gather from the float32 ``[3, 257]`` value table, cast to the output dtyp
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -48,21 +48,3 @@ def _render_rings_kernel(
         v = tl.load(table_ptr + c * TABLE_WIDTH + idx, mask=m, other=0.0)
         tl.store(out_ptr + (row * 3 + c) * SS + offs, v.to(out_ptr.dtype.element_ty), mask=m)
 
-
-def render_rings_triton(
-    images: torch.Tensor,
-    dy2: torch.Tensor,
-    dx2: torch.Tensor,
-    bounds: torch.Tensor,
-    table: torch.Tensor,
-    out: torch.Tensor,
-    block: int = 1024,
-) -> torch.Tensor:
-    """Fill ``out`` ``[B, Gt, 3, S, S]`` from contiguous ``images`` uint8 ``[B, 3, S, S]`` (all on one device)."""
-    B, _, S, _ = images.shape
-    Gt = dy2.shape[0]
-    if B * Gt == 0:
-        return out
-    grid = (B * Gt, triton.cdiv(S * S, block))
-    _render_rings_kernel[grid](images, dy2, dx2, bounds, table, out, Gt, S, BLOCK=block)
-    return out

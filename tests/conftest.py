@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from fastcbm.backends import backend_problem  # noqa: E402
+from fastcbm.backends import DEFAULT_VARIANT, backend_problem, implemented  # noqa: E402
 from fastcbm.utils import torch_threads  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -41,10 +41,10 @@ def devices_under_test() -> list[str]:
     return ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
 
 
-def runnable_backends(implemented, device: str = "cpu") -> list[str]:
-    """The implemented backends that can run on ``device`` on this machine (for parametrize)."""
+def runnable_backends(op: str, variant: str = DEFAULT_VARIANT, device: str = "cpu") -> list[str]:
+    """The backends the op registry lists for ``op``/``variant`` that can run on ``device`` here (for parametrize)."""
     dev = torch.device(device)
-    return [b for b in implemented if backend_problem(b, dev) is None]
+    return [b for b in implemented(op, variant) if backend_problem(b, dev) is None]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, what: str = "") -> None:

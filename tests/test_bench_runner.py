@@ -79,7 +79,7 @@ def test_replace_in_readme_roundtrip(tmp_path):
 def test_runner_lists_and_refuses_unknown_names():
     out = subprocess.run([sys.executable, "-m", "bench", "--list"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0
-    for name in ("metrics", "cubic_loss", "precompute"):
+    for name in ("metrics", "losses", "precompute"):
         assert name in out.stdout
     bad = subprocess.run([sys.executable, "-m", "bench", "nope"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown benchmark" in bad.stderr
@@ -93,3 +93,20 @@ def test_fastcbm_bench_command_forwards_to_the_runner(capsys):
     args = build_parser().parse_args(["bench", "metrics", "--quick", "--device", "cpu", "--note", "x"])
     assert runner_argv(args) == ["metrics", "--quick", "--device", "cpu", "--note", "x"]
     assert main(["bench", "--list"]) == 0
+
+
+def test_gpu_rows_of_a_gpu_check_become_table_lines(tmp_path):
+    """What bench/gpu_check.sh appends on a GPU (device cuda, the GPU's name) turns into README table lines: the
+    tower's roofline fraction and a cuda loss backend with zero extra memory included."""
+    gpu = {"gpu_model": "NVIDIA H200", "device": "cuda", "date": "2027-01-01", "quick": "False"}
+    _write(tmp_path / "precompute.csv", [
+        {**gpu, "model": "ViT-B-16 (random init)", "pipeline": f"tower:{mode}", "grid": "7", "images": "256",
+         "prompted_per_s": rate, "roofline_frac": rate / 22500, "speedup_vs_eager": rate / 9000.0,
+         "encoder_dtype": "bfloat16"} for mode, rate in (("eager", 9000.0), ("graph", 9900.0))])
+    _write(tmp_path / "losses.csv", [
+        {**gpu, "backend": b, "B": "4096", "M": "1000", "L": "49", "C": "512", "D": "512", "features_grad": "False",
+         "median_s": t, "peak_extra_mib": mib} for b, t, mib in (("reference", 2.0, 5000.0), ("cuda", 0.1, 0.0))])
+    text = _table.table(["precompute", "losses"], results=tmp_path)
+    assert "NVIDIA H200 (cuda)" in text
+    assert "graph" in text and "44 % of the bf16 roofline" in text and "1.10×" in text
+    assert "fused cuda" in text

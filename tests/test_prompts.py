@@ -14,7 +14,7 @@ from fastcbm.backends import BackendUnavailableError
 from fastcbm.prompts import (
     CLIP_MEAN,
     CLIP_STD,
-    IMPLEMENTED,
+    OP,
     default_ring_geometry,
     render_rings,
     ring_centers,
@@ -28,7 +28,7 @@ HALF_TOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}  # relative rounding of t
 DEVICE_BACKENDS = [
     pytest.param(dev, b, marks=[pytest.mark.gpu] if dev == "cuda" else [], id=f"{dev}-{b}")
     for dev in devices_under_test()
-    for b in runnable_backends(IMPLEMENTED, dev)
+    for b in runnable_backends(OP, device=dev)
 ]
 
 
@@ -182,7 +182,7 @@ def test_include_plain_and_empty_batch(device, backend):
 def test_cuda_default_geometry_matches_reference():
     imgs = _images(3, 224, seed=11).cuda()
     ref = render_rings(imgs.cpu(), backend="reference", out_dtype=torch.bfloat16, include_plain=True)
-    for backend in runnable_backends(("cuda", "triton"), "cuda"):
+    for backend in [b for b in runnable_backends(OP, device="cuda") if b in ("cuda", "triton")]:
         out = render_rings(imgs, backend=backend, out_dtype=torch.bfloat16, include_plain=True).cpu()
         assert torch.equal(out.view(torch.int16), ref.view(torch.int16)), backend
 
@@ -277,3 +277,32 @@ def test_paper_mode_allows_large_radius_and_clipping():
 def test_unavailable_backend_errors():
     with pytest.raises(BackendUnavailableError, match="render_rings: backend 'cuda' cannot run"):
         render_rings(_images(1, 16), radius=3, backend="cuda")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_render_into_a_given_buffer(device, backend, dtype):
+    """out=: the encoder's input buffer is written in place (reused across batches: stale values are overwritten)."""
+    imgs = _images(2, 21, seed=5).to(device)
+    want = render_rings(imgs, grid=2, radius=4, out_dtype=dtype, include_plain=True, backend="reference")
+    buf = torch.full((2, 5, 3, 21, 21), float("nan"), dtype=dtype, device=device)
+    got = render_rings(imgs, grid=2, radius=4, out_dtype=dtype, include_plain=True, backend=backend, out=buf)
+    assert got is buf
+    if backend == "triton" and dtype == torch.bfloat16 and device == "cpu":  # the interpreter truncates to bf16
+        assert_close(buf.cpu(), want, atol=0, rtol=HALF_TOL[dtype], what=backend)
+    else:
+        assert torch.equal(buf.cpu().view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           want.cpu().view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: torch.empty(2, 4, 3, 21, 21), r"shape \[2, 5, 3, 21, 21\]"),
+    (lambda: torch.empty(2, 5, 3, 21, 21, dtype=torch.float16), "float32"),
+    (lambda: torch.empty(2, 5, 3, 21, 42)[..., ::2], "not contiguous"),
+    (lambda: "buffer", "must be a torch.Tensor"),
+])
+def test_bad_out_buffer(bad, match):
+    from fastcbm.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=match):
+        render_rings(_images(2, 21), grid=2, radius=4, include_plain=True, out=bad())

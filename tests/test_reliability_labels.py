@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastcbm.data.labels import match_csv_labels
-from fastcbm.data.labels import csv_labels, folder_labels
+from fastcbm.data.labels import csv_labels, folder_labels, match_csv_labels
 
 
 def _files(root, classes=("cat", "dog"), n=3):
@@ -28,6 +27,19 @@ def test_paths_relative_absolute_and_unique_bare_names(tmp_path):
     assert {"line": 8, "path": "unique.png", "how": "name", "image": files[-1]} in rep["row_matches"]
     assert csv_labels(tmp_path / "l.csv", files).report == rep
     assert folder_labels(files).report["source"] == "folders"
+
+
+def test_bare_names_without_extension_match_a_unique_stem(tmp_path):
+    """DEAL's mask folders list 'name,class' rows with the image's stem; a stem two images share is refused."""
+    files = [str(tmp_path / "images" / f"{n}.jpg") for n in ("a", "b")] + [str(tmp_path / "images" / "b.png")]
+    (tmp_path / "labels.csv").write_text("name,class\na,cat\n")
+    with pytest.raises(ValueError, match="no label for"):
+        match_csv_labels(tmp_path / "labels.csv", files)
+    (tmp_path / "labels.csv").write_text("name,class\na,cat\nb,dog\n")
+    with pytest.raises(ValueError, match=r"line 3 'b' matches 2 images"):
+        match_csv_labels(tmp_path / "labels.csv", files)
+    y, names = match_csv_labels(tmp_path / "labels.csv", files[:2])
+    assert names == ["cat", "dog"] and y.tolist() == [0, 1]
 
 
 def test_stale_csv_with_shared_file_names_is_refused(tmp_path):

@@ -1,5 +1,4 @@
-"""Extra tests for the synthetic testbed generator (helper's version; the repo's tests/test_synthetic.py was
-rewritten by someone else while this was being written). Drop-in: pytest /tmp/testbed_helper/test_synthetic_helper.py"""
+"""The synthetic testbed generator (fastcbm.data.synthetic): seeding, scene contents, concept masks, rings."""
 
 from __future__ import annotations
 

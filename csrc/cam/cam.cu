@@ -16,13 +16,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-struct MinOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return a < b ? a : b; }
-};
-struct MaxOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return a > b ? a : b; }
-};
-
 __global__ void epilogue_kernel(const float* __restrict__ raw, float* __restrict__ out, int64_t h, int64_t w,
                                 int64_t oh, int64_t ow, bool normalize) {
   using Reduce = cub::BlockReduce<float, kThreads>;
@@ -55,11 +48,10 @@ __global__ void epilogue_kernel(const float* __restrict__ raw, float* __restrict
 void epilogue(dev_ptr raw, dev_ptr out, int64_t n_maps, int64_t h, int64_t w, int64_t oh, int64_t ow, bool normalize,
               dev_ptr stream) {
   if (n_maps <= 0) return;
-  if (h < 1 || w < 1 || oh < 1 || ow < 1) throw std::invalid_argument("cam_epilogue: sizes must be >= 1");
-  epilogue_kernel<<<static_cast<unsigned>(n_maps), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+  if (h < 1 || w < 1 || oh < 1 || ow < 1) throw internal_error("cam_epilogue: sizes must be >= 1");
+  epilogue_kernel<<<static_cast<unsigned>(n_maps), kThreads, 0, as_stream(stream)>>>(
       reinterpret_cast<const float*>(raw), reinterpret_cast<float*>(out), h, w, oh, ow, normalize);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("cam_epilogue launch failed: ") + cudaGetErrorString(err));
+  check_launch("cam_epilogue");
 }
 
 }  // namespace

@@ -5,11 +5,8 @@
 
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define FASTCBM_HD __host__ __device__ __forceinline__
-#else
-#define FASTCBM_HD inline
-#endif
+#include "common.h"
+
 
 namespace fastcbm {
 namespace cam {

@@ -17,7 +17,7 @@ void cam_epilogue(const carray<float>& raw, carray<float>& out, bool normalize) 
   const py::ssize_t n = raw.shape(0), h = raw.shape(1), w = raw.shape(2);
   const py::ssize_t oh = out.shape(1), ow = out.shape(2);
   if (out.shape(0) != n || h < 1 || w < 1 || oh < 1 || ow < 1) {
-    throw std::invalid_argument("cam_epilogue: expected raw [N, h, w] and out [N, H, W] with the same N, sizes >= 1");
+    throw internal_error("cam_epilogue: expected raw [N, h, w] and out [N, H, W] with the same N, sizes >= 1");
   }
   float* y = out.mutable_data();
   std::vector<cam::Tap> ty(oh), tx(ow);

@@ -19,10 +19,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-struct MinOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return a < b ? a : b; }
-};
-
 __global__ void epg_kernel(const float* __restrict__ x, const uint8_t* __restrict__ mask, double* __restrict__ out,
                            int64_t n) {
   using FloatReduce = cub::BlockReduce<float, kThreads>;
@@ -96,15 +92,10 @@ __global__ void official_kernel(const uint8_t* __restrict__ bits, double* __rest
   if (threadIdx.x == 0) out[blockIdx.x] = nra_finish(vea, upper, md, nd);
 }
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-
 // x: float32 [N, n], mask: uint8 [N, n], out: float64 [N]; all device pointers, contiguous.
 void epg_cuda(dev_ptr x, dev_ptr mask, dev_ptr out, int64_t n_maps, int64_t n, dev_ptr stream) {
-  if (n_maps <= 0 || n <= 0) throw std::invalid_argument("metrics_epg: N and n must be positive");
-  epg_kernel<<<unsigned(n_maps), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+  if (n_maps <= 0 || n <= 0) throw internal_error("metrics_epg: N and n must be positive");
+  epg_kernel<<<unsigned(n_maps), kThreads, 0, as_stream(stream)>>>(
       reinterpret_cast<const float*>(x), reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<double*>(out), n);
   check_launch("metrics_epg");
 }
@@ -112,9 +103,9 @@ void epg_cuda(dev_ptr x, dev_ptr mask, dev_ptr out, int64_t n_maps, int64_t n, d
 // bits: uint8 mask bits in metrics order [N, n], out: float64 [N].
 void official_epilogue_cuda(dev_ptr bits, dev_ptr out, int64_t n_maps, int64_t n, int64_t step, dev_ptr stream) {
   if (n_maps <= 0 || n < 100 || step != n / 100) {
-    throw std::invalid_argument("metrics_nra_official_epilogue: need N > 0, n >= 100 and step == n // 100");
+    throw internal_error("metrics_nra_official_epilogue: need N > 0, n >= 100 and step == n // 100");
   }
-  official_kernel<<<unsigned(n_maps), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+  official_kernel<<<unsigned(n_maps), kThreads, 0, as_stream(stream)>>>(
       reinterpret_cast<const uint8_t*>(bits), reinterpret_cast<double*>(out), n, step);
   check_launch("metrics_nra_official_epilogue");
 }

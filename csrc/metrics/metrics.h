@@ -4,13 +4,10 @@
 #pragma once
 
 #include <cstdint>
+
+#include "common.h"
 #include <cstring>
 
-#ifdef __CUDACC__
-#define FASTCBM_HD __host__ __device__ __forceinline__
-#else
-#define FASTCBM_HD inline
-#endif
 
 namespace fastcbm {
 namespace metrics {

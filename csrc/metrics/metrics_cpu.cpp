@@ -25,10 +25,10 @@ Inputs check_inputs(const carray<float>& x, const carray<bool>& mask) {
   const float* xp = checked_data(x, "x", 2);
   const bool* mp = checked_data(mask, "mask", 2);
   if (x.shape(0) != mask.shape(0) || x.shape(1) != mask.shape(1)) {
-    throw std::invalid_argument("x and mask must have the same [N, n] shape");
+    throw internal_error("x and mask must have the same [N, n] shape");
   }
   if (x.shape(1) <= 0 || x.shape(1) > (py::ssize_t(1) << 31)) {
-    throw std::invalid_argument("n (pixels per map) must be in [1, 2^31]");
+    throw internal_error("n (pixels per map) must be in [1, 2^31]");
   }
   return {xp, mp, x.shape(0), x.shape(1)};
 }
@@ -203,7 +203,7 @@ py::array_t<double> per_map(const carray<float>& x, const carray<bool>& mask, Fn
 }
 
 py::array_t<double> nra_official_cpu(const carray<float>& x, const carray<bool>& mask) {
-  if (mask.ndim() == 2 && mask.shape(1) < 100) throw std::invalid_argument("official NRA needs n >= 100 pixels");
+  if (mask.ndim() == 2 && mask.shape(1) < 100) throw internal_error("official NRA needs n >= 100 pixels");
   return per_map(x, mask, nra_official_one);
 }
 

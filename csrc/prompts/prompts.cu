@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -36,19 +37,21 @@ __global__ void render_rings_kernel(const uint8_t* __restrict__ img, const doubl
   for (int i = threadIdx.x; i < kTableSize; i += blockDim.x) t[i] = table[i];
   __syncthreads();
   const int64_t SS = S * S;
-  const int64_t p = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (p >= SS) return;
   const int64_t row = blockIdx.x;
   const int64_t b = row / Gt, g = row % Gt;
-  const int64_t y = p / S, x = p - y * S;
-  const double d2 = dy2[g * S + y] + dx2[g * S + x];  // the one float64 addition (no multiply: no FMA contraction)
-  const bool on = d2 >= lo2 && d2 <= hi2;
-  const uint8_t* im = img + b * 3 * SS + p;
-  OutT* o = out + row * 3 * SS + p;
+  // grid-stride over the plane: grid.y is capped at 65535 blocks, images may be larger than 4096 x 4096
+  for (int64_t p = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; p < SS;
+       p += static_cast<int64_t>(gridDim.y) * blockDim.x) {
+    const int64_t y = p / S, x = p - y * S;
+    const double d2 = dy2[g * S + y] + dx2[g * S + x];  // the one float64 addition (no multiply: no FMA contraction)
+    const bool on = d2 >= lo2 && d2 <= hi2;
+    const uint8_t* im = img + b * 3 * SS + p;
+    OutT* o = out + row * 3 * SS + p;
 #pragma unroll
-  for (int c = 0; c < 3; ++c) {
-    const int idx = on ? fastcbm::prompts::kRingIndex : static_cast<int>(im[c * SS]);
-    o[c * SS] = from_float<OutT>(t[c * fastcbm::prompts::kTableWidth + idx]);
+    for (int c = 0; c < 3; ++c) {
+      const int idx = on ? fastcbm::prompts::kRingIndex : static_cast<int>(im[c * SS]);
+      o[c * SS] = from_float<OutT>(t[c * fastcbm::prompts::kTableWidth + idx]);
+    }
   }
 }
 
@@ -57,16 +60,14 @@ void launch(fastcbm::dev_ptr img, fastcbm::dev_ptr dy2, fastcbm::dev_ptr dx2, fa
             fastcbm::dev_ptr out, double lo2, double hi2, int64_t B, int64_t Gt, int64_t S, fastcbm::dev_ptr stream) {
   const int64_t rows = B * Gt, SS = S * S;
   if (rows == 0 || SS == 0) return;
-  const int64_t blocks = (SS + kThreads - 1) / kThreads;
-  if (rows > 2147483647LL || blocks > 65535)
-    throw std::invalid_argument("render_rings (cuda): B*G or S*S too large for one launch");
+  const int64_t blocks = std::min<int64_t>((SS + kThreads - 1) / kThreads, 65535);
+  if (rows > 2147483647LL) throw fastcbm::internal_error("render_rings (cuda): B*G >= 2^31 rows in one launch");
   dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(blocks));
-  render_rings_kernel<OutT><<<grid, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+  render_rings_kernel<OutT><<<grid, kThreads, 0, fastcbm::as_stream(stream)>>>(
       reinterpret_cast<const uint8_t*>(img), reinterpret_cast<const double*>(dy2),
       reinterpret_cast<const double*>(dx2), reinterpret_cast<const float*>(table), reinterpret_cast<OutT*>(out),
       lo2, hi2, Gt, S);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("render_rings (cuda): ") + cudaGetErrorString(err));
+  fastcbm::check_launch("render_rings (cuda)");
 }
 
 // out_kind: 0 float32, 1 float16, 2 bfloat16.
@@ -77,7 +78,7 @@ void render_cuda(fastcbm::dev_ptr img, fastcbm::dev_ptr dy2, fastcbm::dev_ptr dx
     case 0: return launch<float>(img, dy2, dx2, table, out, lo2, hi2, B, Gt, S, stream);
     case 1: return launch<__half>(img, dy2, dx2, table, out, lo2, hi2, B, Gt, S, stream);
     case 2: return launch<__nv_bfloat16>(img, dy2, dx2, table, out, lo2, hi2, B, Gt, S, stream);
-    default: throw std::invalid_argument("render_rings (cuda): out_kind must be 0, 1 or 2");
+    default: throw fastcbm::internal_error("render_rings (cuda): out_kind must be 0, 1 or 2");
   }
 }
 

@@ -13,6 +13,7 @@
 
 namespace py = pybind11;
 using fastcbm::carray;
+using fastcbm::internal_error;
 
 namespace {
 
@@ -36,14 +37,14 @@ Geometry check_inputs(const carray<uint8_t>& images, const carray<double>& dy2, 
   g.B = images.shape(0);
   g.S = images.shape(2);
   g.Gt = dy2.shape(0);
-  if (images.shape(1) != 3 || images.shape(3) != g.S) throw std::invalid_argument("images: expected [B, 3, S, S]");
+  if (images.shape(1) != 3 || images.shape(3) != g.S) throw internal_error("images: expected [B, 3, S, S]");
   if (dy2.shape(1) != g.S || dx2.shape(0) != g.Gt || dx2.shape(1) != g.S)
-    throw std::invalid_argument("dy2/dx2: expected [Gt, S] each");
+    throw internal_error("dy2/dx2: expected [Gt, S] each");
   if (table.shape(0) != 3 || table.shape(1) != fastcbm::prompts::kTableWidth)
-    throw std::invalid_argument("table: expected [3, 257]");
+    throw internal_error("table: expected [3, 257]");
   if (out.ndim() != 5 || out.shape(0) != g.B || out.shape(1) != g.Gt || out.shape(2) != 3 || out.shape(3) != g.S ||
       out.shape(4) != g.S)
-    throw std::invalid_argument("out: expected [B, Gt, 3, S, S] matching images and dy2");
+    throw internal_error("out: expected [B, Gt, 3, S, S] matching images and dy2");
   return g;
 }
 

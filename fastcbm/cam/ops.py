@@ -1,42 +1,39 @@
-"""The Grad-CAM fusion op with backend dispatch.
+"""The Grad-CAM fusion op: validation, the op table and dispatch.
 
-Every backend computes the channel sum ``Σ_c weights·acts`` as ONE batched GEMM in torch (BLAS on CPU, cuBLAS on GPU:
-no hand-written kernel beats them) into float32 ``[B·T, h, w]``, then runs a fused epilogue — ReLU, bilinear resize,
-min-max — that never materialises the un-normalised or un-resized maps a second time:
-
-- ``reference``: pure torch (``reference.py``, the definition, differentiable), any device and float dtype;
-- ``cpu``: C++/OpenMP epilogue (``fastcbm._C.cam_epilogue``), CPU tensors;
-- ``triton``: Triton epilogue (``fastcbm.kernels.cam``), CUDA tensors (CPU under ``TRITON_INTERPRET=1``);
-- ``cuda``: CUDA epilogue (``fastcbm._C_cuda.cam_epilogue``), CUDA tensors.
-
-The compiled backends are forward-only and take fp16/bf16/fp32 (computed in fp32). ``backend="auto"`` uses the
-reference when a gradient is needed or for float64, so autograd always works; an explicit compiled backend refuses
-inputs that require grad instead of silently cutting the graph.
+``reference`` (pure torch, ``reference.py``, the definition, differentiable) runs on any device and float dtype; the
+compiled backends (``launchers.py``: one batched GEMM in torch + a fused C++ / Triton / CUDA epilogue) are
+forward-only and take fp16/bf16/fp32 (computed in fp32). So the op has two variants: ``forward`` (no gradient needed,
+fp16/bf16/fp32: every backend) and ``autograd`` (an input requires grad, or float64: the reference only).
+``backend="auto"`` therefore uses the reference whenever a gradient is needed, so autograd always works, and an
+explicit compiled backend refuses such inputs (``BackendUnavailableError``) instead of silently cutting the graph.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastcbm import _ext
-from fastcbm.backends import select_backend
+from fastcbm import backends
+from fastcbm.cam import launchers as L
 from fastcbm.cam.reference import fuse_reference
 from fastcbm.errors import InvalidArgument
 
-FUSE_BACKENDS = ("reference", "cpu", "triton", "cuda")
-_COMPILED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+OP = "cam.fuse"
+backends.define_op(OP, {
+    "forward": {"reference": fuse_reference, "cpu": L.fuse_cpu, "triton": L.fuse_triton, "cuda": L.fuse_cuda},
+    "autograd": {"reference": fuse_reference},
+}, notes={"autograd": "inputs that require grad, or float64: the compiled backends are forward-only"})
 
 
 def _check(weights: torch.Tensor, acts: torch.Tensor, size) -> tuple[int, int] | None:
     if not isinstance(weights, torch.Tensor) or not isinstance(acts, torch.Tensor):
-        raise InvalidArgument("fuse: weights and acts must be torch tensors")  # noqa: TRY004 (input error)
+        raise InvalidArgument("fuse: weights and acts must be torch tensors")
     if weights.dim() != 3:
         raise InvalidArgument(f"fuse: weights must be [B, T, C], got shape {tuple(weights.shape)}")
     if acts.dim() != 4:
         raise InvalidArgument(f"fuse: acts must be [B, C, h, w], got shape {tuple(acts.shape)}")
     if weights.shape[0] != acts.shape[0] or weights.shape[2] != acts.shape[1]:
         raise InvalidArgument(f"fuse: weights [B, T, C] = {tuple(weights.shape)} do not match acts [B, C, h, w] = "
-                              f"{tuple(acts.shape)} (B and C must agree)")
+                         f"{tuple(acts.shape)} (B and C must agree)")
     if not (weights.is_floating_point() and acts.is_floating_point()) or weights.dtype != acts.dtype:
         raise InvalidArgument(f"fuse: weights and acts must share one float dtype, got {weights.dtype} and {acts.dtype}")
     if weights.device != acts.device:
@@ -53,13 +50,6 @@ def _check(weights: torch.Tensor, acts: torch.Tensor, size) -> tuple[int, int] |
     if not ok:
         raise InvalidArgument(f"fuse: size must be None or (H, W) with H, W >= 1, got {size!r}")
     return out
-
-
-def _raw(weights: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
-    """float32 ``[B·T, h, w]`` pre-ReLU maps from one batched GEMM."""
-    b, c, h, w = acts.shape
-    raw = torch.bmm(weights.float(), acts.float().reshape(b, c, h * w))
-    return raw.reshape(b * weights.shape[1], h, w).contiguous()
 
 
 def fuse(weights: torch.Tensor, acts: torch.Tensor, *, size: tuple[int, int] | None = None, normalize: bool = False,
@@ -80,37 +70,13 @@ def fuse(weights: torch.Tensor, acts: torch.Tensor, *, size: tuple[int, int] | N
     out_size = _check(weights, acts, size)
     b, t = weights.shape[:2]
     h, w = acts.shape[2:]
-    oh, ow = out_size if out_size is not None else (h, w)
     needs_grad = torch.is_grad_enabled() and (weights.requires_grad or acts.requires_grad)
-    compiled_ok = weights.dtype in _COMPILED_DTYPES and not needs_grad
-    if backend == "auto" and not compiled_ok:
-        chosen = "reference"
-    else:
-        chosen = select_backend("cam.fuse", backend, weights.device, FUSE_BACKENDS)
-    if chosen == "reference":
-        return fuse_reference(weights, acts, out_size, normalize)
-    if needs_grad:
-        raise InvalidArgument(f"fuse: backend {chosen!r} is forward-only and the inputs require grad; use "
-                              "backend='reference' (or 'auto') to differentiate")
-    if weights.dtype not in _COMPILED_DTYPES:
-        raise InvalidArgument(f"fuse: backend {chosen!r} takes float16/bfloat16/float32, got {weights.dtype}")
+    variant = "forward" if weights.dtype in L.COMPILED_DTYPES and not needs_grad else "autograd"
+    impl = backends.resolve(OP, backend, weights.device, variant)
+    oh, ow = out_size if out_size is not None else (h, w)
     if b * t == 0:
         return torch.zeros((b, t, oh, ow), dtype=weights.dtype, device=weights.device)
-    raw = _raw(weights, acts)
-    if chosen == "cpu":
-        out = torch.empty((b * t, oh, ow), dtype=torch.float32)
-        _ext.cpu_ext().cam_epilogue(raw.numpy(), out.numpy(), bool(normalize))
-    elif chosen == "triton":
-        from fastcbm.kernels import (
-            cam as tk,  # lazy: `import fastcbm` never imports triton
-        )
-
-        out = tk.epilogue(raw, (oh, ow), normalize)
-    else:
-        out = torch.empty((b * t, oh, ow), dtype=torch.float32, device=raw.device)
-        _ext.cuda_ext().cam_epilogue(raw.data_ptr(), out.data_ptr(), b * t, h, w, oh, ow, bool(normalize),
-                                     torch.cuda.current_stream(raw.device).cuda_stream)
-    return out.reshape(b, t, oh, ow).to(weights.dtype)
+    return impl.fn(weights, acts, (oh, ow), bool(normalize))
 
 
-__all__ = ["FUSE_BACKENDS", "fuse"]
+__all__ = ["OP", "fuse"]

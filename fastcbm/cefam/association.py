@@ -2,7 +2,7 @@
 
 Both rank the channels of a stage l by the signed β_k·z_k (β from :func:`fastcbm.cefam.regions.concept_grads`, z_k the
 pooled activation) and mask the top K cumulatively; each step k = 1..K scores p_k, and the result is
-Σ_k (p₀ − p_k)/p₀ / K (DESIGN.md §3, as the authors' released code does it unless ``variant="paper"``):
+Σ_k (p₀ − p_k)/p₀ / K (docs/design.md §3, as the authors' released code does it unless ``variant="paper"``):
 
 - association: channels replaced in the translator input z_cat by the scalar mean m_l of z^l over channels; p = the
   softmax over the whole concept set of the scaled logits S (official) or S_t itself (paper);

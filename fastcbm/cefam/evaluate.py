@@ -26,7 +26,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastcbm.cefam.datasets import Record, concept_texts
@@ -97,16 +96,9 @@ def group_images(records: Iterable[Record], batch_size: int) -> Iterator[list[li
 def to_input(images: Sequence[torch.Tensor], size: int, mean, std, device) -> torch.Tensor:
     """uint8 ``[3, H, W]`` images → normalised ``[B, 3, size, size]`` (whole image resized, bilinear: no crop, so
     the masks stay aligned with the maps)."""
-    out = []
-    for im in images:
-        x = im.to(device=device, dtype=torch.float32)[None] / 255.0
-        if tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        out.append(x)
-    x = torch.cat(out)
-    m = torch.tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x - m) / s
+    from fastcbm.models.inputs import normalize_uint8
+
+    return torch.cat([normalize_uint8(im[None], mean, std, device=device, size=size) for im in images])
 
 
 def clip_input_config(clip_model, preprocess=None) -> tuple[int, tuple, tuple]:
@@ -164,13 +156,6 @@ def map_metrics(maps: torch.Tensor, masks: torch.Tensor, backend: str = "auto") 
     has = maps.flatten(1).amax(1) > 0
     return (metrics.nra(maps, masks, "official", backend=backend), metrics.nra(maps, masks, "paper", backend=backend),
             metrics.epg(maps, masks, backend=backend), has)
-
-
-def _by_mask_shape(masks: Sequence[torch.Tensor]) -> dict[tuple[int, int], list[int]]:
-    groups: dict[tuple[int, int], list[int]] = {}
-    for p, m in enumerate(masks):
-        groups.setdefault(tuple(m.shape), []).append(p)
-    return groups
 
 
 def _score_maps(maps: list[torch.Tensor], masks: list[torch.Tensor], backend: str) -> tuple[torch.Tensor, ...]:

@@ -160,9 +160,9 @@ def prepare_image(path: str | os.PathLike, backbone) -> tuple[torch.Tensor, torc
         image = decode_image(path, int(backbone.input_size))
     except BadImageError as exc:
         raise InvalidFile(f"image {path}: {exc}") from None
-    mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.std).view(1, 3, 1, 1)
-    return image, (image[None].float() / 255 - mean) / std
+    from fastcbm.models.inputs import normalize_uint8
+
+    return image, normalize_uint8(image[None], backbone.mean, backbone.std)
 
 
 def explain_file(model_dir, image_path, *, concepts_file=None, templates=None, top_k: int = TOP_K,

@@ -6,14 +6,14 @@ but tensors) + ``translator.safetensors``; the classifier is rebuilt by name (it
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from fastcbm.cefam.translator import Translator, concept_scores, pool_stages, stage_activations
+from fastcbm.configs import JsonConfig
 from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
 
 FORMAT = "fastcbm.cefam"
@@ -24,7 +24,7 @@ BACKBONE_FILE = "classifier.safetensors"
 
 
 @dataclass
-class CEFAMConfig:
+class CEFAMConfig(JsonConfig):
     """Everything needed to rebuild a CE-FAM model besides its tensors.
 
     ``layers``: the classifier stages whose global average pools are concatenated (in this order) into
@@ -47,16 +47,6 @@ class CEFAMConfig:
     class_names: list[str] = field(default_factory=list)
     widths: list[int] = field(default_factory=list)
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> CEFAMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InvalidArgument(f"CE-FAM config: unknown fields {unknown} (saved by a newer fastcbm?)")
-        return cls(**d)
 
 
 class CEFAM(nn.Module):

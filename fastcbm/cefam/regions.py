@@ -2,7 +2,7 @@
 
 For stage l with activations A_l ``[B, C_l, h_l, w_l]``: β_l[b, t] = spatial mean of ∂S_t/∂A_l (the gradient as a hook
 on the stage output sees it: through the stage's own pooled entry in z_cat AND through the deeper stages), region =
-ReLU(Σ_k β_k·A_k) at the stage's resolution, not normalised (DESIGN.md §3).
+ReLU(Σ_k β_k·A_k) at the stage's resolution, not normalised (docs/design.md §3).
 
 Two methods give the same β (to ~1e-6 relative in fp32):
 

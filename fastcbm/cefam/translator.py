@@ -1,7 +1,7 @@
 """CE-FAM's translator: an MLP from a classifier's pooled stage activations z_cat to CLIP's image-embedding space,
 and the concept score it is explained with.
 
-Facts from the authors' released code (DESIGN.md §3): hidden layers 2048→1024 when z_cat has more than 1,024 values
+Facts from the authors' released code (docs/design.md §3): hidden layers 2048→1024 when z_cat has more than 1,024 values
 (ResNet-50: 3,840), else 1024→1024; tanh after each hidden layer, none after the last; the target is the
 *un-normalised* CLIP image embedding; the concept score is S_t = s·cos(h, t) + b (s = CLIP's logit scale, 100; b = 0
 for CLIP, SigLIP's bias otherwise).

@@ -23,6 +23,10 @@ class FilterReport:
     kept: list[str]
     dropped: dict[str, tuple[str, str]] = field(default_factory=dict)
 
+    def drop(self, name: str, stage: str, why: str) -> None:
+        """Record why ``name`` was dropped (the first stage that drops a concept is the one reported)."""
+        self.dropped.setdefault(name, (stage, why))
+
     def count(self, stage: str) -> int:
         return sum(1 for s, _ in self.dropped.values() if s == stage)
 
@@ -87,6 +91,50 @@ def filter_concepts(
     ``text_encoder(list[str]) -> [n, D]`` embeds texts (e.g. a CLIP text tower; see :func:`encode_texts`); its
     outputs are renormalised. A cut-off of ``None`` (or ``max_length=None``) switches that stage off.
     """
+    names, class_names, presence_cutoff = _checked_inputs(concepts, class_names, duplicate_rule, presence_cutoff,
+                                                          image_embeddings, top_k)
+    report = FilterReport(kept=[])
+    # 1. length
+    alive = []
+    for c in names:
+        if max_length is not None and len(c) > max_length:
+            report.drop(c, "length", f"{len(c)} characters > {max_length}")
+        else:
+            alive.append(c)
+    # 2. a concept that is a class name, as text
+    if alive and class_names and class_text_matches:
+        alive = _drop_class_names(alive, class_names, report)
+    texts = _Texts(alive, text_encoder, sentence_encoder)
+    # 3. similarity to a class name
+    if texts.names and class_names and class_sim_cutoff is not None:
+        texts = _drop_like_classes(texts, class_names, class_sim_cutoff, report)
+    # 4. near-duplicate concepts
+    if texts.names and concept_sim_cutoff is not None:
+        texts = _drop_near_duplicates(texts, concept_sim_cutoff, duplicate_rule, report)
+    alive = texts.names
+    # 5. presence in the training images
+    if alive and presence_cutoff is not None:
+        if image_embeddings.shape[1] != texts.emb.shape[1]:
+            raise InvalidArgument(f"image_embeddings have D={image_embeddings.shape[1]}, text embeddings "
+                                  f"D={texts.emb.shape[1]}")
+        score = _presence(image_embeddings, texts.emb, top_k)
+        keep = []
+        for i, c in enumerate(alive):
+            if float(score[i]) <= presence_cutoff:
+                report.drop(c, "presence", f"mean top-{top_k} image similarity {float(score[i]):.3f} <= "
+                                           f"{presence_cutoff}")
+            else:
+                keep.append(i)
+        alive = [alive[i] for i in keep]
+    report.kept = alive
+    log.info("filter_concepts: %s", report.summary())
+    if not alive:
+        log.warning("filter_concepts: every concept was dropped; loosen the cut-offs")
+    return alive, report
+
+
+def _checked_inputs(concepts, class_names, duplicate_rule: str, presence_cutoff, image_embeddings, top_k: int):
+    """Validated ``(unique concept names, class names, presence cut-off as a number or None)``."""
     names = list(concepts.names if isinstance(concepts, ConceptSet) else concepts)
     bad = [i for i, c in enumerate(names) if not isinstance(c, str)]
     if bad:
@@ -112,101 +160,86 @@ def filter_concepts(
             raise InvalidArgument(f"image_embeddings must have shape [N, D] with N >= 1, got {got}")
         if top_k < 1:
             raise InvalidArgument(f"top_k must be >= 1, got {top_k}")
-    report = FilterReport(kept=[])
+    return names, class_names, presence_cutoff
 
-    def drop(name: str, stage: str, why: str) -> None:
-        report.dropped.setdefault(name, (stage, why))
 
-    # 1. length
-    alive = []
-    for c in names:
-        if max_length is not None and len(c) > max_length:
-            drop(c, "length", f"{len(c)} characters > {max_length}")
+def _drop_class_names(alive: list[str], class_names: list[str], report: FilterReport) -> list[str]:
+    matches: dict[str, str] = {}
+    for cls in class_names:
+        for v in _class_variants(cls):
+            matches.setdefault(v, cls)
+    keep = []
+    for c in alive:
+        if c in matches:
+            report.drop(c, "class_similarity", f"is the class name {matches[c]!r} (text match)")
         else:
-            alive.append(c)
-    # 2. a concept that is a class name, as text
-    if alive and class_names and class_text_matches:
-        matches = {}
-        for cls in class_names:
-            for v in _class_variants(cls):
-                matches.setdefault(v, cls)
-        keep_alive = []
-        for c in alive:
-            if c in matches:
-                drop(c, "class_similarity", f"is the class name {matches[c]!r} (text match)")
-            else:
-                keep_alive.append(c)
-        alive = keep_alive
-    emb = _encode(text_encoder, alive, "concepts") if alive else None
-    sent = _encode(sentence_encoder, alive, "concepts") if alive and sentence_encoder is not None else None
+            keep.append(c)
+    return keep
 
-    def similarity(a_clip, b_clip, a_sent, b_sent) -> torch.Tensor:
-        sims = a_clip @ b_clip.T
-        if a_sent is not None:  # label-free CBM: (mpnet + 3·CLIP)/4
-            sims = (a_sent.to(sims.device) @ b_sent.to(sims.device).T + 3 * sims) / 4
+
+class _Texts:
+    """The surviving concepts with their unit text embeddings (and sentence-model embeddings, when used)."""
+
+    def __init__(self, names: list[str], text_encoder, sentence_encoder, emb=None, sent=None) -> None:
+        self.names, self.text_encoder, self.sentence_encoder = names, text_encoder, sentence_encoder
+        if emb is None and names:
+            emb = _encode(text_encoder, names, "concepts")
+            sent = _encode(sentence_encoder, names, "concepts") if sentence_encoder is not None else None
+        self.emb, self.sent = emb, sent
+
+    def keep(self, idx: list[int]) -> _Texts:
+        return _Texts([self.names[i] for i in idx], self.text_encoder, self.sentence_encoder, self.emb[idx],
+                      self.sent[idx] if self.sent is not None else None)
+
+    def similarity(self, other_emb: torch.Tensor, other_sent: torch.Tensor | None) -> torch.Tensor:
+        """[n, K] similarity to other texts: label-free CBM's (mpnet + 3·CLIP)/4 with the sentence model, else CLIP."""
+        sims = self.emb @ other_emb.T
+        if self.sent is not None:
+            sims = (self.sent.to(sims.device) @ other_sent.to(sims.device).T + 3 * sims) / 4
         return sims
 
-    # 3. similarity to a class name
-    if alive and class_names and class_sim_cutoff is not None:
-        cls_emb = _encode(text_encoder, class_names, "class names").to(emb.device)
-        cls_sent = _encode(sentence_encoder, class_names, "class names") if sent is not None else None
-        sims = similarity(emb, cls_emb, sent, cls_sent)  # [n, K]
-        best, arg = sims.max(1)
-        keep = []
+
+def _drop_like_classes(texts: _Texts, class_names: list[str], cutoff: float, report: FilterReport) -> _Texts:
+    cls_emb = _encode(texts.text_encoder, class_names, "class names").to(texts.emb.device)
+    cls_sent = _encode(texts.sentence_encoder, class_names, "class names") if texts.sent is not None else None
+    best, arg = texts.similarity(cls_emb, cls_sent).max(1)  # over [n, K]
+    keep = []
+    for i, c in enumerate(texts.names):
+        if float(best[i]) >= cutoff:
+            report.drop(c, "class_similarity", f"similarity {float(best[i]):.3f} >= {cutoff} to class "
+                                               f"{class_names[int(arg[i])]!r}")
+        else:
+            keep.append(i)
+    return texts.keep(keep)
+
+
+def _drop_near_duplicates(texts: _Texts, cutoff: float, rule: str, report: FilterReport) -> _Texts:
+    sims = texts.similarity(texts.emb, texts.sent).cpu()
+    alive = texts.names
+    deleted: set[int] = set()
+    if rule == "total_similarity":
+        # label-free CBM's loop: every pair (i, j), i ≠ j, in index order, while neither is deleted; the one with the
+        # smaller row sum (total similarity to all concepts) goes — the more general concept stays
+        total = sims.sum(1)
+        for i, j in torch.nonzero(sims >= cutoff).tolist():
+            if i == j or i in deleted or j in deleted:
+                continue
+            loser, winner = (i, j) if float(total[i]) < float(total[j]) else (j, i)
+            deleted.add(loser)
+            report.drop(alive[loser], "concept_similarity", f"similarity {float(sims[i, j]):.3f} >= {cutoff} to "
+                                                            f"{alive[winner]!r}")
+    else:  # greedy in list order, so the earlier of a pair survives
+        keep_idx: list[int] = []
         for i, c in enumerate(alive):
-            if float(best[i]) >= class_sim_cutoff:
-                drop(c, "class_similarity", f"similarity {float(best[i]):.3f} >= {class_sim_cutoff} to class "
-                                            f"{class_names[int(arg[i])]!r}")
-            else:
-                keep.append(i)
-        alive, emb = [alive[i] for i in keep], emb[keep]
-        sent = sent[keep] if sent is not None else None
-    # 4. near-duplicate concepts
-    if alive and concept_sim_cutoff is not None:
-        sims = similarity(emb, emb, sent, sent).cpu()
-        deleted: set[int] = set()
-        if duplicate_rule == "total_similarity":
-            # label-free CBM's loop: every pair (i, j), i ≠ j, in index order, while neither is deleted; the one
-            # with the smaller row sum (total similarity to all concepts) goes — the more general concept stays
-            total = sims.sum(1)
-            pairs = torch.nonzero(sims >= concept_sim_cutoff).tolist()
-            for i, j in pairs:
-                if i == j or i in deleted or j in deleted:
+            if keep_idx:
+                v, j = sims[i, keep_idx].max(0)
+                if float(v) >= cutoff:
+                    deleted.add(i)
+                    report.drop(c, "concept_similarity", f"similarity {float(v):.3f} >= {cutoff} to "
+                                                         f"{alive[keep_idx[int(j)]]!r}")
                     continue
-                loser, winner = (i, j) if float(total[i]) < float(total[j]) else (j, i)
-                deleted.add(loser)
-                drop(alive[loser], "concept_similarity", f"similarity {float(sims[i, j]):.3f} >= "
-                                                         f"{concept_sim_cutoff} to {alive[winner]!r}")
-        else:  # greedy in list order, so the earlier of a pair survives
-            keep_idx: list[int] = []
-            for i, c in enumerate(alive):
-                if keep_idx:
-                    v, j = sims[i, keep_idx].max(0)
-                    if float(v) >= concept_sim_cutoff:
-                        deleted.add(i)
-                        drop(c, "concept_similarity", f"similarity {float(v):.3f} >= {concept_sim_cutoff} to "
-                                                      f"{alive[keep_idx[int(j)]]!r}")
-                        continue
-                keep_idx.append(i)
-        keep = [i for i in range(len(alive)) if i not in deleted]
-        alive, emb = [alive[i] for i in keep], emb[keep]
-    # 5. presence in the training images
-    if alive and presence_cutoff is not None:
-        if image_embeddings.shape[1] != emb.shape[1]:
-            raise InvalidArgument(f"image_embeddings have D={image_embeddings.shape[1]}, text embeddings D={emb.shape[1]}")
-        score = _presence(image_embeddings, emb, top_k)
-        keep = []
-        for i, c in enumerate(alive):
-            if float(score[i]) <= presence_cutoff:
-                drop(c, "presence", f"mean top-{top_k} image similarity {float(score[i]):.3f} <= {presence_cutoff}")
-            else:
-                keep.append(i)
-        alive = [alive[i] for i in keep]
-    report.kept = alive
-    log.info("filter_concepts: %s", report.summary())
-    if not alive:
-        log.warning("filter_concepts: every concept was dropped; loosen the cut-offs")
-    return alive, report
+            keep_idx.append(i)
+    return texts.keep([i for i in range(len(alive)) if i not in deleted])
 
 
 # Cut-offs are cosine thresholds, so they belong to the text encoder they were calibrated on: label-free CBM's 0.85 /

@@ -1,8 +1,8 @@
 """Matching a labels CSV to the images of a cache, refusing every ambiguity instead of guessing.
 
 A row ``path,class`` labels the image at that path: relative to the CSV's folder, or absolute. A row that is a *bare
-file name* (no folder part) may also match an image elsewhere with that file name — only when exactly one image has
-it. Everything else is refused with one line naming the rows: a bare name shared by several images (ambiguous), two
+file name* (no folder part; the extension may be left out) may also match an image elsewhere with that name — only
+when exactly one image has it. Everything else is refused with one line naming the rows: a bare name shared by several images (ambiguous), two
 rows giving one image different classes (conflict), rows that match no image (a stale CSV, or one written for another
 folder), and images without a label. A row given twice with the same class is fine (counted in the report).
 
@@ -23,7 +23,7 @@ import torch
 
 from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
 
-HEADER_FIRST_CELLS = ("file", "path", "image", "filename")
+HEADER_FIRST_CELLS = ("file", "path", "image", "filename", "name")
 _DETAIL_ROWS = 200  # the report lists every row's match up to this many rows (counts always)
 
 
@@ -100,9 +100,11 @@ def match_csv_labels(path: str | os.PathLike, files: Sequence[str], class_names:
     base = path.parent
     by_path: dict[str, list[int]] = {}
     by_name: dict[str, list[int]] = {}
+    by_stem: dict[str, list[int]] = {}
     for i, f in enumerate(files):
         by_path.setdefault(_norm(f), []).append(i)
         by_name.setdefault(Path(f).name, []).append(i)
+        by_stem.setdefault(Path(f).stem, []).append(i)
     by_real: dict[str, list[int]] | None = None
 
     ambiguous, unmatched = [], []
@@ -119,8 +121,9 @@ def match_csv_labels(path: str | os.PathLike, files: Sequence[str], class_names:
         real = os.path.realpath(full)
         if real in by_real:
             r.how, r.files = "path (symlinks resolved)", by_real[real]
-        elif p.name == r.path and r.path in by_name:  # a bare file name: only when it is unique
-            cands = by_name[r.path]
+        elif p.name == r.path and (r.path in by_name or (not p.suffix and r.path in by_stem)):
+            # a bare file name (or a name without its extension, as the DEAL authors' lists): only when it is unique
+            cands = by_name.get(r.path) or by_stem[r.path]
             if len(cands) == 1:
                 r.how, r.files = "name", cands
             else:

@@ -331,7 +331,7 @@ def generate(n: int, seed: int, *, size: int = TESTBED_IMAGE_SIZE, num_objects: 
 
 def draw_ring(images: torch.Tensor, centers, radius, width: float = 2.0,
               color: tuple[int, int, int] = RING_COLOR) -> torch.Tensor:
-    """Draw one hard-edged ring per image (DESIGN.md §3); returns a new tensor, the input is unchanged.
+    """Draw one hard-edged ring per image (docs/design.md §3); returns a new tensor, the input is unchanged.
 
     images: uint8 ``[B, 3, S, S]`` or ``[3, S, S]``; centers: ``[B, 2]`` or ``[2]`` as (x, y) in pixels;
     radius: scalar or ``[B]``. A pixel (x, y) (centres at integer coordinates) is on the ring when

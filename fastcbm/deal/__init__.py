@@ -1,5 +1,5 @@
 """DEAL (disentangle and localize): fine-tune CLIP so its concept explanations are distinct from each other and add up
-to the category's explanation, with explanation gradients that actually reach the weights (DESIGN.md §3).
+to the category's explanation, with explanation gradients that actually reach the weights (docs/design.md §3).
 
 - :mod:`fastcbm.deal.explain`: differentiable explanations ``[B, K+1, h, w]`` (Grad-CAM on layer4 / last-block
   attention relevance), batched over the K+1 texts with one tower pass.

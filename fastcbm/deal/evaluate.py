@@ -21,7 +21,6 @@ authors' notebooks; localizability scores each concept map against the descripto
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from dataclasses import dataclass
@@ -104,7 +103,8 @@ def _load_images(files: list[Path], preprocess) -> torch.Tensor:
 
 def folder_set(root: str | os.PathLike, preprocess, size: int) -> EvalSet:
     """An ImageFolder (``root/<class>/<image>``) or a mask folder (``root/images`` + ``root/masks``; module doc)."""
-    from fastcbm.data.folder import IMAGE_EXTENSIONS
+    from fastcbm.data.folder import list_images
+    from fastcbm.data.labels import csv_labels, folder_labels
 
     root = Path(root)
     if not root.is_dir():
@@ -112,27 +112,15 @@ def folder_set(root: str | os.PathLike, preprocess, size: int) -> EvalSet:
                           "'testbed')")
     mask_layout = (root / "images").is_dir() and (root / "masks").is_dir()
     img_root = root / "images" if mask_layout else root
-    exts = tuple(IMAGE_EXTENSIONS)
-    files = sorted((p for p in img_root.rglob("*") if p.is_file() and p.suffix.lower() in exts),
-                   key=lambda p: p.relative_to(img_root).as_posix())
-    if not files:
-        raise InvalidFile(f"--data: no images under {img_root}")
-    flat = all(p.parent == img_root for p in files)
-    if flat:
+    files = [Path(f) for f in list_images(img_root)]
+    if all(p.parent == img_root for p in files):  # a flat folder: classes from labels.csv ("name,class" rows)
         labels_csv = root / "labels.csv"
         if not labels_csv.is_file():
             raise MissingFile(f"--data: the images sit directly in {img_root}; put them in class folders "
                               f"({img_root}/<class>/<image>) or list 'name,class' rows in {labels_csv}")
-        with open(labels_csv, newline="") as f:
-            table = {r[0].strip(): r[1].strip() for r in csv.reader(f) if len(r) >= 2 and r[0].strip() != "name"}
-        missing = [p.stem for p in files if p.stem not in table]
-        if missing:
-            raise InvalidFile(f"--data: {labels_csv} has no class for {len(missing)} image(s), e.g. {missing[0]!r}")
-        cls_of = [table[p.stem] for p in files]
+        labels, class_names = csv_labels(labels_csv, [str(p) for p in files])
     else:
-        cls_of = [p.relative_to(img_root).parts[0] for p in files]
-    class_names = sorted(set(cls_of))
-    labels = torch.tensor([class_names.index(c) for c in cls_of])
+        labels, class_names = folder_labels([str(p) for p in files])
     images = _load_images(files, preprocess)
     masks = _read_masks(root / "masks", files, size) if mask_layout else None
     return EvalSet(images=images, labels=labels, class_names=class_names, masks=masks, names=[p.stem for p in files])

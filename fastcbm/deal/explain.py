@@ -1,4 +1,4 @@
-"""Differentiable concept explanations of a CLIP image tower (DEAL, DESIGN.md §3 "DEAL, with gradients that actually
+"""Differentiable concept explanations of a CLIP image tower (DEAL, docs/design.md §3 "DEAL, with gradients that actually
 flow").
 
 For image b and text k the score is s_bk = cos(e_b, t_bk) with e_b the image embedding. The K+1 texts of an image (row

@@ -1,6 +1,6 @@
 """DEAL's objective on explanation maps ``[B, K+1, h, w]`` (row 0 the category, rows 1..K the concepts).
 
-``form="code"`` (default, the authors' released code; DESIGN.md §3):
+``form="code"`` (default, the authors' released code; docs/design.md §3):
   separation  = Σ_{i>j} Σ_pixels ĝ_i·ĝ_j over the concept maps, averaged over the batch;
   consistency = Σ_pixels (Σ_k ĝ_k − ĝ_category)², divided by the batch size (a sum, not a mean);
   sparsity    = Σ_k Σ_pixels |ĝ_k|, averaged over the batch (λ 5e-4; not in the paper).

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,9 +29,10 @@ from fastcbm.deal.data import (CAPTION_FORMS, captions, class_display_name, load
 from fastcbm.concepts.encode import tokenize_checked
 from fastcbm.deal.explain import MODES, RESNET_LAYERS, explanations
 from fastcbm.deal.losses import LOSS_FORMS, deal_loss
+from fastcbm.configs import JsonConfig
 from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
 from fastcbm.files import atomic_path, atomic_write_json
-from fastcbm.models.inputs import CLIP_MEAN, CLIP_STD
+from fastcbm.models.inputs import CLIP_MEAN, CLIP_STD, normalize_uint8
 
 log = logging.getLogger("fastcbm.deal")
 
@@ -43,8 +44,8 @@ class NonFiniteLossError(ValueError):
 
 
 @dataclass
-class DealConfig:
-    """DEAL's published settings (DESIGN.md §3) plus run options.
+class DealConfig(JsonConfig):
+    """DEAL's published settings (docs/design.md §3) plus run options.
 
     ``steps``: total optimiser steps (``None``: ``epochs`` passes over the data, ``⌊N / batch_size⌋`` steps each).
     ``plain``: the baseline (same steps and captions, regularisers off). ``mode``: how the K+1 explanation VJPs are
@@ -56,6 +57,8 @@ class DealConfig:
     towers (bench/deal.py: 2.5× a plain step on a ViT-B/32-shaped model, against 1.5× without).
     ``explain_layer``: the ResNet stage Grad-CAM explains, ``"layer4"`` (as published) or ``"layer3"`` (2× finer
     grid; gradients through layer4 and the pool); ViT towers are always explained at their last block."""
+
+    json_unknown = "ignore"  # older output folders carry keys this version dropped
 
     lr: float = 5e-7
     betas: tuple[float, float] = (0.9, 0.98)
@@ -101,18 +104,6 @@ class DealConfig:
         if self.lr <= 0:
             raise InvalidArgument(f"lr must be > 0, got {self.lr}")
 
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> DealConfig:
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        if "betas" in kw:
-            kw["betas"] = tuple(kw["betas"])
-        return cls(**kw)
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -130,19 +121,17 @@ class _Source:
 
     def _init_folder(self, root: Path) -> None:
         from fastcbm.data.folder import ImageFileDataset, list_images
+        from fastcbm.data.labels import folder_labels
 
         if not root.is_dir():
             raise MissingFile(f"data: {root} is not a directory (expected an ImageFolder root/<class>/<image>)")
         if (root / "images").is_dir() and (root / "labels.csv").is_file():
             root = root / "images"  # a `fastcbm testbed export` folder
         files = list_images(root)
-        rel = [Path(f).relative_to(root).parts for f in files]
-        if any(len(p) < 2 for p in rel):
+        if any(Path(f).parent == root for f in files):
             raise InvalidFile(f"data: {root} has images outside class folders (expected an ImageFolder "
                               "root/<class>/<image>)")
-        self.class_names = sorted({p[0] for p in rel})
-        index = {c: i for i, c in enumerate(self.class_names)}
-        self.labels = torch.tensor([index[p[0]] for p in rel])
+        self.labels, self.class_names = folder_labels(files)
         self.dataset = ImageFileDataset(files, self.size)
         self.images = None
         self.description = str(root)
@@ -254,9 +243,7 @@ def _check_resume(meta: dict, model_name: str, pretrained, cfg: DealConfig, out:
 def _normalizer(model, device):
     mean = getattr(model.visual, "image_mean", None) or CLIP_MEAN
     std = getattr(model.visual, "image_std", None) or CLIP_STD
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    return lambda u8: (u8.to(device).float() / 255 - m) / s
+    return lambda u8: normalize_uint8(u8, mean, std, device=device)
 
 
 def _image_size(model) -> int:

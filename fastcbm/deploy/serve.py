@@ -18,12 +18,11 @@ def prepare_images(images_u8: torch.Tensor, meta: dict) -> np.ndarray:
     kind = meta["input"]["dtype"]
     if kind == "uint8":
         return images_u8.contiguous().numpy()
-    x = images_u8.float().div(255)
     if kind == "normalized":
-        mean = torch.tensor(meta["input"]["mean"]).view(1, 3, 1, 1)
-        std = torch.tensor(meta["input"]["std"]).view(1, 3, 1, 1)
-        x = (x - mean) / std
-    return x.contiguous().numpy()
+        from fastcbm.models.inputs import normalize_uint8
+
+        return normalize_uint8(images_u8, meta["input"]["mean"], meta["input"]["std"]).contiguous().numpy()
+    return images_u8.float().div(255).contiguous().numpy()
 
 
 def explanations_from_outputs(outputs: dict, meta: dict, image_size: int, top_k: int = 5) -> list:

@@ -53,13 +53,6 @@ def trt_version(trt) -> str:
     return str(getattr(trt, "__version__", "unknown"))
 
 
-def trt_major(trt) -> int:
-    try:
-        return int(trt_version(trt).split(".")[0])
-    except ValueError:
-        return 0
-
-
 def gpu_identity(device: int = 0) -> dict:
     """``{"name", "capability"}`` of a CUDA device (what an engine is specific to)."""
     import torch

@@ -1,4 +1,5 @@
-"""Linear heads on concept activations, shared by SALF-CBM, CE-FAM and DEAL.
+"""Linear heads on concept activations: SALF-CBM's sparse (GLM-SAGA elastic net) and dense final layers, kept apart from
+the method because they fit any ``[N, M]`` concept activations.
 
 Pipeline: concept maps ``[N, M, h, w]`` → :func:`pool_concept_maps` → ``[N, M]`` → :class:`Standardizer` (training
 statistics) → :func:`fit_elastic_net_path` (GLM-SAGA elastic net, sparse) or :func:`fit_dense_head` → :func:`select`

@@ -327,35 +327,14 @@ def fit_elastic_net_path(
                                         max_epochs=max_epochs, tol=tol, batch_size=batch_size, lr=lr, device=device,
                                         val=val, seed=seed, stop_nnz_per_class=stop_nnz_per_class, solver=solver,
                                         progress=progress)
-    if not 0.0 <= alpha <= 1.0:
-        raise InvalidArgument(f"alpha must lie in [0, 1], got {alpha!r}")
-    if solver not in ("auto", "fista", "saga"):
-        raise InvalidArgument(f"solver must be 'auto', 'fista' or 'saga', got {solver!r}")
-    if solver == "auto":
-        solver = "fista" if n * m <= 50_000_000 else "saga"
-    if max_epochs is None:
-        max_epochs = 2000 if solver == "fista" else 100
-    if max_epochs < 1 or batch_size < 1 or not tol > 0:
-        raise InvalidArgument(f"max_epochs and batch_size must be >= 1 and tol > 0, got {max_epochs}, {batch_size}, {tol}")
-    if lr is not None and not lr > 0:
-        raise InvalidArgument(f"lr must be > 0, got {lr!r}")
+    solver, max_epochs = _checked_solver(n, m, alpha, solver, max_epochs, batch_size, tol, lr)
     dev = torch.device(device) if device is not None else X.device
     dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
     X = X.to(dev, dtype).contiguous()
     y = y.to(dev, torch.long)
     Xv, yv = check_validation(val, m, num_classes, dev, dtype) if val is not None else (None, None)
-
     lam_max = lambda_max(X, y, num_classes, alpha)
-    if lambdas is None:
-        if n_lambdas < 1 or not 0 < epsilon <= 1:
-            raise InvalidArgument(f"n_lambdas must be >= 1 and epsilon in (0, 1], got {n_lambdas}, {epsilon}")
-        # Start a hair above λ_max so rounding in the table average cannot leak a non-zero into the first entry.
-        top = max(lam_max, 1e-12) * (1 + 1e-5)
-        lam_list = torch.logspace(math.log10(top), math.log10(top * epsilon), n_lambdas, dtype=torch.float64).tolist()
-    else:
-        lam_list = [float(v) for v in (lambdas.tolist() if isinstance(lambdas, torch.Tensor) else lambdas)]
-        if not lam_list or any(not v >= 0 for v in lam_list):
-            raise InvalidArgument(f"lambdas must be a non-empty list of values >= 0, got {lam_list}")
+    lam_list = _lambda_list(lambdas, lam_max, n_lambdas, epsilon)
 
     B = min(batch_size, n)
     L, L_max = _lipschitz(X, seed=seed)
@@ -380,19 +359,14 @@ def fit_elastic_net_path(
                                             tol, chunk)
         else:
             W, b, epoch, converged = _saga(X, y, W, b, lam, alpha, step, max_epochs, tol, B, gen, rows, chunk)
-        _, correct, ce = _full_logit_grads(X, y, W, b, chunk)
-        obj = ce + lam * alpha * float(W.abs().sum()) + 0.5 * lam * (1 - alpha) * float(W.square().sum())
-        nnz = (W != 0).sum(1).cpu()
-        val_acc = _accuracy(Xv, yv, W, b, chunk) if Xv is not None else None
-        entries.append(PathEntry(lam=lam, weight=W.detach().cpu().clone(), bias=b.detach().cpu().clone(),
-                                 objective=obj, train_acc=correct / n, val_acc=val_acc, nnz_per_class=nnz,
-                                 epochs=epoch, converged=converged))
+        entry = _path_entry(X, y, W, b, lam, alpha, Xv, yv, chunk, epoch, converged)
+        entries.append(entry)
         if not converged:
             log.info("λ=%.4g: not converged after %d %s", lam, max_epochs,
                      "passes" if solver == "fista" else "epochs")
-        bar.set_postfix(lam=f"{lam:.3g}", nnz=f"{float(nnz.float().mean()):.1f}/cls", acc=f"{correct / n:.3f}",
-                        **({"val": f"{val_acc:.3f}"} if val_acc is not None else {}))
-        if stop_nnz_per_class is not None and float(nnz.float().mean()) > stop_nnz_per_class:
+        bar.set_postfix(lam=f"{lam:.3g}", nnz=f"{entry.mean_nnz_per_class:.1f}/cls", acc=f"{entry.train_acc:.3f}",
+                        **({"val": f"{entry.val_acc:.3f}"} if entry.val_acc is not None else {}))
+        if stop_nnz_per_class is not None and entry.mean_nnz_per_class > stop_nnz_per_class:
             break
     bar.close()
     unconverged = sum(not e.converged for e in entries)
@@ -404,6 +378,49 @@ def fit_elastic_net_path(
                       info={"step": step if solver == "saga" else (lr or full_step), "solver": solver, "L": L,
                             "L_max": L_max, "batch_size": B, "device": str(dev),
                             "unconverged": unconverged})
+
+
+def _checked_solver(n: int, m: int, alpha: float, solver: str, max_epochs: int | None, batch_size: int, tol: float,
+                    lr: float | None) -> tuple[str, int]:
+    """Validate the path settings → ``(solver, max_epochs)`` with "auto" and the per-solver default resolved."""
+    if not 0.0 <= alpha <= 1.0:
+        raise InvalidArgument(f"alpha must lie in [0, 1], got {alpha!r}")
+    if solver not in ("auto", "fista", "saga"):
+        raise InvalidArgument(f"solver must be 'auto', 'fista' or 'saga', got {solver!r}")
+    if solver == "auto":
+        solver = "fista" if n * m <= 50_000_000 else "saga"
+    if max_epochs is None:
+        max_epochs = 2000 if solver == "fista" else 100
+    if max_epochs < 1 or batch_size < 1 or not tol > 0:
+        raise InvalidArgument(f"max_epochs and batch_size must be >= 1 and tol > 0, got {max_epochs}, {batch_size}, "
+                              f"{tol}")
+    if lr is not None and not lr > 0:
+        raise InvalidArgument(f"lr must be > 0, got {lr!r}")
+    return solver, max_epochs
+
+
+def _lambda_list(lambdas, lam_max: float, n_lambdas: int, epsilon: float) -> list[float]:
+    """The λ values of the path: given, or ``n_lambdas`` log-spaced from just above λ_max down to λ_max·epsilon."""
+    if lambdas is None:
+        if n_lambdas < 1 or not 0 < epsilon <= 1:
+            raise InvalidArgument(f"n_lambdas must be >= 1 and epsilon in (0, 1], got {n_lambdas}, {epsilon}")
+        # Start a hair above λ_max so rounding in the table average cannot leak a non-zero into the first entry.
+        top = max(lam_max, 1e-12) * (1 + 1e-5)
+        return torch.logspace(math.log10(top), math.log10(top * epsilon), n_lambdas, dtype=torch.float64).tolist()
+    lam_list = [float(v) for v in (lambdas.tolist() if isinstance(lambdas, torch.Tensor) else lambdas)]
+    if not lam_list or any(not v >= 0 for v in lam_list):
+        raise InvalidArgument(f"lambdas must be a non-empty list of values >= 0, got {lam_list}")
+    return lam_list
+
+
+def _path_entry(X, y, W, b, lam: float, alpha: float, Xv, yv, chunk: int, epoch: int, converged: bool) -> PathEntry:
+    """The solution at one λ with its objective, accuracies and sparsity (tensors copied to the CPU)."""
+    _, correct, ce = _full_logit_grads(X, y, W, b, chunk)
+    obj = ce + lam * alpha * float(W.abs().sum()) + 0.5 * lam * (1 - alpha) * float(W.square().sum())
+    val_acc = _accuracy(Xv, yv, W, b, chunk) if Xv is not None else None
+    return PathEntry(lam=lam, weight=W.detach().cpu().clone(), bias=b.detach().cpu().clone(), objective=obj,
+                     train_acc=correct / X.shape[0], val_acc=val_acc, nnz_per_class=(W != 0).sum(1).cpu(),
+                     epochs=epoch, converged=converged)
 
 
 def select(path: PathResult, criterion: str = "val_acc", max_nnz_per_class: float | None = None) -> PathEntry:

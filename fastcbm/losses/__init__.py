@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastcbm.losses.cubic import IMPLEMENTED, CubicCosineLossFunction, cubic_cosine_loss
+from fastcbm.losses.ops import OP, CubicCosineLossFunction, cubic_cosine_loss
 from fastcbm.losses.reference import (
     EPS,
     cubic_cosine_loss_dense,
@@ -12,7 +12,7 @@ from fastcbm.losses.reference import (
 
 __all__ = [
     "EPS",
-    "IMPLEMENTED",
+    "OP",
     "CubicCosineLossFunction",
     "cubic_cosine_loss",
     "cubic_cosine_loss_dense",

@@ -19,7 +19,7 @@ def _describe(t: torch.Tensor) -> str:
 
 
 def check_maps_masks(maps: torch.Tensor, masks: torch.Tensor, *, maps_name: str = "maps") -> None:
-    """Raise ``ValueError`` naming the argument unless maps is float ``[N, h, w]`` and masks bool ``[N, H, W]``."""
+    """Raise ``InvalidArgument`` naming the argument unless maps is float ``[N, h, w]`` and masks bool ``[N, H, W]``."""
     if not isinstance(maps, torch.Tensor):
         raise InvalidArgument(f"{maps_name} must be a torch.Tensor, got {type(maps).__name__}")
     if not isinstance(masks, torch.Tensor):
@@ -76,9 +76,9 @@ def official_step(n_pixels: int) -> int:
     """The authors' step ``HW // 100``; their loop (``idx % step``) needs at least 100 pixels."""
     if n_pixels < 100:
         raise InvalidArgument(
-                 f"masks has H*W={n_pixels} pixels; the official NRA (CE-FAM authors' formula, step = H*W // 100, "
-                 "then idx % step) needs H*W >= 100; use variant='paper' or larger masks"
-             )
+            f"masks has H*W={n_pixels} pixels; the official NRA (CE-FAM authors' formula, step = H*W // 100, "
+            "then idx % step) needs H*W >= 100; use variant='paper' or larger masks"
+        )
     return n_pixels // 100
 
 

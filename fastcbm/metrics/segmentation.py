@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from fastcbm.errors import InvalidArgument
 from fastcbm.metrics._common import check_finite, check_maps_masks, resize_maps
 from fastcbm.errors import InvalidArgument
 

@@ -124,12 +124,7 @@ def extract_feature_maps(
 
 def normalize_for_backbone(images: torch.Tensor, backbone, device: torch.device) -> torch.Tensor:
     """uint8 ``[N, 3, S, S]`` → float ``[N, 3, S', S']`` resized to the backbone's input size and normalised."""
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise InvalidArgument(f"images must be uint8 [N, 3, S, S], got {images.dtype} {tuple(images.shape)}")
-    x = images.to(device).float().div_(255)
+    from fastcbm.models.inputs import normalize_uint8
+
     size = int(getattr(backbone, "input_size", images.shape[-1]) or images.shape[-1])
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalize_uint8(images, backbone.mean, backbone.std, device=device, size=size)

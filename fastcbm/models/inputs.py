@@ -45,3 +45,22 @@ def encoder_input_config(model: torch.nn.Module, preprocess: Any = None) -> tupl
     mean = tuple(float(v) for v in (mean or CLIP_MEAN))
     std = tuple(float(v) for v in (std or CLIP_STD))
     return int(size), mean, std
+
+
+def normalize_uint8(images: torch.Tensor, mean, std, *, device: torch.device | str | None = None,
+                    size: int | None = None, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels ``[N, 3, H, W]`` → a model's normalised float input ``[N, 3, S, S]``: ``x / 255``, resized to
+    ``size`` when given and different (bilinear, antialiased, align_corners=False: the whole image, no crop), then
+    ``(x − mean) / std``, computed in ``compute_dtype`` (float32; precompute's plain copy uses float64 to equal the
+    ring kernel's bit for bit) on ``device`` (default: the images'). The one place fastcbm turns pixels into inputs."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise InvalidArgument(f"images must be uint8 [N, 3, S, S], got {images.dtype} {tuple(images.shape)}")
+    device = images.device if device is None else torch.device(device)
+    x = images.to(device).to(compute_dtype).div_(255)
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        import torch.nn.functional as F
+
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    m = torch.tensor(mean, dtype=compute_dtype, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=compute_dtype, device=device).view(1, 3, 1, 1)
+    return (x - m) / s

@@ -133,9 +133,9 @@ def make_vit(num_classes: int = len(S.class_names())) -> nn.Module:
 
 def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 ``[N, 3, 64, 64]`` → the testbed models' input."""
-    mean = torch.tensor(MEAN, device=images_uint8.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images_uint8.device).view(1, 3, 1, 1)
-    return (images_uint8.float() / 255 - mean) / std
+    from fastcbm.models.inputs import normalize_uint8
+
+    return normalize_uint8(images_uint8, MEAN, STD)
 
 
 def preprocess_pil(image) -> torch.Tensor:

@@ -32,7 +32,9 @@ class PrecomputeConfig:
     stages ``z_cat [N, Z]`` fp16 are stored (``cefam_layers``, default its feature layers).
 
     Execution: ``device`` ("auto" | "cpu" | "cuda[:N]"), encoder ``dtype`` ("auto": bf16 autocast on GPU, fp32 on
-    CPU), ``engine`` ("torch", or an exported graph on "onnxruntime" / "tensorrt"), images per step ``batch_size``
+    CPU), ``engine`` ("torch", or an exported graph on "onnxruntime" / "tensorrt"), how engine "torch" runs the tower
+    ``tower`` ("eager", "graph": a CUDA graph, "compile": torch.compile; :mod:`fastcbm.precompute.tower`), images
+    per step ``batch_size``
     (None: by device), images per encoder call ``max_encode_batch`` (None: by device and image size), decoding
     ``num_workers`` (None: up to 4), ``loader`` ("auto" | "torch" | "dali"), JPEG ``draft`` decoding, images per
     cache shard ``shard_size``, how finished shards are checked on resume ``verify``, and a progress bar.
@@ -52,6 +54,7 @@ class PrecomputeConfig:
     device: str | torch.device = "auto"
     dtype: str | torch.dtype = "auto"
     engine: str = "torch"
+    tower: str = "eager"
     batch_size: int | None = None
     max_encode_batch: int | None = None
     num_workers: int | None = None
@@ -96,6 +99,12 @@ class PrecomputeConfig:
         if self.global_only and self.features is not None:
             raise InvalidArgument("features: SALF-CBM feature maps are stored on the prompt grid; --features needs "
                                   "--grid >= 1")
+        from fastcbm.precompute.tower import TOWER_MODES
+
+        if self.tower not in TOWER_MODES:
+            raise InvalidArgument(f"tower must be one of {TOWER_MODES}, got {self.tower!r}")
+        if self.tower != "eager" and self.engine != "torch":
+            raise InvalidArgument(f"tower={self.tower!r} applies to engine 'torch' (an exported graph runs as built)")
         if self.cefam_layers is not None and not self.cefam_classifier:
             raise InvalidArgument("cefam_layers: needs cefam_classifier (--cefam-classifier NAME)")
 

@@ -1,6 +1,6 @@
-"""The encoding step of precompute: uint8 images → (plain + ring-prompted copies, rendered by the prompts kernel) →
-the CLIP image tower → unit fp16 embeddings and fp32 norms, plus the configured extra sources; keeps the time spent
-in each stage."""
+"""The encoding step of precompute: uint8 images → (plain + ring-prompted copies, rendered by the prompts kernel
+straight into the tower's input buffer, :mod:`fastcbm.precompute.tower`) → the CLIP image tower → unit fp16
+embeddings and fp32 norms, plus the configured extra sources; keeps the time spent in each stage."""
 
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ class PromptEncoder:
     """Renders prompts and encodes them; keeps the time spent in each stage."""
 
     def __init__(self, model, *, grid, radius, width, centers, mean, std, device, dtype, max_encode_batch,
-                 features: Callable | None, grid_hw: tuple[int, int], cefam: Callable | None = None) -> None:
+                 features: Callable | None, grid_hw: tuple[int, int], cefam: Callable | None = None,
+                 tower: str = "eager") -> None:
         from fastcbm.prompts import render_rings
 
         self.render_rings = render_rings
         self.model, self.device, self.dtype, self.max_encode_batch = model, device, dtype, max_encode_batch
+        self.tower_mode, self.tower = tower, None  # the PromptTower, made once the image size is known
         self.ring_kw = dict(grid=grid, radius=radius, width=width, centers=centers, mean=mean, std=std)
         self.features, self.grid_hw = features, grid_hw
         self.times = {"render": 0.0, "encode": 0.0, "features": 0.0, "cefam": 0.0}
@@ -50,36 +52,46 @@ class PromptEncoder:
             out[Z_CAT] = ArraySpec("float16", (int(self.cefam(img).shape[1]),))
         return out
 
-    def _plain(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [b, 3, S, S] → normalised [b, 1, 3, S, S]: exactly the plain copy render_rings puts first (float64
-        arithmetic, rounded to float32, then the encoder dtype)."""
+    def _plain(self, images: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """uint8 [b, 3, S, S] → normalised [b, 1, 3, S, S] into ``out``: exactly the plain copy render_rings puts first
+        (float64 arithmetic, rounded to float32, then the encoder dtype)."""
         m = torch.tensor(self.ring_kw["mean"], dtype=torch.float64, device=images.device).view(1, 3, 1, 1)
         s = torch.tensor(self.ring_kw["std"], dtype=torch.float64, device=images.device).view(1, 3, 1, 1)
-        return ((images.to(torch.float64) / 255.0 - m) / s).to(torch.float32).to(self.dtype)[:, None]
+        return out.copy_(((images.to(torch.float64) / 255.0 - m) / s).to(torch.float32)[:, None])
+
+    def _tower(self, size: int):
+        """The render-into-the-input-buffer + encode loop (:class:`~fastcbm.precompute.tower.PromptTower`)."""
+        if self.tower is None:
+            from fastcbm.precompute.tower import PromptTower
+
+            if self.global_only:
+                copies, render = 1, self._plain
+            else:
+                copies = 1 + int(self.ring_kw["grid"][0]) * int(self.ring_kw["grid"][1])
+
+                def render(images: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                    return self.render_rings(images, out_dtype=self.dtype, include_plain=True, out=out,
+                                             **self.ring_kw)
+
+            self.tower = PromptTower(self.model, render, copies=copies, size=size, device=self.device,
+                                     dtype=self.dtype, max_encode_batch=self.max_encode_batch, mode=self.tower_mode)
+        return self.tower
 
     def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         """uint8 [b, 3, S, S] → {prompt [b,G,D] f16, prompt_norm [b,G] f32, global [b,D] f16, global_norm [b] f32,
         (features [b,C,gy,gx] f16)}."""
-        b = images.shape[0]
         t0 = time.perf_counter()
         images = images.to(self.device, non_blocking=True)
-        x = (self._plain(images) if self.global_only else  # [b, 1+G, 3, S, S]
-             self.render_rings(images, out_dtype=self.dtype, include_plain=True, **self.ring_kw))
-        g1 = x.shape[1]
-        x = x.reshape(b * g1, *x.shape[2:])
-        t1 = time.perf_counter()
-        autocast = self.device.type == "cuda" and self.dtype != torch.float32
-        outs = []
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
-            for lo in range(0, x.shape[0], self.max_encode_batch):
-                outs.append(self.model.encode_image(x[lo:lo + self.max_encode_batch]).float())
-        emb = torch.cat(outs)  # [b·(1+G), D] fp32
+        tower = self._tower(images.shape[-1])
+        rendered = tower.times["render"]
+        emb = tower(images)  # [b, 1+G, D] fp32: rendered straight into the tower's input buffer, chunk by chunk
         norms = emb.norm(dim=-1)
-        unit = (emb / norms.clamp_min(1e-12).unsqueeze(-1)).to(torch.float16).reshape(b, g1, -1).cpu().numpy()
-        norms = norms.reshape(b, g1).cpu().numpy()
+        unit = (emb / norms.clamp_min(1e-12).unsqueeze(-1)).to(torch.float16).cpu().numpy()
+        norms = norms.cpu().numpy()
         t2 = time.perf_counter()
-        self.times["render"] += t1 - t0
-        self.times["encode"] += t2 - t1
+        render = tower.times["render"] - rendered
+        self.times["render"] += render
+        self.times["encode"] += t2 - t0 - render
         out = {PROMPT: unit[:, 1:], PROMPT_NORM: norms[:, 1:], GLOBAL: unit[:, 0], GLOBAL_NORM: norms[:, 0]}
         if self.global_only:
             del out[PROMPT], out[PROMPT_NORM]

@@ -99,6 +99,9 @@ def _build_encoder(cfg: PrecomputeConfig, model, preprocess, model_name: str, pr
     from fastcbm.prompts import default_ring_geometry
     from fastcbm.prompts.reference import normalize_grid
 
+    from fastcbm.precompute.tower import check_tower_mode
+
+    check_tower_mode(cfg.tower, dev)  # a CUDA graph needs a GPU: refused before any work
     cdtype = resolve_dtype(cfg.dtype, dev)
     max_encode_batch = cfg.resolved_max_encode_batch(dev, size)
     global_only = cfg.global_only
@@ -121,7 +124,8 @@ def _build_encoder(cfg: PrecomputeConfig, model, preprocess, model_name: str, pr
                                model_name=model_name)
     encoder = PromptEncoder(model, grid=(gy, gx), radius=None if global_only else float(radius),
                             width=float(cfg.width), centers=cfg.centers, mean=mean, std=std, device=dev, dtype=cdtype,
-                            max_encode_batch=max_encode_batch, features=feature_fn, grid_hw=(gy, gx), cefam=cefam_fn)
+                            max_encode_batch=max_encode_batch, features=feature_fn, grid_hw=(gy, gx), cefam=cefam_fn,
+                            tower=cfg.tower)
     settings = {
         "model": {"name": model_name, "pretrained": pretrained},
         "prompts": {"grid": [gy, gx], "radius": None if global_only else float(radius), "width": float(cfg.width),

@@ -120,9 +120,9 @@ def ring_centers(
         raise InvalidArgument(f"centers must be one of {CENTER_MODES} or a float tensor [G, 2], got {centers!r}")
     if centers == "inset" and 2 * r > size - 1:
         raise InvalidArgument(
-                 f"radius={radius!r} is too large for centers='inset' at size {size}: rings need 2*radius <= size-1 "
-                 f"= {size - 1} to fit inside the image"
-             )
+            f"radius={radius!r} is too large for centers='inset' at size {size}: rings need 2*radius <= size-1 "
+            f"= {size - 1} to fit inside the image"
+        )
     ys = _axis_centers(size, gy, r, centers)
     xs = _axis_centers(size, gx, r, centers)
     return torch.tensor([(y, x) for y in ys for x in xs], dtype=torch.float32).reshape(gy * gx, 2)
@@ -131,9 +131,9 @@ def ring_centers(
 def _check_centers_tensor(centers: torch.Tensor) -> torch.Tensor:
     if not centers.is_floating_point() or centers.ndim != 2 or centers.shape[1] != 2 or centers.shape[0] < 1:
         raise InvalidArgument(
-                 f"centers tensor must be a float tensor [G, 2] of (y, x) with G >= 1, got dtype {centers.dtype} "
-                 f"shape {tuple(centers.shape)}"
-             )
+            f"centers tensor must be a float tensor [G, 2] of (y, x) with G >= 1, got dtype {centers.dtype} "
+            f"shape {tuple(centers.shape)}"
+        )
     c = centers.detach().to(device="cpu", dtype=torch.float64)
     if not bool(torch.isfinite(c).all()):
         raise InvalidArgument("centers tensor must contain only finite values")

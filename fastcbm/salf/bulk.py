@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from fastcbm.salf.model import SALFCBM
 from fastcbm.errors import InvalidArgument
+from fastcbm.models.inputs import normalize_uint8
 
 
 @torch.no_grad()
@@ -63,10 +64,8 @@ def explain_folder(model: SALFCBM, backbone, data: str | os.PathLike, out: str |
     probabilities = np.zeros((n, k_cls), np.float32)
     names, classes = model.config.concepts, model.config.class_names
     records, report_expl = [], []
-    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
     for s in tqdm(range(0, n, batch_size), desc="explain", disable=not progress, leave=False):
-        x = (torch.stack(images[s:s + batch_size]).to(device).float() / 255.0 - mean) / std
+        x = normalize_uint8(torch.stack(images[s:s + batch_size]), backbone.mean, backbone.std, device=device)
         maps = model.concept_maps(x)
         concepts = model.concepts_from_maps(maps)
         logits = model.classify(concepts)

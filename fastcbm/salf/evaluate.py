@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from fastcbm.salf.model import SALFCBM
 from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile
+from fastcbm.models.inputs import normalize_uint8
 
 
 def model_labels(files: Sequence[str], class_names: Sequence[str], labels: str | os.PathLike | None = None
@@ -114,13 +115,7 @@ def load_images(paths: Sequence[str | os.PathLike] | str | os.PathLike, model: S
             imgs.append(decode_image(p, size))
         except BadImageError as exc:
             raise InvalidArgument(f"image {p}: {exc}") from None
-    return _normalize(torch.stack(imgs), mean, std, device)
-
-
-def _normalize(images: torch.Tensor, mean, std, device) -> torch.Tensor:
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    return (images.to(device).float() / 255.0 - m) / s
+    return normalize_uint8(torch.stack(imgs), mean, std, device=device)
 
 
 def _read_mask(root: Path, rel: Path, size: int) -> torch.Tensor | None:
@@ -192,7 +187,7 @@ def evaluate_images(model: SALFCBM, backbone, data: str | os.PathLike, labels: s
                 ms.append(m)
         if not imgs:
             continue
-        x = _normalize(torch.stack(imgs), backbone.mean, backbone.std, device)
+        x = normalize_uint8(torch.stack(imgs), backbone.mean, backbone.std, device=device)
         preds.append(model(x).argmax(1).cpu())
         keep += idx
         have = [j for j, m in enumerate(ms) if m is not None]
@@ -226,7 +221,7 @@ def evaluate_segmentation(model: SALFCBM, backbone, path: str | os.PathLike, bat
         n = len(ds) if limit is None else min(limit, len(ds))
         bar = tqdm(total=n, desc="segmentation", disable=not progress, leave=False, unit="img")
         for imgs, masks in ds.batches(int(backbone.input_size), batch_size, limit):
-            x = _normalize(imgs, backbone.mean, backbone.std, device)
+            x = normalize_uint8(imgs, backbone.mean, backbone.std, device=device)
             with torch.no_grad():
                 _segmentation_pair(model, backbone, x, masks, salf_meter, cam_meter)
             bar.update(len(imgs))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,13 +14,14 @@ from torch import nn
 
 from fastcbm.models.features import FeatureHooks, as_feature_map, resize_to_grid
 from fastcbm.heads import LinearHead, pool_concept_maps
+from fastcbm.configs import JsonConfig
 from fastcbm.errors import InvalidArgument, InvalidFile, MissingFile, OutputExists
 
 FORMAT_VERSION = 1
 
 
 @dataclass
-class SALFConfig:
+class SALFConfig(JsonConfig):
     """Everything needed to rebuild a SALF-CBM besides its tensors."""
 
     backbone: str = "testbed"
@@ -37,16 +38,6 @@ class SALFConfig:
     concepts: list[str] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["grid"] = list(self.grid)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> SALFConfig:
-        d = dict(d)
-        d["grid"] = tuple(d["grid"])
-        return cls(**d)
 
 
 class SALFCBM(nn.Module):

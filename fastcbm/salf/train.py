@@ -134,18 +134,8 @@ def train_salf_from_cache(
     ImageNet-size cache; ``fastcbm similarities --verify`` checks everything once, on demand).
     """
     from fastcbm.cache import CacheReader
-    from fastcbm.concepts import (
-        ConceptSet,
-        encode_texts,
-        filter_concepts,
-        load_concepts,
-        load_sentence_encoder,
-        resolve_cutoff,
-    )
     from fastcbm.distributed import init_distributed, resolve_device
-    from fastcbm.models import load_backbone, load_clip
-    from fastcbm.data.split import split_rows
-    from fastcbm.salf.data import CacheData
+    from fastcbm.models import load_backbone
     from fastcbm.salf.model import SALFConfig
     from fastcbm.salf.pipeline import fit_salf_on
 
@@ -167,76 +157,26 @@ def train_salf_from_cache(
         group = dist.group.WORLD
         progress = progress and rank == 0
     reader = CacheReader(cache, verify=verify)
-    settings = reader.settings
-    source = _source(settings, reader.root)
-    train_labels = _labels_for(reader, labels, class_names)
-    y, names = train_labels
-    # labels are matched with the folder / CSV names; the model and the class filter use display names
-    display = humanize_class_names(names) if config.humanize_class_names else list(names)
-    # how every label was found (folders, or CSV rows matched by path / unique bare name): train_report.json
-    label_report = {"train": getattr(train_labels, "report", {"source": "tensor"})}
-    if val_cache is not None:
-        val_reader = CacheReader(val_cache, verify=verify)
-        for key in ("model", "prompts", "features", "features_source"):
-            if val_reader.settings.get(key) != settings.get(key):
-                raise InvalidArgument(f"val_cache {val_reader.root} was made with other {key} settings than {reader.root}: "
-                                      f"{val_reader.settings.get(key)} != {settings.get(key)}")
-        val_labels_found = _labels_for(val_reader, val_labels, names)
-        y_val, _ = val_labels_found
-        label_report["val"] = getattr(val_labels_found, "report", {"source": "tensor"})
-        train = CacheData(reader, y, name="train")
-        val = CacheData(val_reader, y_val, name="val")
-    else:
-        tr_rows, va_rows = split_rows(len(reader), config.val_fraction, config.seed)
-        train = CacheData(reader, y, tr_rows, name="train")
-        val = CacheData(reader, y, va_rows, name="val")
-    log.info("SALF-CBM training: %d train / %d val images, %d classes", len(train), len(val), len(names))
-
-    # concepts: load, filter (presence uses the cached global embeddings of the training rows), embed
-    if isinstance(concepts, (str, os.PathLike)):
-        concepts = load_concepts(concepts)
-    concept_names = list(concepts.names if isinstance(concepts, ConceptSet) else concepts)
-    model_info = settings["model"]
-    try:
-        clip, _, tokenizer = load_clip(model_info["name"], model_info.get("pretrained"), device=str(dev))
-    except (ValueError, ImportError) as exc:
-        raise InvalidArgument(f"cache {reader.root} records the CLIP model {model_info['name']!r}, which fastcbm cannot "
-                              f"rebuild ({str(exc).splitlines()[0][:160]}); precompute with the model's load_clip name "
-                              "(precompute(data, 'ViT-B-16', out, pretrained='openai'), or model_name=/pretrained= next "
-                              "to a model object)") from None
-    f = config.filter
-
-    def text_encoder(texts: list[str]) -> torch.Tensor:
-        return encode_texts(clip, tokenizer, texts, templates=f.templates, device=dev, progress=False)
-
-    image_emb = reader.global_embeddings(train.rows, dtype=torch.float32) if f.presence_cutoff is not None else None
-    sentence = (load_sentence_encoder(f.sentence_model, dev)
-                if f.sentence_model and model_info["name"] != "testbed" else None)
-    kept, filter_report = filter_concepts(concept_names, display, text_encoder, max_length=f.max_length,
-                                          class_sim_cutoff=resolve_cutoff(f.class_sim_cutoff, "class_sim_cutoff",
-                                                                          model_info["name"]),
-                                          concept_sim_cutoff=resolve_cutoff(f.concept_sim_cutoff,
-                                                                            "concept_sim_cutoff", model_info["name"]),
-                                          image_embeddings=image_emb,
-                                          presence_cutoff=f.presence_cutoff, sentence_encoder=sentence)
-    log.info("concept filter: %s", filter_report.summary())
-    if not kept:
-        raise InvalidArgument(f"concepts: none left after filtering ({filter_report.summary()}); relax the cut-offs")
-    text_emb = text_encoder(kept)
+    source = _source(reader.settings, reader.root)
+    rows = _training_rows(reader, val_cache, labels, val_labels, class_names, config, verify)
+    log.info("SALF-CBM training: %d train / %d val images, %d classes", len(rows.train), len(rows.val),
+             len(rows.names))
+    concept_names, kept, filter_report, text_emb = _concepts_for(reader, concepts, rows, config, dev)
 
     backbone = load_backbone(source["backbone"], pretrained=source.get("pretrained"), device=str(dev))
-    prompts = settings["prompts"]
+    model_info, prompts = reader.settings["model"], reader.settings["prompts"]
     salf_config = SALFConfig(
         backbone=source["backbone"], backbone_pretrained=source.get("pretrained"), feature_layer=source["layer"],
         clip=model_info["name"], clip_pretrained=model_info.get("pretrained"), grid=tuple(prompts["grid"]),
         radius=prompts["radius"], width=prompts["width"], centers=prompts["centers"], pooling=config.pooling,
-        softmax_temperature=config.softmax_temperature, concepts=list(kept), class_names=list(display))
-    model, fit_report = fit_salf_on(backbone=backbone, config=salf_config, train=train, val=val, text_emb=text_emb,
-                                    fit=config.fit, device=dev, progress=progress, process_group=group)
+        softmax_temperature=config.softmax_temperature, concepts=list(kept), class_names=list(rows.display))
+    model, fit_report = fit_salf_on(backbone=backbone, config=salf_config, train=rows.train, val=rows.val,
+                                    text_emb=text_emb, fit=config.fit, device=dev, progress=progress,
+                                    process_group=group)
     report = {
         "cache": str(reader.root), "val_cache": str(val_cache) if val_cache is not None else None,
-        "images": {"train": len(train), "val": len(val)}, "classes": len(names), "class_names": list(display),
-        "processes": world, "labels": label_report,
+        "images": {"train": len(rows.train), "val": len(rows.val)}, "classes": len(rows.names),
+        "class_names": list(rows.display), "processes": world, "labels": rows.label_report,
         "concepts": {"candidates": len(concept_names), "after_filter": len(kept),
                      "kept": len(fit_report.concepts_kept), "filter": filter_report.summary(),
                      "dropped_by_filter": {k: list(v) for k, v in filter_report.dropped.items()},
@@ -261,6 +201,93 @@ def train_salf_from_cache(
         if owns_group:
             dist.destroy_process_group()
     return model, report
+
+
+@dataclass
+class _Rows:
+    """The labelled training and validation rows of a SALF-CBM run."""
+
+    train: object  # CacheData
+    val: object  # CacheData
+    names: list[str]  # classes as the folders / CSV name them
+    display: list[str]  # classes as the model and the class filter name them
+    label_report: dict
+
+
+def _training_rows(reader, val_cache, labels, val_labels, class_names, config: TrainConfig, verify: str) -> _Rows:
+    """Labels (folders, a CSV or a tensor) for the training cache and a validation set: ``val_cache`` with the same
+    settings, else a seeded ``config.val_fraction`` of the training rows."""
+    from fastcbm.cache import CacheReader
+    from fastcbm.data.split import split_rows
+    from fastcbm.salf.data import CacheData
+
+    settings = reader.settings
+    train_labels = _labels_for(reader, labels, class_names)
+    y, names = train_labels
+    # labels are matched with the folder / CSV names; the model and the class filter use display names
+    display = humanize_class_names(names) if config.humanize_class_names else list(names)
+    # how every label was found (folders, or CSV rows matched by path / unique bare name): train_report.json
+    label_report = {"train": getattr(train_labels, "report", {"source": "tensor"})}
+    if val_cache is not None:
+        val_reader = CacheReader(val_cache, verify=verify)
+        for key in ("model", "prompts", "features", "features_source"):
+            if val_reader.settings.get(key) != settings.get(key):
+                raise InvalidArgument(f"val_cache {val_reader.root} was made with other {key} settings than "
+                                      f"{reader.root}: {val_reader.settings.get(key)} != {settings.get(key)}")
+        val_labels_found = _labels_for(val_reader, val_labels, names)
+        y_val, _ = val_labels_found
+        label_report["val"] = getattr(val_labels_found, "report", {"source": "tensor"})
+        return _Rows(CacheData(reader, y, name="train"), CacheData(val_reader, y_val, name="val"), list(names),
+                     display, label_report)
+    tr_rows, va_rows = split_rows(len(reader), config.val_fraction, config.seed)
+    return _Rows(CacheData(reader, y, tr_rows, name="train"), CacheData(reader, y, va_rows, name="val"), list(names),
+                 display, label_report)
+
+
+def _concepts_for(reader, concepts, rows: _Rows, config: TrainConfig, dev: torch.device):
+    """Load the concepts, filter them as label-free CBM does (presence reads the cached global embeddings of the
+    training rows) and embed the survivors with the cache's CLIP → (candidates, kept, FilterReport, text_emb [M, D])."""
+    from fastcbm.concepts import (
+        ConceptSet,
+        encode_texts,
+        filter_concepts,
+        load_concepts,
+        load_sentence_encoder,
+        resolve_cutoff,
+    )
+    from fastcbm.models import load_clip
+
+    if isinstance(concepts, (str, os.PathLike)):
+        concepts = load_concepts(concepts)
+    concept_names = list(concepts.names if isinstance(concepts, ConceptSet) else concepts)
+    model_info = reader.settings["model"]
+    try:
+        clip, _, tokenizer = load_clip(model_info["name"], model_info.get("pretrained"), device=str(dev))
+    except (ValueError, ImportError) as exc:
+        raise InvalidArgument(f"cache {reader.root} records the CLIP model {model_info['name']!r}, which fastcbm "
+                              f"cannot rebuild ({str(exc).splitlines()[0][:160]}); precompute with the model's "
+                              "load_clip name (precompute(data, 'ViT-B-16', out, pretrained='openai'), or "
+                              "model_name=/pretrained= next to a model object)") from None
+    f = config.filter
+
+    def text_encoder(texts: list[str]) -> torch.Tensor:
+        return encode_texts(clip, tokenizer, texts, templates=f.templates, device=dev, progress=False)
+
+    image_emb = (reader.global_embeddings(rows.train.rows, dtype=torch.float32) if f.presence_cutoff is not None
+                 else None)
+    sentence = (load_sentence_encoder(f.sentence_model, dev)
+                if f.sentence_model and model_info["name"] != "testbed" else None)
+    kept, filter_report = filter_concepts(concept_names, rows.display, text_encoder, max_length=f.max_length,
+                                          class_sim_cutoff=resolve_cutoff(f.class_sim_cutoff, "class_sim_cutoff",
+                                                                          model_info["name"]),
+                                          concept_sim_cutoff=resolve_cutoff(f.concept_sim_cutoff,
+                                                                            "concept_sim_cutoff", model_info["name"]),
+                                          image_embeddings=image_emb,
+                                          presence_cutoff=f.presence_cutoff, sentence_encoder=sentence)
+    log.info("concept filter: %s", filter_report.summary())
+    if not kept:
+        raise InvalidArgument(f"concepts: none left after filtering ({filter_report.summary()}); relax the cut-offs")
+    return concept_names, kept, filter_report, text_encoder(kept)
 
 
 def _jsonable(d):

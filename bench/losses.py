@@ -10,9 +10,9 @@ Extra memory = peak memory of one forward+backward step beyond the inputs and th
 Timing: warm-up, then ``--repeats`` timed forward+backward steps (synchronised on GPU); median and p10/p90.
 On GPU ``--search-16gb`` also finds the largest batch whose inputs + step fit in 16 GB, per backend.
 
-    python bench/cubic_loss.py            # B=4096, M=1000, L=49, C=512, D=512
-    python bench/cubic_loss.py --quick    # B=1024, M=250
-Rows are appended to bench/results/cubic_loss.csv.
+    python bench/losses.py            # B=4096, M=1000, L=49, C=512, D=512
+    python bench/losses.py --quick    # B=1024, M=250
+Rows are appended to bench/results/losses.csv.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from _timing import peak_extra_bytes, peak_start, quantiles
 
-RESULTS = Path(__file__).resolve().parent / "results" / "cubic_loss.csv"
+RESULTS = Path(__file__).resolve().parent / "results" / "losses.csv"
 
 
 
@@ -153,7 +153,7 @@ def main(argv=None) -> None:
     batches = args.batch or ([1024] if args.quick else [4096])
     M = args.concepts or (250 if args.quick else 1000)
     repeats = args.repeats or (3 if args.quick else 5)
-    backends = args.backends or (["reference", "cpu"] if args.device == "cpu" else ["reference", "triton"])
+    backends = args.backends or default_backends(args.device)
     hw = hardware(args.device)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = []
@@ -203,6 +203,18 @@ def main(argv=None) -> None:
         from _rows import append_rows
 
         append_rows(RESULTS, [{**row, "note": row.get("note", "")} for row in rows])
+
+
+def default_backends(device: str) -> list[str]:
+    """The reference plus every fused backend the op registry lists that runs on ``device`` (not the interpreter)."""
+    import torch
+
+    from fastcbm.backends import backend_problem, implemented
+    from fastcbm.losses import OP
+
+    dev = torch.device(device)
+    return ["reference"] + [b for b in implemented(OP) if b != "reference" and backend_problem(b, dev) is None
+                            and not (b == "triton" and dev.type == "cpu")]
 
 
 def _cuda() -> bool:

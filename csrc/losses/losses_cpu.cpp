@@ -1,23 +1,23 @@
 // C++ CPU kernels for the fused cubic-cosine loss: the elementwise accumulate (forward) and gradient (backward) steps
 // on one batch tile. The GEMMs that produce the tile stay in torch (oneDNN/MKL beat any hand-written blocked GEMM
 // here), so these kernels exist to fuse the ~15 elementwise ops per element into one pass with fp64 accumulation.
-// See cubic_loss.h for the formulas.
+// See losses.h for the formulas (shared with the CUDA twin, losses.cu).
 #include <algorithm>
 #include <cmath>
 #include <string>
 
 #include "common.h"
-#include "cubic_loss/cubic_loss.h"
+#include "losses/losses.h"
 
 namespace fastcbm {
 namespace {
 
-using cubic_loss::kNumCoefs;
-using cubic_loss::kNumSums;
+using losses::kNumCoefs;
+using losses::kNumSums;
 
 void check_tile(py::ssize_t rows, py::ssize_t cols, const char* name, py::ssize_t r, py::ssize_t c) {
   if (r != rows || c != cols) {
-    throw std::invalid_argument(std::string(name) + ": expected [" + std::to_string(rows) + ", " +
+    throw internal_error(std::string(name) + ": expected [" + std::to_string(rows) + ", " +
                                 std::to_string(cols) + "], got [" + std::to_string(r) + ", " + std::to_string(c) +
                                 "]");
   }
@@ -40,7 +40,7 @@ CentredTile<T> centred_tile(const carray<T>& q, const carray<T>& p, const carray
   check_tile(t.rows, t.cols, "p", p.shape(0), p.shape(1));
   t.mu_q = checked_data(mu_q, "mu_q", 1);
   t.mu_p = checked_data(mu_p, "mu_p", 1);
-  if (mu_q.shape(0) != t.cols || mu_p.shape(0) != t.cols) throw std::invalid_argument("mu_q/mu_p: expected [K]");
+  if (mu_q.shape(0) != t.cols || mu_p.shape(0) != t.cols) throw internal_error("mu_q/mu_p: expected [K]");
   return t;
 }
 
@@ -75,15 +75,8 @@ void accumulate(const carray<T>& q, const carray<T>& p, const carray<double>& mu
         const T* pr = t.p + r * cols;
 #pragma omp simd
         for (py::ssize_t k = c0; k < c1; ++k) {
-          const double a = static_cast<double>(qr[k]) - t.mu_q[k];
-          const double b = static_cast<double>(pr[k]) - t.mu_p[k];
-          const double a2 = a * a, b3 = b * b * b;
-          const double a3 = a2 * a;
-          s_ab[k] += a3 * b3;
-          s_aa[k] += a3 * a3;
-          s_bb[k] += b3 * b3;
-          s_a2b3[k] += a2 * b3;
-          s_a5[k] += a3 * a2;
+          losses::accumulate_one(static_cast<double>(qr[k]) - t.mu_q[k], static_cast<double>(pr[k]) - t.mu_p[k],
+                                 s_ab[k], s_aa[k], s_bb[k], s_a2b3[k], s_a5[k]);
         }
       }
     }
@@ -113,10 +106,9 @@ void gradient(const carray<T>& q, const carray<T>& p, const carray<double>& mu_q
       T* orow = od + r * cols;
 #pragma omp simd
       for (py::ssize_t k = 0; k < cols; ++k) {
-        const double a = static_cast<double>(qr[k]) - t.mu_q[k];
-        const double b = static_cast<double>(pr[k]) - t.mu_p[k];
-        const double a2 = a * a;
-        orow[k] = static_cast<T>(a2 * (alpha[k] * (b * b * b) - beta[k] * (a2 * a)) - gbar[k]);
+        orow[k] = static_cast<T>(losses::gradient_one(static_cast<double>(qr[k]) - t.mu_q[k],
+                                                      static_cast<double>(pr[k]) - t.mu_p[k], alpha[k], beta[k],
+                                                      gbar[k]));
       }
     }
   }
@@ -125,20 +117,20 @@ void gradient(const carray<T>& q, const carray<T>& p, const carray<double>& mu_q
 }  // namespace
 }  // namespace fastcbm
 
-void register_cubic_loss_cpu(pybind11::module_& m) {
+void register_losses_cpu(pybind11::module_& m) {
   using namespace fastcbm;
   const char* acc_doc =
-      "cubic_loss_accumulate(q [R, K], p [R, K], mu_q [K] f64, mu_p [K] f64, sums [5, K] f64): add the tile's "
+      "losses_cubic_accumulate(q [R, K], p [R, K], mu_q [K] f64, mu_p [K] f64, sums [5, K] f64): add the tile's "
       "S_ab, S_aa, S_bb, S_a2b3, S_a5 into sums (in place)";
   const char* grad_doc =
-      "cubic_loss_gradient(q [R, K], p [R, K], mu_q [K] f64, mu_p [K] f64, coefs [3, K] f64, out [R, K]): "
+      "losses_cubic_gradient(q [R, K], p [R, K], mu_q [K] f64, mu_p [K] f64, coefs [3, K] f64, out [R, K]): "
       "out = a^2 (alpha b^3 - beta a^3) - gbar; out may be q";
-  m.def("cubic_loss_accumulate", &accumulate<float>, acc_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
+  m.def("losses_cubic_accumulate", &accumulate<float>, acc_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
         py::arg("mu_q"), py::arg("mu_p"), py::arg("sums").noconvert());
-  m.def("cubic_loss_accumulate", &accumulate<double>, acc_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
+  m.def("losses_cubic_accumulate", &accumulate<double>, acc_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
         py::arg("mu_q"), py::arg("mu_p"), py::arg("sums").noconvert());
-  m.def("cubic_loss_gradient", &gradient<float>, grad_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
+  m.def("losses_cubic_gradient", &gradient<float>, grad_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
         py::arg("mu_q"), py::arg("mu_p"), py::arg("coefs"), py::arg("out").noconvert());
-  m.def("cubic_loss_gradient", &gradient<double>, grad_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
+  m.def("losses_cubic_gradient", &gradient<double>, grad_doc, py::arg("q").noconvert(), py::arg("p").noconvert(),
         py::arg("mu_q"), py::arg("mu_p"), py::arg("coefs"), py::arg("out").noconvert());
 }

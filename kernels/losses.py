@@ -1,4 +1,5 @@
-"""Triton kernels of the fused cubic-cosine loss (see ``fastcbm.losses.cubic`` for the maths and the driver).
+"""Triton kernels of the fused cubic-cosine loss (the maths: ``fastcbm.losses.ops``; the drivers:
+``fastcbm.losses.launchers``).
 
 Column k of the loss is a (cell l, concept m) pair. Layout conventions (all kernels take strides, so inputs may be any
 strided view): weight W [M, C], features F [B, C, L], prompt embeddings E [B, L, D], text embeddings T [M, D];
@@ -11,12 +12,13 @@ batch means mu_q, mu_p and per-column sums/coefficients are contiguous [L, M] (f
 - ``accumulate_dweight``: dW[M, C] += Σ_{b,l} G[b, l, m]·F[b, c, l] (grid over dW blocks: one writer each).
 - ``features_grad``: dF[b, c, l] = Σ_m G[b, l, m]·W[m, c] for the tile's rows.
 
-fp32 inputs use IEEE-precision dots (no TF32): the loss cubes its inputs, which triples relative errors.
+fp32 inputs use IEEE-precision dots (no TF32): the loss cubes its inputs, which triples relative errors. Dots accumulate
+in the inputs' dtype (float32 or float64). Offsets are int64: B·C·L exceeds 2^31 at ImageNet scale.
+Launched by ``fastcbm.losses.launchers`` (grids, block sizes and signatures: its launch tables).
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -24,27 +26,29 @@ import triton.language as tl
 @triton.jit
 def _qp_tile(W, F, E, T, offs_b, mask_b, l, offs_m, mask_m, C, D,
              s_wm, s_wc, s_fb, s_fc, s_fl, s_eb, s_el, s_ed, s_tm, s_td,
-             BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-             ACC: tl.constexpr, PRECISION: tl.constexpr):
+             BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """q[b, m] = Σ_c F[b, c, l]·W[m, c], p[b, m] = Σ_d E[b, l, d]·T[m, d] for one (batch tile, cell, concept block)."""
+    ACC = W.dtype.element_ty  # the dots accumulate in the inputs' dtype
+    rows_f = offs_b.to(tl.int64)[:, None] * s_fb + l * s_fl
+    rows_e = offs_b.to(tl.int64)[:, None] * s_eb + l * s_el
     q = tl.zeros((BLOCK_B, BLOCK_M), dtype=ACC)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        f = tl.load(F + offs_b[:, None] * s_fb + offs_c[None, :] * s_fc + l * s_fl,
+        f = tl.load(F + rows_f + offs_c[None, :] * s_fc,
                     mask=mask_b[:, None] & mask_c[None, :], other=0.0)
         w = tl.load(W + offs_c[:, None] * s_wc + offs_m[None, :] * s_wm,
                     mask=mask_c[:, None] & mask_m[None, :], other=0.0)
-        q += tl.dot(f, w, input_precision=PRECISION, out_dtype=ACC)
+        q += tl.dot(f, w, input_precision="ieee", out_dtype=ACC)
     p = tl.zeros((BLOCK_B, BLOCK_M), dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        e = tl.load(E + offs_b[:, None] * s_eb + l * s_el + offs_d[None, :] * s_ed,
+        e = tl.load(E + rows_e + offs_d[None, :] * s_ed,
                     mask=mask_b[:, None] & mask_d[None, :], other=0.0)
         t = tl.load(T + offs_d[:, None] * s_td + offs_m[None, :] * s_tm,
                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)
-        p += tl.dot(e, t, input_precision=PRECISION, out_dtype=ACC)
+        p += tl.dot(e, t, input_precision="ieee", out_dtype=ACC)
     return q, p
 
 
@@ -52,7 +56,7 @@ def _qp_tile(W, F, E, T, offs_b, mask_b, l, offs_m, mask_m, C, D,
 def _forward_sums_kernel(W, F, E, T, MU_Q, MU_P, SUMS, B, C, L, D, M,
                          s_wm, s_wc, s_fb, s_fc, s_fl, s_eb, s_el, s_ed, s_tm, s_td,
                          BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                         BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+                         BLOCK_D: tl.constexpr):
     l = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -70,7 +74,7 @@ def _forward_sums_kernel(W, F, E, T, MU_Q, MU_P, SUMS, B, C, L, D, M,
         mask_b = offs_b < B
         q, p = _qp_tile(W, F, E, T, offs_b, mask_b, l, offs_m, mask_m, C, D,
                         s_wm, s_wc, s_fb, s_fc, s_fl, s_eb, s_el, s_ed, s_tm, s_td,
-                        BLOCK_B, BLOCK_M, BLOCK_C, BLOCK_D, ACC, PRECISION)
+                        BLOCK_B, BLOCK_M, BLOCK_C, BLOCK_D)
         # Centre in fp64: a is a small difference of O(1) numbers and gets cubed.
         valid = mask_b[:, None] & mask_m[None, :]
         a = tl.where(valid, q.to(tl.float64) - mu_q[None, :], 0.0)
@@ -94,7 +98,7 @@ def _forward_sums_kernel(W, F, E, T, MU_Q, MU_P, SUMS, B, C, L, D, M,
 def _grad_tile_kernel(W, F, E, T, MU_Q, MU_P, COEFS, G, TB, C, L, D, M,
                       s_wm, s_wc, s_fb, s_fc, s_fl, s_eb, s_el, s_ed, s_tm, s_td,
                       BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                      BLOCK_D: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_D: tl.constexpr):
     # F and E point at the tile's first sample; G is a contiguous [TB, L, M] buffer.
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     l = tl.program_id(1)
@@ -105,7 +109,7 @@ def _grad_tile_kernel(W, F, E, T, MU_Q, MU_P, COEFS, G, TB, C, L, D, M,
     col = l * M + offs_m
     q, p = _qp_tile(W, F, E, T, offs_b, mask_b, l, offs_m, mask_m, C, D,
                     s_wm, s_wc, s_fb, s_fc, s_fl, s_eb, s_el, s_ed, s_tm, s_td,
-                    BLOCK_B, BLOCK_M, BLOCK_C, BLOCK_D, ACC, PRECISION)
+                    BLOCK_B, BLOCK_M, BLOCK_C, BLOCK_D)
     mu_q = tl.load(MU_Q + col, mask=mask_m, other=0.0)
     mu_p = tl.load(MU_P + col, mask=mask_m, other=0.0)
     alpha = tl.load(COEFS + col, mask=mask_m, other=0.0)
@@ -115,15 +119,15 @@ def _grad_tile_kernel(W, F, E, T, MU_Q, MU_P, COEFS, G, TB, C, L, D, M,
     b = p.to(tl.float64) - mu_p[None, :]
     a2 = a * a
     g = a2 * (alpha[None, :] * (b * b * b) - beta[None, :] * (a2 * a)) - gbar[None, :]
-    tl.store(G + offs_b[:, None] * K + col[None, :], g.to(G.dtype.element_ty),
+    tl.store(G + offs_b.to(tl.int64)[:, None] * K + col[None, :], g.to(G.dtype.element_ty),
              mask=mask_b[:, None] & mask_m[None, :])
 
 
 @triton.jit
 def _dweight_kernel(G, F, DW, TB, C, L, M, s_fb, s_fc, s_fl,
-                    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                    ACC: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     # dW[m, c] += Σ_r G[r, m]·F[b(r), c, l(r)] over the tile's rows r = b·L + l; each program owns one dW block.
+    ACC = F.dtype.element_ty  # the dots accumulate in the inputs' dtype
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_m = offs_m < M
@@ -133,10 +137,11 @@ def _dweight_kernel(G, F, DW, TB, C, L, M, s_fb, s_fc, s_fl,
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        gt = tl.load(G + offs_r[None, :] * M + offs_m[:, None], mask=mask_r[None, :] & mask_m[:, None], other=0.0)
-        f = tl.load(F + (offs_r // L)[:, None] * s_fb + (offs_r % L)[:, None] * s_fl + offs_c[None, :] * s_fc,
+        r64 = offs_r.to(tl.int64)
+        gt = tl.load(G + r64[None, :] * M + offs_m[:, None], mask=mask_r[None, :] & mask_m[:, None], other=0.0)
+        f = tl.load(F + (r64 // L)[:, None] * s_fb + (r64 % L)[:, None] * s_fl + offs_c[None, :] * s_fc,
                     mask=mask_r[:, None] & mask_c[None, :], other=0.0)
-        acc += tl.dot(gt, f, input_precision=PRECISION, out_dtype=ACC)
+        acc += tl.dot(gt, f, input_precision="ieee", out_dtype=ACC)
     ptrs = DW + offs_m[:, None] * C + offs_c[None, :]
     mask = mask_m[:, None] & mask_c[None, :]
     tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + acc.to(DW.dtype.element_ty), mask=mask)
@@ -144,9 +149,9 @@ def _dweight_kernel(G, F, DW, TB, C, L, M, s_fb, s_fc, s_fl,
 
 @triton.jit
 def _dfeatures_kernel(G, W, DF, TB, C, L, M, s_wm, s_wc, s_db, s_dc, s_dl,
-                      BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                      ACC: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     # dF[b, c, l] = Σ_m G[r, m]·W[m, c] with r = b·L + l (DF points at the tile's first sample).
+    ACC = W.dtype.element_ty  # the dots accumulate in the inputs' dtype
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     R = TB * L
@@ -156,79 +161,12 @@ def _dfeatures_kernel(G, W, DF, TB, C, L, M, s_wm, s_wc, s_db, s_dc, s_dl,
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        g = tl.load(G + offs_r[:, None] * M + offs_m[None, :], mask=mask_r[:, None] & mask_m[None, :], other=0.0)
+        g = tl.load(G + offs_r.to(tl.int64)[:, None] * M + offs_m[None, :], mask=mask_r[:, None] & mask_m[None, :],
+                    other=0.0)
         w = tl.load(W + offs_m[:, None] * s_wm + offs_c[None, :] * s_wc,
                     mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        acc += tl.dot(g, w, input_precision=PRECISION, out_dtype=ACC)
-    ptrs = DF + (offs_r // L)[:, None] * s_db + (offs_r % L)[:, None] * s_dl + offs_c[None, :] * s_dc
+        acc += tl.dot(g, w, input_precision="ieee", out_dtype=ACC)
+    r64 = offs_r.to(tl.int64)
+    ptrs = DF + (r64 // L)[:, None] * s_db + (r64 % L)[:, None] * s_dl + offs_c[None, :] * s_dc
     tl.store(ptrs, acc.to(DF.dtype.element_ty), mask=mask_r[:, None] & mask_c[None, :])
 
-
-def _config(dtype: torch.dtype) -> tuple[tl.dtype, str]:
-    """Accumulator dtype and dot precision for an input dtype (the driver admits float32 and float64 only)."""
-    if dtype == torch.float64:
-        return tl.float64, "ieee"
-    if dtype == torch.float32:
-        return tl.float32, "ieee"
-    raise ValueError(f"cubic-loss triton kernels take float32 or float64 tensors, got {dtype}")
-
-
-def _blocks(interpreted: bool) -> dict[str, int]:
-    # 16 is tl.dot's minimum; on a GPU larger tiles feed the tensor cores. The interpreter is fastest with small ones.
-    if interpreted:
-        return dict(BLOCK_B=16, BLOCK_M=16, BLOCK_C=16, BLOCK_D=16)
-    return dict(BLOCK_B=64, BLOCK_M=64, BLOCK_C=32, BLOCK_D=32)
-
-
-def _strides(W, F, E, T):
-    return (*W.stride(), *F.stride(), *E.stride(), *T.stride())
-
-
-def forward_sums(W: torch.Tensor, F: torch.Tensor, E: torch.Tensor, T: torch.Tensor,
-                 mu_q: torch.Tensor, mu_p: torch.Tensor, interpreted: bool = False) -> torch.Tensor:
-    """Per-column sums [5, L·M] fp64 (S_ab, S_aa, S_bb, S_a2b3, S_a5) over the whole batch; mu_* are [L·M] fp64."""
-    M, C = W.shape
-    B, _, L = F.shape
-    D = E.shape[2]
-    sums = torch.empty((5, L * M), dtype=torch.float64, device=W.device)
-    acc, precision = _config(W.dtype)
-    blk = _blocks(interpreted)
-    grid = (L, triton.cdiv(M, blk["BLOCK_M"]))
-    _forward_sums_kernel[grid](W, F, E, T, mu_q, mu_p, sums, B, C, L, D, M, *_strides(W, F, E, T),
-                               ACC=acc, PRECISION=precision, **blk)
-    return sums
-
-
-def grad_tile(W: torch.Tensor, F: torch.Tensor, E: torch.Tensor, T: torch.Tensor, mu_q: torch.Tensor,
-              mu_p: torch.Tensor, coefs: torch.Tensor, out: torch.Tensor, interpreted: bool = False) -> None:
-    """Write g_q for the batch tile F [tb, C, L], E [tb, L, D] into ``out`` [tb, L, M] (contiguous)."""
-    M, C = W.shape
-    TB, _, L = F.shape
-    D = E.shape[2]
-    acc, precision = _config(W.dtype)
-    blk = _blocks(interpreted)
-    grid = (triton.cdiv(TB, blk["BLOCK_B"]), L, triton.cdiv(M, blk["BLOCK_M"]))
-    _grad_tile_kernel[grid](W, F, E, T, mu_q, mu_p, coefs, out, TB, C, L, D, M, *_strides(W, F, E, T),
-                            ACC=acc, PRECISION=precision, **blk)
-
-
-def accumulate_dweight(G: torch.Tensor, F: torch.Tensor, dW: torch.Tensor, interpreted: bool = False) -> None:
-    """dW [M, C] (contiguous) += Σ_{b,l} G[b, l, :]ᵀ F[b, :, l] for a tile G [tb, L, M], F [tb, C, L]."""
-    TB, L, M = G.shape
-    C = F.shape[1]
-    acc, precision = _config(F.dtype)
-    b = 16 if interpreted else 64
-    grid = (triton.cdiv(M, b), triton.cdiv(C, b))
-    _dweight_kernel[grid](G, F, dW, TB, C, L, M, *F.stride(), BLOCK_R=16 if interpreted else 32, BLOCK_M=b,
-                          BLOCK_C=b, ACC=acc, PRECISION=precision)
-
-
-def features_grad(G: torch.Tensor, W: torch.Tensor, dF: torch.Tensor, interpreted: bool = False) -> None:
-    """dF [tb, C, L] (any strides) = Σ_m G[b, l, m]·W[m, c] for a tile G [tb, L, M]."""
-    TB, L, M = G.shape
-    C = W.shape[1]
-    acc, precision = _config(W.dtype)
-    b = 16 if interpreted else 64
-    grid = (triton.cdiv(TB * L, b), triton.cdiv(C, b))
-    _dfeatures_kernel[grid](G, W, dF, TB, C, L, M, *W.stride(), *dF.stride(), BLOCK_R=b,
-                            BLOCK_M=16 if interpreted else 32, BLOCK_C=b, ACC=acc, PRECISION=precision)

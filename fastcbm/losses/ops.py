@@ -30,11 +30,11 @@ weight gradient are all-reduced (SUM); ``dF`` stays per row. Every process then 
 batch — what one process would compute on the concatenated rows, up to summation order — so identical optimiser
 steps keep the replicas of ``W`` equal without a DDP wrapper (which would average, not sum, the gradients).
 
-Backends: ``reference`` (materialises, autograd); ``cpu`` (torch GEMMs per batch tile plus one C++/OpenMP kernel per
-tile for the fused elementwise accumulate/gradient step — the GEMMs are ~80 % of the time and torch's MKL/oneDNN GEMM
-runs at ~170 GFLOP/s on the 2-core dev machine, which a simple blocked C++ GEMM would not approach, so no hand-written
-GEMM was built); ``triton`` (fused q/p GEMM + accumulation kernels, kernels/cubic_loss.py). No CUDA C++ kernel:
-Triton covers GPUs.
+Backends (``launchers.py``): ``reference`` (materialises, autograd); ``cpu`` (torch GEMMs per batch tile plus one
+C++/OpenMP kernel per tile for the fused elementwise accumulate/gradient step — the GEMMs are ~80 % of the time and
+torch's MKL/oneDNN GEMM runs at ~170 GFLOP/s on the 2-core dev machine, which a simple blocked C++ GEMM would not
+approach, so no hand-written GEMM was built); ``triton`` (fused q/p GEMM + accumulation kernels, kernels/losses.py);
+``cuda`` (the ``cpu`` design on a GPU: cuBLAS GEMMs per tile + CUDA twins of the C++ elementwise kernels).
 """
 
 from __future__ import annotations
@@ -42,14 +42,14 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from fastcbm import _ext
-from fastcbm.backends import select_backend, triton_interpreted
-from fastcbm.losses.reference import EPS, cubic_cosine_loss_reference
+from fastcbm import backends
 from fastcbm.errors import InvalidArgument
+from fastcbm.losses import launchers as L
+from fastcbm.losses.reference import EPS, cubic_cosine_loss_reference
 
-IMPLEMENTED = ("reference", "cpu", "triton")
+OP = "losses.cubic_cosine_loss"
 _CPU_TILE_ELEMS = 1 << 22  # cpu backend: 16 MB per fp32 tile buffer (2x faster copies than 8 MB, same GEMM speed)
-_GPU_TILE_ELEMS = 1 << 24  # triton backward: the [tile, L, M] gradient buffer, 64 MB in fp32
+_GPU_TILE_ELEMS = 1 << 24  # GPU backends: each per-tile buffer ([tile, L, M] gradients, q, p), 64 MB in fp32
 
 
 def _check_inputs(weight, features, prompt_emb, text_emb, min_batch: int = 2) -> tuple[int, int, int, int, int]:
@@ -75,7 +75,7 @@ def _check_inputs(weight, features, prompt_emb, text_emb, min_batch: int = 2) ->
         raise InvalidArgument(f"text_emb must be [M={M}, D={D}] to match weight and prompt_emb; got {tuple(text_emb.shape)}")
     if B < min_batch:
         raise InvalidArgument(f"features: need a batch of at least {min_batch} samples (columns are centred over it), "
-                              f"got B={B}")
+                         f"got B={B}")
     for name, t in named.items():
         if t.dtype != weight.dtype:
             raise InvalidArgument(f"{name} has dtype {t.dtype}, expected weight's dtype {weight.dtype}")
@@ -137,112 +137,20 @@ def _tile_rows(batch: int, per_row: int, batch_tile: int | None, budget: int) ->
     return max(1, min(batch, budget // max(per_row, 1)))
 
 
-# ---- cpu backend: torch GEMMs per tile + C++ elementwise kernels ---------------------------------------------------
-
-
-class _CpuTiles:
-    """Reusable per-tile buffers; ``qp(b0, b1)`` returns q, p as [tb, K] views and the [tb·L, C] features rows."""
-
-    def __init__(self, W, F, E, T, tile):
-        self.W, self.F, self.E, self.T, self.tile = W, F, E, T, tile
-        B, C, L = F.shape
-        M, D = W.shape[0], E.shape[2]
-        self.L, self.M, self.C, self.D = L, M, C, D
-        self.fr = torch.empty((tile * L, C), dtype=W.dtype)
-        self.er = None if E.is_contiguous() else torch.empty((tile * L, D), dtype=W.dtype)
-        self.q = torch.empty((tile * L, M), dtype=W.dtype)
-        self.p = torch.empty((tile * L, M), dtype=W.dtype)
-
-    def qp(self, b0: int, b1: int):
-        tb, L = b1 - b0, self.L
-        rows = tb * L
-        fr = self.fr[:rows]
-        fr.view(tb, L, self.C).copy_(self.F[b0:b1].transpose(1, 2))  # rows (b, l): one big GEMM instead of B small ones
-        if self.E.is_contiguous():
-            er = self.E[b0:b1].reshape(rows, self.D)  # a view: already rows (b, l)
-        else:
-            er = self.er[:rows]
-            er.view(tb, L, self.D).copy_(self.E[b0:b1])
-        q, p = self.q[:rows], self.p[:rows]
-        torch.mm(fr, self.W.t(), out=q)
-        torch.mm(er, self.T.t(), out=p)
-        return q.view(tb, L * self.M), p.view(tb, L * self.M), fr
-
-
-def _cpu_forward(W, F, E, T, mu_q, mu_p, tile) -> torch.Tensor:
-    ext = _ext.cpu_ext()
-    sums = torch.zeros((5, mu_q.numel()), dtype=torch.float64)
-    tiles = _CpuTiles(W, F, E, T, tile)
-    mq, mp, s = mu_q.numpy(), mu_p.numpy(), sums.numpy()
-    for b0 in range(0, F.shape[0], tile):
-        q, p, _ = tiles.qp(b0, min(b0 + tile, F.shape[0]))
-        ext.cubic_loss_accumulate(q.numpy(), p.numpy(), mq, mp, s)
-    return sums
-
-
-def _cpu_backward(W, F, E, T, mu_q, mu_p, coefs, tile, need_dw, need_df):
-    ext = _ext.cpu_ext()
-    B, C, L = F.shape
-    dW = torch.zeros_like(W, memory_format=torch.contiguous_format) if need_dw else None
-    dF = torch.empty_like(F, memory_format=torch.contiguous_format) if need_df else None
-    tiles = _CpuTiles(W, F, E, T, tile)
-    mq, mp, cf = mu_q.numpy(), mu_p.numpy(), coefs.numpy()
-    for b0 in range(0, B, tile):
-        b1 = min(b0 + tile, B)
-        q, p, fr = tiles.qp(b0, b1)
-        qn = q.numpy()
-        ext.cubic_loss_gradient(qn, p.numpy(), mq, mp, cf, qn)  # g_q overwrites q
-        g = tiles.q[: (b1 - b0) * L]  # [tb·L, M]
-        if dW is not None:
-            dW.addmm_(g.t(), fr)
-        if dF is not None:
-            dF[b0:b1].copy_((g @ W).view(b1 - b0, L, C).transpose(1, 2))
-    return dW, dF
-
-
-# ---- triton backend ------------------------------------------------------------------------------------------------
-
-
-def _triton_forward(W, F, E, T, mu_q, mu_p, tile) -> torch.Tensor:
-    from fastcbm.kernels import cubic_loss as kern  # lazy: importing triton is slow and optional
-
-    return kern.forward_sums(W, F, E, T, mu_q, mu_p, interpreted=triton_interpreted())
-
-
-def _triton_backward(W, F, E, T, mu_q, mu_p, coefs, tile, need_dw, need_df):
-    from fastcbm.kernels import cubic_loss as kern
-
-    interp = triton_interpreted()
-    B, C, L = F.shape
-    M = W.shape[0]
-    dW = torch.zeros((M, C), dtype=W.dtype, device=W.device) if need_dw else None
-    dF = torch.empty_like(F, memory_format=torch.contiguous_format) if need_df else None
-    gbuf = torch.empty((tile, L, M), dtype=W.dtype, device=W.device)
-    for b0 in range(0, B, tile):
-        b1 = min(b0 + tile, B)
-        g = gbuf[: b1 - b0]
-        kern.grad_tile(W, F[b0:b1], E[b0:b1], T, mu_q, mu_p, coefs, g, interpreted=interp)
-        if dW is not None:
-            kern.accumulate_dweight(g, F[b0:b1], dW, interpreted=interp)
-        if dF is not None:
-            kern.features_grad(g, W, dF[b0:b1], interpreted=interp)
-    return dW, dF
-
-
-_FORWARD = {"cpu": _cpu_forward, "triton": _triton_forward}
-_BACKWARD = {"cpu": _cpu_backward, "triton": _triton_backward}
+backends.define_op(OP, {"default": {"reference": cubic_cosine_loss_reference, "cpu": L.CPU, "triton": L.TRITON,
+                                    "cuda": L.CUDA}})
 
 
 class CubicCosineLossFunction(torch.autograd.Function):
     """Fused forward (streaming sums) and backward (recomputed tiles) of the cubic-cosine loss."""
 
     @staticmethod
-    def forward(ctx, weight, features, prompt_emb, text_emb, backend: str, tile: int, eps: float, group=None):
+    def forward(ctx, weight, features, prompt_emb, text_emb, fused: L.FusedLoss, tile: int, eps: float, group=None):
         W, F, E, T = (t.detach() for t in (weight, features, prompt_emb, text_emb))
         mu_q, mu_p, n = _batch_means(W, F, E, T, group)
-        sums = _all_reduce(_FORWARD[backend](W, F, E, T, mu_q, mu_p, tile), group)
+        sums = _all_reduce(fused.forward(W, F, E, T, mu_q, mu_p, tile), group)
         ctx.save_for_backward(W, F, E, T, mu_q, mu_p, sums)
-        ctx.backend, ctx.tile, ctx.eps, ctx.group, ctx.batch = backend, tile, eps, group, n
+        ctx.fused, ctx.tile, ctx.eps, ctx.group, ctx.batch = fused, tile, eps, group, n
         return (-_cosines(sums, eps).mean()).to(weight.dtype)
 
     @staticmethod
@@ -253,7 +161,7 @@ class CubicCosineLossFunction(torch.autograd.Function):
         if not (need_dw or need_df):
             return (None,) * 8
         coefs = _coefficients(sums, grad, ctx.batch, ctx.eps)
-        dW, dF = _BACKWARD[ctx.backend](W, F, E, T, mu_q, mu_p, coefs, ctx.tile, need_dw, need_df)
+        dW, dF = ctx.fused.backward(W, F, E, T, mu_q, mu_p, coefs, ctx.tile, need_dw, need_df)
         if dW is not None and ctx.group is not None:
             dW = _all_reduce(dW.contiguous(), ctx.group)
         return dW, dF, None, None, None, None, None, None
@@ -277,7 +185,7 @@ def cubic_cosine_loss(
         features: backbone feature maps resized to the prompt grid, [B, C, L] (L cells); gradients flow to it.
         prompt_emb: unit CLIP embeddings of the L prompted copies of each image, [B, L, D] (targets, no gradient).
         text_emb: unit CLIP text embeddings of the M concepts, [M, D] (targets, no gradient).
-        backend: ``"auto"``, ``"reference"``, ``"cpu"`` or ``"triton"`` (see ``fastcbm.backends``).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"`` (see ``fastcbm.backends``).
         eps: added to each column norm (``x / (‖x‖ + eps)``), as in the reference.
         batch_tile: batch rows per streamed tile (default: ~4M elements per tile buffer on CPU, 16M on GPU).
         process_group: a ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD``) whose processes each
@@ -288,23 +196,24 @@ def cubic_cosine_loss(
         The scalar loss ``-mean over the M·L columns of the cubic cosine``, in the inputs' dtype. Needs B >= 2.
     """
     B, C, L, D, M = _check_inputs(weight, features, prompt_emb, text_emb, min_batch=1 if process_group else 2)
-    name = select_backend("cubic_cosine_loss", backend, weight.device, IMPLEMENTED)
+    impl = backends.resolve(OP, backend, weight.device)
+    name = impl.backend
     if name == "reference":
         if process_group is not None:
             raise InvalidArgument("process_group: the reference backend is single-process; use a fused backend")
-        return cubic_cosine_loss_reference(weight, features, prompt_emb, text_emb, eps)
+        return impl.fn(weight, features, prompt_emb, text_emb, eps)
     if torch.is_grad_enabled():
         for arg, t in (("prompt_emb", prompt_emb), ("text_emb", text_emb)):
             if t.requires_grad:
                 raise InvalidArgument(
-                         f"{arg} requires grad, but the fused {name!r} backend only differentiates weight and features; "
-                         f"pass {arg}.detach() or use backend='reference'"
-                     )
+                    f"{arg} requires grad, but the fused {name!r} backend only differentiates weight and features; "
+                    f"pass {arg}.detach() or use backend='reference'"
+                )
     if weight.dtype not in (torch.float32, torch.float64):
         # Cubing triples relative errors and sixth powers overflow fp16: the fused backends compute in fp32/fp64.
         raise InvalidArgument(f"weight: the fused {name!r} backend takes float32 or float64, got {weight.dtype}; "
-                              "cast the inputs with .float() or use backend='reference'")
+                         "cast the inputs with .float() or use backend='reference'")
     budget = _CPU_TILE_ELEMS if weight.device.type == "cpu" else _GPU_TILE_ELEMS
     # Per-tile buffers are [tile, M·L] (q, p, g) and [tile, L, C] / [tile, L, D] (re-laid-out features/embeddings).
     tile = _tile_rows(B, L * max(M, C, D), batch_tile, budget)
-    return CubicCosineLossFunction.apply(weight, features, prompt_emb, text_emb, name, tile, eps, process_group)
+    return CubicCosineLossFunction.apply(weight, features, prompt_emb, text_emb, impl.fn, tile, eps, process_group)

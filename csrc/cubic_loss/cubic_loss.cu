@@ -1,7 +1,0 @@
-// CUDA module entry for the cubic_loss op family: intentionally empty. On GPUs the fused cubic-cosine loss runs as
-// Triton kernels (kernels/cubic_loss.py): its work is GEMMs fused with an elementwise epilogue, which Triton's tl.dot
-// tiles express directly, and the CUDA module links neither libtorch nor cuBLAS. fastcbm.losses.cubic lists only
-// ("reference", "cpu", "triton"), so backend="cuda" raises BackendUnavailableError naming the available backends.
-#include "common.h"
-
-void register_cubic_loss_cuda(pybind11::module_& m) { (void)m; }
