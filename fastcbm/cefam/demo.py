@@ -46,7 +46,7 @@ class CEFAMDemoConfig:
     whole run (None: unchanged)."""
     out: Path = Path("fastcbm_out/demo-cefam")
     n_train: int = 600
-    n_test: int = 100
+    n_test: int = 150  # the README's figures: 600 training and 150 test scenes
     seed: int = 0
     report_images: int = 6
     comparisons: int = 12

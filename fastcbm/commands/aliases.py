@@ -49,14 +49,14 @@ def rewrite(argv: list[str]) -> tuple[list[str], str | None]:
             elif j + 1 < len(rest):
                 method, j = rest[j + 1], j + 1
             else:
-                raise InvalidArgument(f"fastcbm {verb}: --method needs a value ({', '.join(METHODS)})")
+                raise InvalidArgument(f"fastcbm {verb}: error: --method needs a value ({', '.join(METHODS)})")
         else:
             kept.append(token)
         j += 1
     if method is None and verb == "demo":
         return list(argv), None  # `fastcbm demo` is a command of its own (the README's main job)
     if method is not None and method not in METHODS:
-        raise InvalidArgument(f"fastcbm {verb}: --method must be one of {', '.join(METHODS)}, got {method!r}")
+        raise InvalidArgument(f"fastcbm {verb}: error: --method must be one of {', '.join(METHODS)}, got {method!r}")
     old = f"fastcbm {verb}" + (f" --method {method}" if method is not None else "")
     method = method or DEFAULT_METHOD
     notice = (f"fastcbm: '{old}' is now spelled 'fastcbm {method} {verb}' (the old spelling still works)"
