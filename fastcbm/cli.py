@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Concept bottleneck models and concept explanations for vision models, fast. Methods: "
                     "'fastcbm salf|cefam|deal train|evaluate|explain|demo'.",
         epilog="Old spellings still work, with a one-line notice: 'fastcbm train|evaluate|explain [--method M]' is "
-               "'fastcbm M train|evaluate|explain' (M: salf by default), 'fastcbm demo --method M' is 'fastcbm M demo'.",
+               "'fastcbm M train|evaluate|explain' (M: salf by default), 'fastcbm demo --method M' is "
+               "'fastcbm M demo'.",
     )
     parser.add_argument("--version", action="version", version=f"fastcbm {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
