@@ -13,13 +13,13 @@ import os
 import platform
 from pathlib import Path
 
-# Peak rates measured on this workplace's GPUs (DESIGN.md §4; the device tool's KINDS.md): dense bf16 matmul through
+# Peak rates measured on this workplace's GPUs (docs/design.md §4; the device tool's KINDS.md): dense bf16 matmul through
 # PyTorch on random data, device-to-device copy (bytes read + written). Datasheet numbers are not used.
 GPU_PEAKS = {
     "H100": {"bf16_tflops": 790.0, "copy_gbps": 3000.0},
     "H200": {"bf16_tflops": 788.0, "copy_gbps": 4300.0},
 }
-# CLIP ViT-B/16 image tower at 224² (open_clip model profile, DESIGN.md §4)
+# CLIP ViT-B/16 image tower at 224² (open_clip model profile, docs/design.md §4)
 VIT_B16_GFLOPS = 35.13
 
 

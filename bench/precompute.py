@@ -15,7 +15,7 @@ tower rows (``--tower``, pipeline ``tower:<mode>``): the image tower at its limi
 uint8 images already on the device, rendered by the ring kernel straight into the tower's input buffer in the
 encoder's dtype and encoded (``fastcbm.precompute.tower.PromptTower``: eager autocast, CUDA graph, torch.compile).
 Reported: prompted images/s and, for ViT-B/16 on a GPU, the fraction of the bf16 roofline (35.13 GFLOP per image
-at the GPU's measured bf16 matmul rate: ≈ 22,500 images/s on an H100, DESIGN.md §4); ``setup_s`` is the first
+at the GPU's measured bf16 matmul rate: ≈ 22,500 images/s on an H100, docs/design.md §4); ``setup_s`` is the first
 call (capture / compilation).
 
     python bench/precompute.py            # tiny config and testbed CLIP (64 px) on 24 images ×3, ViT-B/16 on 3
@@ -62,7 +62,7 @@ def make_images(root: Path, n: int) -> list[str]:
 
 
 def load_model(kind: str):
-    """(model, name): "testbed" (the bundled 1.6 M-parameter testbed CLIP), "tiny" (DESIGN.md §4's tiny open_clip
+    """(model, name): "testbed" (the bundled 1.6 M-parameter testbed CLIP), "tiny" (docs/design.md §4's tiny open_clip
     config: ViT, 4 layers, width 192, 64 px, 9.1 M parameters, random init) or "vit-b-16" (random init)."""
     from fastcbm.compat import import_open_clip
 

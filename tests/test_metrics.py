@@ -8,9 +8,15 @@ import torch
 
 from fastcbm.backends import BackendUnavailableError
 from fastcbm.metrics import epg, hit_rate, iou_curve, nra
+from fastcbm.metrics.baselines import (
+    authors_epg,
+    loop_iou_curve,
+    loop_paper_nra,
+    naive_official_nra,
+    resized,
+)
 from fastcbm.metrics.ops import EPG, IOU_CURVE, NRA
 from tests.conftest import assert_close, runnable_backends
-from tests.metrics_oracles import authors_epg, loop_iou_curve, loop_paper_nra, naive_official_nra, resized
 
 BACKENDS = runnable_backends(NRA, "official")
 PAPER_BACKENDS = runnable_backends(NRA, "paper")

@@ -8,8 +8,8 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from fastcbm.metrics import SegmentationScores, segmentation_scores
+from fastcbm.metrics.baselines import resized
 from fastcbm.metrics.segmentation import average_precision
-from tests.metrics_oracles import resized
 
 
 def numpy_protocol(heatmaps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:

@@ -4,9 +4,9 @@ CE-FAM build on it. Reference implementation: one backward pass per batch of tar
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fastcbm.cam.ops import fuse
 from fastcbm.models.features import FeatureHooks, as_feature_map
 
 
@@ -35,10 +35,7 @@ def grad_cam(
             (grad,) = torch.autograd.grad(score, act)
         fmap = as_feature_map(act.detach(), kind, num_prefix_tokens)
         gmap = as_feature_map(grad, kind, num_prefix_tokens)
-        weights = gmap.mean(dim=(2, 3), keepdim=True)
-        cam = F.relu((weights * fmap).sum(dim=1))
+        weights = gmap.mean(dim=(2, 3))[:, None]  # α [N, 1, C]: the spatial mean of the gradient
     finally:
         model.train(was_training)
-    if size is not None:
-        cam = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    return cam
+    return fuse(weights, fmap, size=size)[:, 0]  # ReLU(Σ_k α_k A_k), resized bilinearly: the cam op

@@ -17,10 +17,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:
-    """Per-map min-max over the last two dims ``[..., H, W]`` → [0, 1]; a constant map (max == min) becomes 0."""
+def minmax_normalize(maps: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+    """Per-map min-max over the last two dims ``[..., H, W]`` → [0, 1]: the one min-max of fastcbm.
+
+    ``eps=None``: ``(x − min) / (max − min)``, a constant map (max == min) becomes 0 (reports, segmentation, CE-FAM).
+    ``eps`` given: ``(x − min) / (max − min + eps)``, the DEAL authors' form (differentiable everywhere, so their
+    regularisers use it with eps = 1e-8)."""
     lo = maps.amin(dim=(-2, -1), keepdim=True)
     span = maps.amax(dim=(-2, -1), keepdim=True) - lo
+    if eps is not None:
+        return (maps - lo) / (span + eps)
     ok = span > 0
     return torch.where(ok, (maps - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(maps))
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcbm.errors import InvalidArgument
+from fastcbm.cam import fuse, minmax_normalize
 from fastcbm.concepts.encode import encode_texts
 
 MODES = ("auto", "fast", "batched", "expand", "loop")
@@ -261,11 +262,7 @@ def vit_cls_grads(visual: nn.Module, x: torch.Tensor, probs: torch.Tensor, text_
     return torch.einsum("bthd,bhnd->bthn", go, v), emb
 
 
-def _minmax(maps: torch.Tensor) -> torch.Tensor:
-    flat = maps.flatten(-2)
-    lo = flat.min(dim=-1, keepdim=True).values
-    hi = flat.max(dim=-1, keepdim=True).values
-    return ((flat - lo) / (hi - lo + 1e-8)).view_as(maps)
+MINMAX_EPS = 1e-8  # the authors' min-max epsilon (fastcbm.deal.metrics.EPS)
 
 
 def explanations(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor, *, create_graph: bool = True,
@@ -312,7 +309,7 @@ def explanations(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
                 alpha, emb = resnet_alpha(visual.attnpool, act, text_emb)
             a = act.detach() if detach else act
             alpha = alpha if keep else alpha.detach()
-            maps = F.relu(torch.einsum("btc,bchw->bthw", alpha, a.to(alpha.dtype)))
+            maps = fuse(alpha, a.to(alpha.dtype))  # Grad-CAM: ReLU(Σ_c α·A), the cam op
         elif fast:
             x = vit_trunk(visual, images)
             probs = last_block_attention(visual.transformer.resblocks[-1], x)
@@ -331,13 +328,13 @@ def explanations(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
             a = act.detach() if detach else act
             if kind == "resnet":
                 alpha = grads.mean(dim=(-2, -1))  # [B, T, C]
-                maps = F.relu(torch.einsum("btc,bchw->bthw", alpha, a.to(alpha.dtype)))
+                maps = fuse(alpha, a.to(alpha.dtype))  # Grad-CAM: ReLU(Σ_c α·A), the cam op
             else:
                 rel = F.relu(grads * a.unsqueeze(1)).mean(dim=2)  # [B, T, N, N]: mean over heads
                 cls = rel[:, :, 0, 1:]  # the CLS row over the patch tokens
                 gh, gw = _grid(visual, cls.shape[-1])
                 maps = cls.reshape(*cls.shape[:2], gh, gw)
-    maps = _minmax(maps) if normalize else maps
+    maps = minmax_normalize(maps, eps=MINMAX_EPS) if normalize else maps
     return (maps, emb) if return_embedding else maps
 
 

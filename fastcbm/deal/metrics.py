@@ -40,9 +40,9 @@ EPS = 1e-8  # the authors' min-max epsilon
 # ---- disentanglability ---------------------------------------------------------------------------------------------
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
     """Per-map min-max normalisation over the last two axes, ``(g − min) / (max − min + 1e-8)`` (the authors' form)."""
-    lo = maps.amin(dim=(-2, -1), keepdim=True)
-    hi = maps.amax(dim=(-2, -1), keepdim=True)
-    return (maps - lo) / (hi - lo + EPS)
+    from fastcbm.cam.reference import minmax_normalize
+
+    return minmax_normalize(maps, eps=EPS)
 
 
 def separation_per_image(concept_maps: torch.Tensor) -> torch.Tensor:

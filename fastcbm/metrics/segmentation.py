@@ -14,7 +14,6 @@ import torch
 
 from fastcbm.errors import InvalidArgument
 from fastcbm.metrics._common import check_finite, check_maps_masks, resize_maps
-from fastcbm.errors import InvalidArgument
 
 _CHUNK_ELEMENTS = 1 << 21
 
@@ -23,9 +22,9 @@ def normalised_heatmaps(heatmaps: torch.Tensor, size: tuple[int, int]) -> torch.
     """``[N, h, w]`` -> float32 ``[N, H, W]`` in [0, 1]: resized, per-image min-max normalised (constant -> 0)."""
     r = resize_maps(heatmaps, size)
     check_finite(r, heatmaps, "heatmaps")
-    lo = r.amin(dim=(1, 2), keepdim=True)
-    rng = r.amax(dim=(1, 2), keepdim=True) - lo
-    return torch.where(rng > 0, (r - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)), torch.zeros_like(r))
+    from fastcbm.cam.reference import minmax_normalize
+
+    return minmax_normalize(r)
 
 
 def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""Precompute's image tower, fed straight by the ring kernel (DESIGN.md §3, issue 23.6).
+"""Precompute's image tower, fed straight by the ring kernel (docs/design.md §3, issue 23.6).
 
 Precompute on a GPU is bound by the CLIP image tower (49 prompted copies of every image; a ViT-B/16 at bf16 peak is
-≈ 22,500 images/s on an H100, DESIGN.md §4). So nothing else may cost bandwidth or launches:
+≈ 22,500 images/s on an H100, docs/design.md §4). So nothing else may cost bandwidth or launches:
 
 - the batch is encoded in chunks of whole images (``max_encode_batch`` rows, rounded down to whole images); for each
   chunk :func:`fastcbm.prompts.render_rings` writes all 1+G copies directly into the tower's input buffer, in the

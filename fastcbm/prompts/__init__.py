@@ -1,4 +1,4 @@
-"""Red-ring visual prompts for SALF-CBM (DESIGN.md §3 "Red-circle prompts"): :func:`render_rings` and its geometry.
+"""Red-ring visual prompts for SALF-CBM (docs/design.md §3 "Red-circle prompts"): :func:`render_rings` and its geometry.
 
 Public API; the dispatcher is :mod:`fastcbm.prompts.ops`, the definition :mod:`fastcbm.prompts.reference`.
 """

@@ -1,4 +1,4 @@
-"""Red-ring visual prompts (DESIGN.md §3 "Red-circle prompts"): public functions and dispatch.
+"""Red-ring visual prompts (docs/design.md §3 "Red-circle prompts"): public functions and dispatch.
 
 ``render_rings`` turns a batch of decoded uint8 images ``[B, 3, S, S]`` (already resized/cropped to the encoder's
 input) into every prompted copy ``[B, G(+1), 3, S, S]``, normalised for the encoder and in its dtype, in one kernel:

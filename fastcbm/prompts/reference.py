@@ -1,6 +1,6 @@
 """Red-ring prompts: geometry, input checks and the pure-PyTorch reference (the definition).
 
-Geometry (DESIGN.md §3 "Red-circle prompts"). Pixel centres sit at integer coordinates; pixel (x, y) is on ring g
+Geometry (docs/design.md §3 "Red-circle prompts"). Pixel centres sit at integer coordinates; pixel (x, y) is on ring g
 when |sqrt((x − cx_g)² + (y − cy_g)²) − r| ≤ w/2. Every backend evaluates this rule with the SAME float64 arithmetic
 so that ring membership matches bit for bit, including pixels exactly on the boundary:
 
