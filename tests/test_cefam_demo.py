@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 from contextlib import redirect_stdout
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,12 +24,12 @@ def _cli(argv: list[str]) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from fastcbm.cefam.demo import CEFAMDemoConfig, run_cefam_demo
+    from fastcbm.cefam.demo import DEMO_TRANSLATOR, CEFAMDemoConfig, run_cefam_demo
 
     out = tmp_path_factory.mktemp("cefam_demo")
     # ~40 s on an idle 2-core machine: 200 training scenes, 40 fresh test scenes, at most 40 translator epochs
     result = run_cefam_demo(CEFAMDemoConfig(out=out, n_train=200, n_test=40, report_images=2, comparisons=4,
-                                            progress=False, train={"max_epochs": 40}))
+                                            progress=False, translator=replace(DEMO_TRANSLATOR, max_epochs=40)))
     return out, result
 
 
@@ -67,12 +68,12 @@ def test_quality_against_clip_dissect(demo):
 
 @pytest.fixture(scope="module")
 def demo_vit(tmp_path_factory):
-    from fastcbm.cefam.demo import CEFAMDemoConfig, run_cefam_demo
+    from fastcbm.cefam.demo import DEMO_TRANSLATOR, CEFAMDemoConfig, run_cefam_demo
 
     out = tmp_path_factory.mktemp("cefam_demo_vit")
     # ~20 s: the bundled ViT classifier, 400 training scenes, 40 fresh test scenes, at most 40 translator epochs
     return run_cefam_demo(CEFAMDemoConfig(out=out, n_train=400, n_test=40, report_images=2, comparisons=4,
-                                          classifier="testbed-vit", progress=False, train={"max_epochs": 40}))
+                                          classifier="testbed-vit", progress=False, translator=replace(DEMO_TRANSLATOR, max_epochs=40)))
 
 
 @pytest.mark.slow
@@ -101,7 +102,7 @@ def test_explain_and_evaluate_commands(demo, tmp_path):
 
     img = tmp_path / "scene.png"
     Image.fromarray(scene.images[0].permute(1, 2, 0).numpy()).save(img)
-    code, stdout = _cli(["explain", "--method", "cefam", "--model", str(model), str(img), "--top-k", "3",
+    code, stdout = _cli(["cefam", "explain", "--model", str(model), str(img), "--top-k", "3",
                          "--png", str(tmp_path / "ex.png"), "--html", str(tmp_path / "ex.html")])
     assert code == 0
     res = json.loads(stdout)
@@ -143,7 +144,7 @@ def test_command_input_errors(demo, tmp_path, capsys):
     from PIL import Image
 
     Image.new("RGB", (64, 64)).save(img)
-    assert main(["explain", "--method", "cefam", "--model", str(out / "model"), str(img), "--concepts",
+    assert main(["cefam", "explain", "--model", str(out / "model"), str(img), "--concepts",
                  str(empty)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "concept" in err[0], err
@@ -167,13 +168,14 @@ def test_demo_cli_passes_the_classifier(monkeypatch, tmp_path, capsys):
         return {k: k for k in ("method", "quality", "summary", "report", "model", "seconds")}
 
     monkeypatch.setattr(D, "run_cefam_demo", fake)
-    assert main(["demo", "--method", "cefam", "--classifier", "testbed-vit", "--no-progress", "--out",
+    assert main(["cefam", "demo", "--classifier", "testbed-vit", "--no-progress", "--out",
                  str(tmp_path)]) == 0
     assert seen["cfg"].classifier == "testbed-vit" and seen["cfg"].n_probe == 2000
-    # the CLI keeps its imports light, so it spells the choices out: they must stay the demo's
+    # the choices are the demo's own (read from fastcbm.cefam.demo, not spelled out)
     from fastcbm.cli import build_parser
+    from fastcbm.commands import walk
 
-    demo_parser = build_parser()._subparsers._group_actions[0].choices["demo"]
+    demo_parser = next(p for path, p, _ in walk(build_parser()) if path == ("cefam", "demo"))
     assert tuple(next(a for a in demo_parser._actions if a.dest == "classifier").choices) == D.DEMO_CLASSIFIERS
     assert json.loads(capsys.readouterr().out)["method"] == "method"
     monkeypatch.undo()

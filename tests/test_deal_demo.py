@@ -1,4 +1,4 @@
-"""fastcbm demo --method deal, fastcbm deal evaluate, and the DEAL HTML page (tiny settings)."""
+"""fastcbm deal demo, fastcbm deal evaluate, fastcbm deal explain, and the DEAL HTML page (tiny settings)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,50 @@ def test_deal_demo_tiny(tmp_path, capsys):
     assert main(["deal", "evaluate", "--data", "testbed", "--model", str(out / "deal"), "--n", "2", "--k", "5",
                  "--localizability-images", "0", "--device", "cpu", "--no-progress"]) == 2
     assert "config.json: class 'blue circle' has 3 descriptors, fewer than k=5" in capsys.readouterr().err
+    # one image's maps from the DEAL model: its concepts (K = 3) at the stage it was trained on
+    img = _scene_png(tmp_path)
+    assert main(["deal", "explain", str(img), "--model", str(out / "deal"), "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res["texts"]) == 4 and res["explain_layer"] == "layer3" and res["map_size"] == [4, 4]
+
+
+def _scene_png(tmp_path):
+    from PIL import Image
+
+    from fastcbm.data import synthetic as S
+
+    scene = S.generate(1, S.TRAINING_SEED_LIMIT + 4242)
+    img = tmp_path / "scene.png"
+    Image.fromarray(scene.images[0].permute(1, 2, 0).numpy()).save(img)
+    return img
+
+
+def test_deal_explain_cli(tmp_path, capsys):
+    """`fastcbm deal explain`: one image's category + concept maps from any CLIP (here the base testbed CLIP), the
+    zero-shot class or --class, and the page of deal/report.py without a metrics table."""
+    from fastcbm.data import synthetic as S
+
+    img = _scene_png(tmp_path)
+    html = tmp_path / "x.html"
+    assert main(["deal", "explain", str(img), "--device", "cpu", "--html", str(html)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["class"] in S.class_names() and res["class_source"] == "zero-shot prediction"
+    assert [t["text"] for t in res["texts"]][0] == res["class"] and len(res["texts"]) == 6  # class + K = 5
+    assert sum(z["probability"] for z in res["zero_shot"]) <= 1.0 + 1e-6 and res["map_size"] == [2, 2]
+    page = html.read_text()
+    assert page.count("data:image/png;base64,") == 1 + 6 and "<h2>Metrics</h2>" not in page
+    assert main(["deal", "explain", str(img), "--class", "green square", "--k", "2", "--explain-layer", "layer3",
+                 "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["class"] == "green square" and res["class_source"] == "--class" and len(res["texts"]) == 3
+    assert res["map_size"] == [4, 4]
+    assert main(["deal", "explain", str(img), "--class", "purple cow", "--device", "cpu"]) == 2
+    assert "--class 'purple cow' is not a class" in capsys.readouterr().err
+    assert main(["deal", "explain", str(tmp_path / "none.png")]) == 2
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert main(["deal", "explain", str(tmp_path / "bad.png"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "does not exist" in err[0] and "bad.png" in err[1]
 
 
 def test_demo_cli_dispatches_to_deal(monkeypatch, tmp_path, capsys):
@@ -55,10 +99,10 @@ def test_demo_cli_dispatches_to_deal(monkeypatch, tmp_path, capsys):
         return {"method": "deal"}
 
     monkeypatch.setattr(D, "run_deal_demo", fake)
-    assert main(["demo", "--method", "deal", "--seed", "3", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert main(["deal", "demo", "--seed", "3", "--no-progress", "--out", str(tmp_path)]) == 0
     assert seen["cfg"].seed == 3 and seen["cfg"].out == tmp_path and not seen["cfg"].progress
     assert json.loads(capsys.readouterr().out) == {"method": "deal"}
-    assert main(["demo", "--method", "deal", "--no-progress"]) == 0  # the default folder is the DEAL demo's own
+    assert main(["deal", "demo", "--no-progress"]) == 0  # the default folder is the DEAL demo's own
     assert str(seen["cfg"].out) == "fastcbm_out/deal_demo"
 
 

@@ -304,11 +304,13 @@ def test_cli_bad_input_one_clear_line(case, pattern, folder, tmp_path, capsys):
 
 
 def test_cli_defaults_are_the_published_settings():
-    from fastcbm.commands.deal import DEFAULTS
+    from fastcbm.cli import build_parser
 
     cfg = DealConfig()
-    for k, v in vars(DEFAULTS).items():
-        assert getattr(cfg, k) == v, k
+    args = build_parser().parse_args(["deal", "train", "--data", "d", "--concepts", "c.json", "--out", "o"])
+    assert len(args.config_fields) >= 17
+    for k in args.config_fields:  # every option of DealConfig defaults to its field (tests/test_cli.py: all parsers)
+        assert getattr(args, k) == getattr(cfg, k), k
     assert (cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay) == (5e-7, (0.9, 0.98), 1e-6, 1e-3)
     assert (cfg.lambda_sep, cfg.lambda_con, cfg.lambda_spa, cfg.k) == (0.1, 0.01, 5e-4, 5)
 

@@ -46,7 +46,7 @@ def test_salf_quality_on_fresh_testbed_scenes(demo_run):
 def test_explain_command_on_the_demo_model(demo_run, capsys):
     out, _ = demo_run
     image = next(p for p in (out / "data").rglob("*.png") if p.parts[-4].startswith("test-"))
-    assert main(["explain", "--model", str(out / "model"), str(image), "--top-k", "3", "--region", "10", "12",
+    assert main(["salf", "explain", "--model", str(out / "model"), str(image), "--top-k", "3", "--region", "10", "12",
                  "--html", str(out / "one.html")]) == 0
     result = json.loads(capsys.readouterr().out)
     kept = len(json.loads((out / "model" / "config.json").read_text())["config"]["concepts"])
@@ -69,5 +69,5 @@ def test_demo_rejects_bad_sizes(capsys):
 
 
 def test_explain_missing_image(tmp_path, capsys):
-    assert main(["explain", "--model", str(tmp_path), str(tmp_path / "nope.png")]) == 2
+    assert main(["salf", "explain", "--model", str(tmp_path), str(tmp_path / "nope.png")]) == 2
     assert "does not exist" in capsys.readouterr().err

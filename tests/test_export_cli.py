@@ -73,10 +73,10 @@ def test_explain_from_engine_matches_model_folder(tmp_path, capsys):
     rng = torch.Generator().manual_seed(0)
     Image.fromarray(torch.randint(0, 256, (80, 96, 3), dtype=torch.uint8, generator=rng).numpy()).save(
         tmp_path / "img.png")
-    assert main(["explain", str(tmp_path / "img.png"), "--model", str(tmp_path / "model"), "--top-k", "3"]) == 0
+    assert main(["salf", "explain", str(tmp_path / "img.png"), "--model", str(tmp_path / "model"), "--top-k", "3"]) == 0
     ref = json.loads(capsys.readouterr().out)
     html = tmp_path / "r.html"
-    assert main(["explain", str(tmp_path / "img.png"), "--engine", str(onnx_path), "--top-k", "3",
+    assert main(["salf", "explain", str(tmp_path / "img.png"), "--engine", str(onnx_path), "--top-k", "3",
                  "--html", str(html)]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["backend"] == "onnxruntime-cpu" and html.is_file()
@@ -84,13 +84,13 @@ def test_explain_from_engine_matches_model_folder(tmp_path, capsys):
     assert [c["concept"] for c in got["top_concepts"]] == [c["concept"] for c in ref["top_concepts"]]
     for a, b in zip(got["top_concepts"], ref["top_concepts"]):
         assert abs(a["contribution"] - b["contribution"]) <= 2e-4 and abs(a["activation"] - b["activation"]) <= 2e-4
-    assert main(["explain", str(tmp_path / "img.png"), "--engine", str(onnx_path), "--region", "1", "2"]) == 2
+    assert main(["salf", "explain", str(tmp_path / "img.png"), "--engine", str(onnx_path), "--region", "1", "2"]) == 2
     assert "--region needs --model" in capsys.readouterr().err
-    assert main(["explain", str(tmp_path / "img.png"), "--engine", str(onnx_path), "--backend", "tensorrt"]) == 2
+    assert main(["salf", "explain", str(tmp_path / "img.png"), "--engine", str(onnx_path), "--backend", "tensorrt"]) == 2
     assert "TensorRT is not available" in capsys.readouterr().err
-    assert main(["explain", str(tmp_path), "--engine", str(onnx_path)]) == 2
+    assert main(["salf", "explain", str(tmp_path), "--engine", str(onnx_path)]) == 2
     assert "--engine explains one image file" in capsys.readouterr().err
-    assert main(["explain", str(tmp_path / "img.png")]) == 2
+    assert main(["salf", "explain", str(tmp_path / "img.png")]) == 2
     assert "give --model DIR" in capsys.readouterr().err
 
 

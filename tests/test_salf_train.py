@@ -141,7 +141,7 @@ def test_cli_train_then_explain(testbed_cache, tmp_path, capsys):
 
     root, _, images, cache = testbed_cache
     out = tmp_path / "model"
-    argv = ["train", "--cache", str(cache.root), "--concepts", str(root / "data" / "concepts.txt"),
+    argv = ["salf", "train", "--cache", str(cache.root), "--concepts", str(root / "data" / "concepts.txt"),
             "--val-fraction", "0.25", "--class-sim-cutoff", "-1", "--concept-sim-cutoff", "0.98", "--out", str(out),
             "--lambdas", "20", "--head-epochs", "40",
             "--interpretability-cutoff", "0.1", "--steps", "150", "--device", "cpu", "--no-progress"]
@@ -160,7 +160,7 @@ def test_cli_train_then_explain(testbed_cache, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err and (out / "model.safetensors").stat().st_mtime_ns == mtime
 
     image = sorted(images.rglob("*.png"))[0]
-    assert main(["explain", str(image), "--model", str(out), "--top-k", "3"]) == 0
+    assert main(["salf", "explain", str(image), "--model", str(out), "--top-k", "3"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["predicted"] in config["class_names"]
     assert {c["concept"] for c in result["top_concepts"]} <= set(config["concepts"])
@@ -178,14 +178,14 @@ def test_cli_train_errors(testbed_cache, tmp_path, capsys):
     from fastcbm.cli import main
 
     root, _, images, cache = testbed_cache
-    base = ["train", "--cache", str(cache.root), "--concepts", str(root / "data" / "concepts.txt"), "--out",
+    base = ["salf", "train", "--cache", str(cache.root), "--concepts", str(root / "data" / "concepts.txt"), "--out",
             str(tmp_path / "m"), "--no-progress", "--device", "cpu"]
-    assert main(base[:2] + [str(tmp_path / "nope")] + base[3:]) == 2
+    assert main(base[:3] + [str(tmp_path / "nope")] + base[4:]) == 2
     assert "--cache" in capsys.readouterr().err
     assert main(base + ["--val-fraction", "1"]) == 2
     assert "--val-fraction" in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("\n# nothing\n")
-    assert main(base[:4] + [str(tmp_path / "empty.txt")] + base[5:]) == 2
+    assert main(base[:5] + [str(tmp_path / "empty.txt")] + base[6:]) == 2
     assert "empty" in capsys.readouterr().err
     (tmp_path / "bad.csv").write_text("somewhere/else.png,cat\n")
     assert main(base + ["--labels", str(tmp_path / "bad.csv")]) == 2
@@ -288,7 +288,7 @@ def test_cli_train_under_torchrun_equals_one_process(testbed_cache, tmp_path):
     from fastcbm.cli import main
 
     root, _, _, cache = testbed_cache
-    args = ["train", "--cache", str(cache.root), "--concepts", str(root / "data" / "concepts.txt"),
+    args = ["salf", "train", "--cache", str(cache.root), "--concepts", str(root / "data" / "concepts.txt"),
             "--val-fraction", "0.25", "--class-sim-cutoff", "-1", "--concept-sim-cutoff", "0.98",
             "--interpretability-cutoff", "0.1", "--steps", "30", "--batch-size", "101", "--lambdas", "12",
             "--head-epochs", "30", "--device", "cpu", "--no-progress"]

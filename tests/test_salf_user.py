@@ -64,7 +64,7 @@ def test_cli_defaults_come_from_train_config():
     from fastcbm.salf.train import TrainConfig
 
     d = TrainConfig()
-    args = build_parser().parse_args(["train", "--cache", "c", "--concepts", "x", "--out", "o"])
+    args = build_parser().parse_args(["salf", "train", "--cache", "c", "--concepts", "x", "--out", "o"])
     assert args.class_sim_cutoff == d.filter.class_sim_cutoff and args.concept_sim_cutoff == d.filter.concept_sim_cutoff
     assert args.steps == d.fit.bottleneck.max_steps and args.lr == d.fit.bottleneck.lr
     assert args.interpretability_cutoff == d.fit.bottleneck.interpretability_cutoff
@@ -149,9 +149,9 @@ def test_evaluate_cache_and_data_agree_with_the_model(tiny, capsys):
     from fastcbm.salf.evaluate import load_images
 
     root, images, cache, model, _ = tiny
-    assert main(["evaluate", "--model", str(root / "model"), "--cache", str(cache.root), "--no-progress"]) == 0
+    assert main(["salf", "evaluate", "--model", str(root / "model"), "--cache", str(cache.root), "--no-progress"]) == 0
     by_cache = json.loads(capsys.readouterr().out)
-    assert main(["evaluate", "--model", str(root / "model"), "--data", str(images), "--no-progress"]) == 0
+    assert main(["salf", "evaluate", "--model", str(root / "model"), "--data", str(images), "--no-progress"]) == 0
     by_data = json.loads(capsys.readouterr().out)
     files = sorted(images.rglob("*.png"))
     from fastcbm.data import synthetic
@@ -177,7 +177,7 @@ def test_evaluate_with_masks_and_gtsegs(tiny, tmp_path, capsys):
     for p in files[:5]:
         (masks / p.parent.name).mkdir(parents=True, exist_ok=True)
         np.save(masks / p.parent.name / f"{p.stem}.npy", np.arange(64 * 64).reshape(64, 64) % 3 == 0)
-    assert main(["evaluate", "--model", str(root / "model"), "--data", str(images), "--masks", str(masks),
+    assert main(["salf", "evaluate", "--model", str(root / "model"), "--data", str(images), "--masks", str(masks),
                  "--no-progress"]) == 0
     seg = json.loads(capsys.readouterr().out)["segmentation"]
     assert seg["images"] == 5 and seg["images_without_mask"] == 31
@@ -197,17 +197,17 @@ def test_evaluate_with_masks_and_gtsegs(tiny, tmp_path, capsys):
     with ImageNetSegmentation(mat) as ds:
         img, gt = ds[1]
         assert torch.equal(img.permute(1, 2, 0), torch.from_numpy(imgs[1])) and torch.equal(gt, torch.from_numpy(gts[1] > 0))
-    assert main(["evaluate", "--model", str(root / "model"), "--segmentation", str(mat), "--no-progress"]) == 0
+    assert main(["salf", "evaluate", "--model", str(root / "model"), "--segmentation", str(mat), "--no-progress"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["images"] == 2 and 0 <= res["salf"]["miou"] <= 1 and 0 <= res["gradcam"]["pixel_accuracy"] <= 1
-    assert main(["evaluate", "--model", str(root / "model"), "--segmentation", str(tmp_path / "no.mat")]) == 2
+    assert main(["salf", "evaluate", "--model", str(root / "model"), "--segmentation", str(tmp_path / "no.mat")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_bulk_explain_writes_arrays_and_one_page(tiny, tmp_path, capsys):
     root, images, _, _, _ = tiny
     out = tmp_path / "expl"
-    assert main(["explain", str(images), "--model", str(root / "model"), "--out", str(out), "--top-k", "2"]) == 0
+    assert main(["salf", "explain", str(images), "--model", str(root / "model"), "--out", str(out), "--top-k", "2"]) == 0
     capsys.readouterr()
     maps = np.load(out / "maps.npy")
     contrib = np.load(out / "contributions.npy")
@@ -260,7 +260,7 @@ def test_filter_text_matches_total_similarity_rule_and_presets():
 def test_bottleneck_first_stop_option():
     from fastcbm.cli import build_parser
 
-    args = build_parser().parse_args(["train", "--cache", "c", "--concepts", "x", "--out", "o", "--bottleneck-stop",
+    args = build_parser().parse_args(["salf", "train", "--cache", "c", "--concepts", "x", "--out", "o", "--bottleneck-stop",
                                       "first", "-vv"])
     assert args.bottleneck_stop == "first" and args.sub_verbose == 2
     from fastcbm.salf.bottleneck import BottleneckConfig
@@ -294,13 +294,14 @@ def test_demo_grid_is_checked_before_any_work(tmp_path, capsys):
 def test_every_option_has_help():
     from fastcbm.cli import build_parser
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    from fastcbm.commands import walk
+
     missing = []
-    for name in ("train", "evaluate", "explain", "demo"):
-        for action in sub.choices[name]._actions:
-            if action.help is None and action.dest != "help":
-                missing.append(f"{name} {action.option_strings or action.dest}")
+    for path, parser, children in walk(build_parser()):
+        if children is None and path[0] in ("salf", "cefam", "deal", "demo"):
+            for action in parser._actions:
+                if action.help is None and action.dest != "help":
+                    missing.append(f"{' '.join(path)} {action.option_strings or action.dest}")
     assert not missing, missing
 
 
@@ -374,7 +375,7 @@ def test_train_verify_option_reaches_the_cache_readers(monkeypatch, tmp_path):
     import fastcbm.cache as cache_mod
     from fastcbm.cli import build_parser
 
-    args = build_parser().parse_args(["train", "--cache", "c", "--concepts", "k.txt", "--out", str(tmp_path / "m"),
+    args = build_parser().parse_args(["salf", "train", "--cache", "c", "--concepts", "k.txt", "--out", str(tmp_path / "m"),
                                       "--verify", "size"])
     assert args.verify == "size"
     seen = []

@@ -16,12 +16,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write ONE graph that predicts and explains: raw pixels [N,3,S,S] → logits [N,K], concepts [N,M], "
                     "concept_maps [N,M,Gy,Gx], contributions [N,M] (predicted class), with dynamic batch and the "
                     "normalisation inside. --model exports a CLIP image tower instead (images → embedding [N,D]). "
-                    "Run it with fastcbm.deploy.load(FILE) or 'fastcbm explain --engine FILE IMAGE'.")
+                    "Run it with fastcbm.deploy.load(FILE) or 'fastcbm salf explain --engine FILE IMAGE'.")
     p.add_argument("model_dir", nargs="?", type=Path, help="folder written by SALFCBM.save (e.g. the demo's model/)")
     p.add_argument("--model", default=None, metavar="CLIP",
                    help="export this CLIP model's image tower instead (testbed, ViT-B-16, ...)")
     p.add_argument("--pretrained", default=None, help="CLIP pretrained tag (with --model; default random init)")
-    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
+    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx",
+                   help="onnx (default), or a TensorRT engine built from the ONNX graph (needs TensorRT and a GPU)")
     p.add_argument("--out", type=Path, required=True, help="output file (.onnx, or .engine for TensorRT)")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="fp16: a reduced-precision graph (TensorRT builds it as a strongly typed fp16 engine)")

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="decoding worker processes (torch loader; default: min(4, cores))")
     p.add_argument("--features", default=None, metavar="BACKBONE",
                    help="also store this backbone's feature maps resized to the grid (a fastcbm.models.load_backbone "
-                        "name: testbed, resnet50, a timm name, ...); needed by 'fastcbm train'")
+                        "name: testbed, resnet50, a timm name, ...); needed by 'fastcbm salf train'")
     p.add_argument("--features-layer", default=None, metavar="MODULE",
                    help="backbone module whose output is stored (default: its last feature layer, e.g. layer4); "
                    "for a ViT, 'blocks.11+cls' concatenates the class token to every patch token on channels")
@@ -77,11 +77,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--cache", required=True, help="cache directory written by fastcbm precompute")
     s.add_argument("--concepts", required=True, help="text file, one concept per line")
     s.add_argument("--model", required=True, help="the CLIP model the cache was made with")
-    s.add_argument("--pretrained", default=None)
+    s.add_argument("--pretrained", default=None, help="the pretrained tag the cache was made with")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--chunk", type=int, default=4096, help="images per output file (default 4096)")
-    s.add_argument("--dtype", choices=("float16", "float32"), default="float16")
-    s.add_argument("--device", default=None)
+    s.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                   help="dtype of the written similarities (default float16)")
+    s.add_argument("--device", default=None, help="torch device of the text encoder and the products (default: cuda "
+                   "when available, else cpu)")
     s.add_argument("--template", default="{}", help="text template for each concept, e.g. 'a photo of {}'")
     s.add_argument("--verify", action="store_true",
                    help="check every cache file (sizes, headers, sha256, NaN/inf) before writing anything; without "

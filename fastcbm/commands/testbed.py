@@ -29,9 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       "weights depend on it")
     custom = clip.add_argument_group("one custom stage instead of the shipped schedule (unset: as its stage 1, "
                                      "2,500 steps, lr 2e-3, seed 0, no attribute term)")
-    custom.add_argument("--steps", type=int)
-    custom.add_argument("--lr", type=float)
-    custom.add_argument("--seed", type=int)
+    custom.add_argument("--steps", type=int, help="optimiser steps of the custom stage")
+    custom.add_argument("--lr", type=float, help="learning rate of the custom stage")
+    custom.add_argument("--seed", type=int, help="seed of the custom stage's scenes and initialisation")
     custom.add_argument("--attribute-weight", type=float,
                         help="weight of the attribute hard-negative term (shape/colour/texture templates)")
     custom.add_argument("--ring-attributes", action="store_true", default=None,
@@ -39,15 +39,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clip.set_defaults(func=_train_clip)
     for kind, steps, lr in (("cnn", 1200, 2e-3), ("vit", 1500, 1e-3)):
         q = sub.add_parser(f"train-{kind}", help=f"train the tiny {kind.upper()} classifier on the rule task")
-        q.add_argument("--out", type=Path, required=True)
-        q.add_argument("--steps", type=int, default=steps)
-        q.add_argument("--lr", type=float, default=lr)
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--out", type=Path, required=True, help=f"folder for the {kind.upper()}'s weights")
+        q.add_argument("--steps", type=int, default=steps, help=f"optimiser steps (default {steps})")
+        q.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr:g})")
+        q.add_argument("--seed", type=int, default=0, help="seed of the scenes and initialisation (default 0)")
         q.set_defaults(func=_train_classifier, kind=kind)
     ev = sub.add_parser("eval", help="score the bundled models on fresh scenes (the model card's numbers)")
     ev.set_defaults(func=_evaluate)
     ex = sub.add_parser("export", help="generate scenes and write them as an ImageFolder with masks and labels")
-    ex.add_argument("--out", type=Path, required=True)
+    ex.add_argument("--out", type=Path, required=True,
+                    help="folder to write: images/<class>/<n>.png, masks, labels.csv and the concept lists (an "
+                         "ImageFolder for fastcbm precompute / deal train)")
     ex.add_argument("-n", type=int, default=200, help="number of scenes")
     ex.add_argument("--seed", type=int, default=None, help="default: the first evaluation seed (never trained on)")
     ex.set_defaults(func=_export)

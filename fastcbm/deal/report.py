@@ -1,7 +1,8 @@
-"""Self-contained HTML page of ``fastcbm demo --method deal``: the metrics of each model side by side and one image's
-concept maps from each model (one row per model: the image, the category map, then the K concept maps).
+"""Self-contained HTML page of ``fastcbm deal demo``: the metrics of each model side by side and one image's concept
+maps from each model (one row per model: the image, the category map, then the K concept maps); ``fastcbm deal
+explain`` writes the same page for one model without metrics.
 
-Built from :mod:`fastcbm.salf.report`'s helpers (inline base64 PNGs, jet overlays, atomic write); no external files.
+Built from :mod:`fastcbm.html`'s helpers (inline base64 PNGs, jet overlays, atomic write); no external files.
 """
 
 from __future__ import annotations
@@ -83,13 +84,15 @@ def _metrics_table(results: Mapping[str, Mapping[str, Any]]) -> str:
 
 def write_deal_report(path: str | os.PathLike, *, image: torch.Tensor | np.ndarray,
                       maps: Mapping[str, torch.Tensor | np.ndarray], texts: Sequence[str],
-                      results: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any] | None = None,
+                      results: Mapping[str, Mapping[str, Any]] | None = None,
+                      summary: Mapping[str, Any] | None = None,
                       title: str = "fastcbm DEAL demo") -> Path:
     """Write the page and return its path.
 
     image: uint8 ``[3, S, S]`` (raw pixels); maps: model name → float ``[K+1, h, w]`` (row 0 the category; resized
     bilinearly for display); texts: the K+1 texts the maps explain; results: model name → metrics dict (as
-    :func:`fastcbm.deal.evaluate.evaluate` returns); summary: extra name → value rows (settings, timings).
+    :func:`fastcbm.deal.evaluate.evaluate` returns; None or empty: no metrics section, as ``fastcbm deal explain``'s
+    page of one image); summary: extra name → value rows (settings, timings).
     """
     img = check_images(to_numpy(image, "image")[None], "image")[0]
     if not maps:
@@ -100,7 +103,7 @@ def write_deal_report(path: str | os.PathLike, *, image: torch.Tensor | np.ndarr
         extra = "<h2>Run</h2><table class=\"summary\">" + "".join(
             f"<tr><th>{esc(k)}</th><td>{esc(fmt(v))}</td></tr>" for k, v in summary.items()) + "</table>"
     body = (
-        f"<h2>Metrics</h2>{_metrics_table(results)}"
+        f"{f'<h2>Metrics</h2>{_metrics_table(results)}' if results else ''}"
         "<h2>Concept maps of one image</h2>"
         '<p class="muted">Row 0 of each model: the category; then its concepts. Each map is min-max normalised '
         "and overlaid (jet: red = high).</p>"

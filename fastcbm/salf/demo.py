@@ -1,7 +1,8 @@
-"""``fastcbm demo``: SALF-CBM end to end on the synthetic testbed with the bundled tiny models.
+"""``fastcbm demo`` (= ``fastcbm salf demo``): SALF-CBM end to end on the synthetic testbed with the bundled tiny
+models.
 
 generate scenes → ImageFolder export → precompute (ring-prompt embeddings + backbone grid features, sharded cache) →
-``train_salf_from_cache``, the code path of ``fastcbm train`` (concept filtering, bottleneck streamed from the cache
+``train_salf_from_cache``, the code path of ``fastcbm salf train`` (concept filtering, bottleneck streamed from the cache
 with the fused cubic-cosine loss, sparse head) → test accuracy vs the backbone, zero-shot segmentation vs Grad-CAM →
 HTML report → one JSON summary line. Everything is seeded; evaluation scenes use seeds the testbed models never saw.
 """
@@ -124,7 +125,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     timings["data"] = time.perf_counter() - t0
 
     # 2. precompute: ring-prompt embeddings and the backbone's grid features into the sharded caches, then
-    # 3. train exactly as `fastcbm train` does on user data: labels from the export's labels.csv, concepts filtered,
+    # 3. train exactly as `fastcbm salf train` does on user data: labels from the export's labels.csv, concepts filtered,
     #    bottleneck batches streamed from the cache, sparse head
     backbone = load_backbone("testbed")
     class_names = synthetic.class_names()
@@ -136,7 +137,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     timings["precompute"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    # exactly `fastcbm train`'s defaults (TrainConfig): the demo has no settings of its own
+    # exactly `fastcbm salf train`'s defaults (TrainConfig): the demo has no settings of its own
     train_config = TrainConfig(seed=cfg.seed)
     train_config.fit.bottleneck.seed = cfg.seed
     model, train_report = train_salf_from_cache(
