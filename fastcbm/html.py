@@ -227,7 +227,7 @@ table.summary th{font-weight:600;background:#f0f0f0}table.summary td,table.summa
 .fill{width:0;min-width:100%}
 .prob{font-weight:400;color:#555}.ok{color:#1a7f37}.bad{color:#c62828}
 img{image-rendering:pixelated;max-width:100%;height:auto}img.main{border:1px solid #ccc;flex:none}
-.contrib{margin-top:6px;width:100%}.cname{max-width:180px}
+.contrib{margin-top:6px}.cname{max-width:180px}
 .barcell{width:120px}.track{width:120px}.bar{height:10px;border-radius:2px}
 .bar.pos{background:#2e7d32}.bar.neg{background:#c62828}
 .heats{display:flex;flex-wrap:wrap;gap:8px;margin-top:8px}

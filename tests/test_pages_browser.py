@@ -49,12 +49,12 @@ MEASURE = r"""() => {
   const boxes = [...document.querySelectorAll('.card, .head, .pred, .heats, figure, .scrollx')];
   out.overflow = texts.concat(boxes.filter(e => !e.classList.contains('scrollx') || getComputedStyle(e).overflowX
                                            !== 'auto')).filter(e => e.scrollWidth > e.clientWidth + 1).map(desc);
-  out.broken = [];  // a word laid out on two lines (a break inside a word that fits its line)
+  out.broken = [];  // a word laid out on two lines (a break inside a word, not at a space, hyphen or slash)
   for (const e of texts) {
     if (e.closest('.file')) continue;  // file paths may break anywhere
     const walk = document.createTreeWalker(e, NodeFilter.SHOW_TEXT);
     for (let n = walk.nextNode(); n; n = walk.nextNode()) {
-      for (const m of n.textContent.matchAll(/\S+/g)) {
+      for (const m of n.textContent.matchAll(/[^\s\-\/]+/g)) {  // a line may end after a hyphen or slash
         const r = document.createRange();
         r.setStart(n, m.index); r.setEnd(n, m.index + m[0].length);
         const tops = new Set([...r.getClientRects()].filter(q => q.width > 0).map(q => Math.round(q.top)));
@@ -210,12 +210,12 @@ def _cefam_page(tmp_path: Path, contributions: list[list[float]], name: str) -> 
                               comparisons=cmp)
 
 
-def _deal_page(tmp_path: Path, k: int, name: str) -> Path:
+def _deal_page(tmp_path: Path, k: int, name: str, models=("base", "plain", "deal"), metrics: bool = True) -> Path:
     from fastcbm.deal.report import write_deal_report
 
     texts = ["blue circle", *[f"concept {j}" for j in range(k)]]
-    maps = {m: torch.rand(k + 1, 16, 16) for m in ("base", "plain", "deal")}
-    results = {m: {"disentanglability": 0.81, "localizability": 0.71} for m in maps}
+    maps = {m: torch.rand(k + 1, 16, 16) for m in models}
+    results = {m: {"disentanglability": 0.81, "localizability": 0.71} for m in maps} if metrics else None
     return write_deal_report(tmp_path / f"{name}.html", image=_images(1, seed=4)[0], maps=maps, texts=texts,
                              results=results, summary={"steps": 60})
 
@@ -295,3 +295,10 @@ def test_deal_maps_fit_or_scroll_in_their_box(browser, tmp_path, k, scrolls):
     maps = [i for i in m["images"] if ":" in i["alt"] or i["alt"] == "image"]
     assert len(maps) == 3 * (k + 2)
     assert all(i["w"] >= 96 - 0.5 and i["w"] <= i["nw"] + 0.5 for i in maps), maps[:3]  # shrunk, never blown up
+
+
+def test_deal_explain_page_of_one_model(browser, tmp_path):
+    """``fastcbm deal explain --html``: one model (named after its folder), no metrics."""
+    m = browser(_deal_page(tmp_path, 5, "deal_one", models=("deal-model-finetuned",), metrics=False))
+    check_layout(m)
+    assert "Metrics" not in m["text"] and len(m["images"]) == 7 and not m["scrollers"][0]["cue"]

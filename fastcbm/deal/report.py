@@ -42,7 +42,7 @@ METRIC_ROWS = (
 
 
 MIN_MAP_PX = 96  # narrowest on-page map; a table that cannot fit its maps at this width scrolls in its own box
-LABEL_COL_PX = 104  # the model-name column ("plain", "deal" and longer names in bold)
+LABEL_COL_PX = 104  # the model-name column at least ("plain", "deal" in bold)
 FITS_PX = 1180  # the table's width at a 1,280-px window (24-px page margins, a scrollbar)
 
 
@@ -62,11 +62,13 @@ def _maps_table(hwc: np.ndarray, scale: int, maps: Mapping[str, Any], texts: Seq
         cells += [f"<td>{img_tag(png_data_uri(overlay(hwc, a[j]), scale), f'{name}: {texts[j]}', width=side)}</td>"
                   for j in range(a.shape[0])]
         rows.append(f"<tr><th>{esc(name)}</th>{''.join(cells)}</tr>")
-    min_width = LABEL_COL_PX + cols * (MIN_MAP_PX + 18)  # + cell padding (2 × 8 px) and border
+    # the model-name column grows with the longest name (~9 px a bold character), up to 240 px; longer names wrap
+    label_px = min(240, max(LABEL_COL_PX, 20 + 9 * max((len(str(n)) for n in maps), default=0)))
+    min_width = label_px + cols * (MIN_MAP_PX + 18)  # + cell padding (2 × 8 px) and border
     cue = (f'<p class="muted scroll-cue">{cols} columns: the table scrolls sideways in its box (⇆).</p>'
            if min_width > FITS_PX else "")
     return (f'{cue}<div class="scrollx"><table class="summary maps" style="min-width:{min_width}px">'
-            f'<colgroup><col style="width:{LABEL_COL_PX}px"><col span="{cols}"></colgroup>'
+            f'<colgroup><col style="width:{label_px}px"><col span="{cols}"></colgroup>'
             f'<tr><th>model</th>{header}</tr>{"".join(rows)}</table></div>')
 
 
