@@ -158,8 +158,13 @@ def bar_cell(v: float, scale: float) -> str:
             f'data-scale="{scale!r}" style="width:{width:.2f}%"></div></div></td>')
 
 
-def bar_legend(scale: float, what: str = "contribution") -> str:
-    """One line naming the page's bar scale."""
+def bar_legend(values: Any, what: str = "contribution") -> str:
+    """One line naming the page's bar scale (:func:`bar_scale` of ``values``); none when no value is non-zero (there
+    is no bar to read)."""
+    a = np.abs(np.asarray([float(v) for v in values], dtype=np.float64))
+    if not (np.isfinite(a) & (a > 0)).any():
+        return ""
+    scale = bar_scale(a)
     return (f'<p class="muted legend">Bars share one scale on this page: a full bar is {what} '
             f"{signed(scale).lstrip('+')} (the largest |{what}| shown).</p>")
 

@@ -185,3 +185,16 @@ def test_bars_share_the_page_scale_and_zero_rows_go(tmp_path):
     with pytest.raises(ValueError, match="files has 1 paths but explanations has 2"):
         write_salf_report(tmp_path / "x.html", images=images(2), explanations=[e1, e2], rules={}, summary={},
                           class_names=CLASSES, files=files[:1])
+
+
+def test_no_bar_legend_without_a_bar(tmp_path):
+    from fastcbm.cefam.explain import CEFAMExplanation, ConceptExplanation
+    from fastcbm.cefam.report import write_cefam_report
+
+    e = CEFAMExplanation(0, "circle", torch.tensor([0.9, 0.1]),
+                         [ConceptExplanation("dot", 12.0, "layer4", {"layer4": 0.2}, 0.0)], torch.rand(1, 16, 16))
+    text = write_cefam_report(tmp_path / "c.html", images=images(1), explanations=[e], summary={}).read_text()
+    assert "Bars share one scale" not in text and "(1 of 1 exactly 0)" in text
+    e.concepts[0].contribution = 0.25
+    text = write_cefam_report(tmp_path / "c.html", images=images(1), explanations=[e], summary={}).read_text()
+    assert "a full bar is contribution 0.250" in text and "exactly 0" not in text

@@ -198,7 +198,7 @@ def write_cefam_report(path: str | os.PathLike, *, images, explanations: Sequenc
                     '<p class="muted">Top concepts by concept score S = s·cos(h, t) + b; stage = argmax of the layer '
                     "association; bars: contribution to the predicted class (green: for, red: against); regions: "
                     "Grad-CAM of the concept score at that stage, min-max normalised for display.</p>"
-                    + ((bar_legend(scale) + _contributions_note(values) + f'<div class="cards">{cards}</div>') if n
+                    + ((bar_legend(values) + _contributions_note(values) + f'<div class="cards">{cards}</div>') if n
                        else '<p class="note">No images were explained.</p>'))
     if comparisons is not None:
         sections.append(f"<h2>Regions against the ground truth</h2>{_comparison_html(comparisons)}")

@@ -349,12 +349,13 @@ def write_salf_report(
         raise InvalidArgument(f"summary must be a dict name → value, got {type(summary).__name__}")
     checked = [_check_explanation(e, i) for i, e in enumerate(explanations)]  # validate everything before drawing
 
-    scale = bar_scale(c for e in explanations for _, _, c, _ in _shown_concepts(e))
+    shown = [c for e in explanations for _, _, c, _ in _shown_concepts(e)]
+    scale = bar_scale(shown)
     if n:
         cards = "".join(_card_html(i, imgs[i], e, p, h, class_names, None if labs is None else labs[i], scale,
                                    None if files is None else str(files[i]))
                         for i, (e, (p, h)) in enumerate(zip(explanations, checked)))
-        cards_html = bar_legend(scale) + f'<div class="cards">{cards}</div>'
+        cards_html = bar_legend(shown) + f'<div class="cards">{cards}</div>'
     else:
         cards_html = '<p class="note">No images were explained.</p>'
     seg_html = ""
