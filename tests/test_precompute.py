@@ -467,3 +467,21 @@ def test_precompute_config_is_the_one_source_of_defaults():
     with pytest.raises(InvalidArgument, match="--features needs --grid >= 1"):
         PrecomputeConfig.from_settings(grid=0, features="testbed").validate()
     assert PrecomputeConfig.from_settings(cefam_layers=["layer4"]).cefam_layers == ("layer4",)
+
+
+@pytest.mark.parametrize("grid", [33, 100, (7, 40)])
+def test_a_grid_too_large_is_refused_before_any_work(grid, tmp_path, capsys):
+    """--grid 100 ran for over 10 minutes at 2.7 GB (10,000 tower passes per image) before being killed."""
+    from fastcbm.errors import InvalidArgument
+    from fastcbm.precompute import PrecomputeConfig, precompute
+
+    with pytest.raises(InvalidArgument, match="--grid must be 0 .no prompts. or 1 to 32 rings per axis"):
+        PrecomputeConfig.from_settings(grid=grid).validate()
+    if isinstance(grid, int):
+        from fastcbm.cli import main
+
+        assert main(["precompute", "--data", str(tmp_path), "--model", "testbed", "--out", str(tmp_path / "c"),
+                     "--grid", str(grid)]) == 2
+        assert "1 to 32 rings per axis" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    with pytest.raises(InvalidArgument, match="rings per axis"):
+        precompute(str(tmp_path), "testbed", tmp_path / "d", grid=grid)

@@ -375,7 +375,8 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
 
 def add_demo_options(p: argparse.ArgumentParser) -> None:
     """The SALF demo's options, each a field of :class:`fastcbm.salf.demo.DemoConfig` (also ``fastcbm demo``'s)."""
-    from fastcbm.salf.demo import MAX_GRID, DemoConfig
+    from fastcbm.prompts import MAX_GRID
+    from fastcbm.salf.demo import DemoConfig
 
     d = DemoConfig()
     config_option(p, d, "out", "output folder")

@@ -96,6 +96,14 @@ class PrecomputeConfig:
                 raise InvalidArgument(f"{name} must be >= 1, got {value}")
         if self.num_workers is not None and self.num_workers < 0:
             raise InvalidArgument(f"num_workers must be >= 0, got {self.num_workers}")
+        if not self.global_only:
+            from fastcbm.prompts import MAX_GRID
+            from fastcbm.prompts.reference import normalize_grid
+
+            gy, gx = normalize_grid(self.grid)
+            if not (1 <= gy <= MAX_GRID and 1 <= gx <= MAX_GRID):
+                raise InvalidArgument(f"--grid must be 0 (no prompts) or 1 to {MAX_GRID} rings per axis, got "
+                                      f"{self.grid} ({gy * gx:,} prompted copies of every image)")
         if self.global_only and self.features is not None:
             raise InvalidArgument("features: SALF-CBM feature maps are stored on the prompt grid; --features needs "
                                   "--grid >= 1")

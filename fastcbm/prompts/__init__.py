@@ -6,6 +6,7 @@ Public API; the dispatcher is :mod:`fastcbm.prompts.ops`, the definition :mod:`f
 from fastcbm.prompts.ops import (
     CLIP_MEAN,
     CLIP_STD,
+    MAX_GRID,
     OP,
     default_ring_geometry,
     render_rings,
@@ -16,6 +17,7 @@ from fastcbm.prompts.ops import (
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
+    "MAX_GRID",
     "OP",
     "default_ring_geometry",
     "render_rings",

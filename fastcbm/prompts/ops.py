@@ -21,6 +21,7 @@ from fastcbm.prompts.reference import (
     CLIP_STD,
     OUT_DTYPES,
     check_images,
+    MAX_GRID,
     default_ring_geometry,
     make_plan,
     plan_masks,
@@ -31,6 +32,7 @@ from fastcbm.prompts.reference import (
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
+    "MAX_GRID",
     "default_ring_geometry",
     "render_rings",
     "ring_centers",

@@ -32,8 +32,7 @@ import torch
 
 from fastcbm.errors import InvalidArgument
 
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+from fastcbm.models.inputs import CLIP_MEAN, CLIP_STD  # noqa: E402,F401  (the one copy; re-exported)
 
 #: Ring colour before normalisation (pure red), as 0..255 pixel values per channel.
 RING_RGB: tuple[int, int, int] = (255, 0, 0)
@@ -42,6 +41,11 @@ RING_INDEX = 256
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CENTER_MODES = ("inset", "paper")
+
+
+# Rings per axis a run may ask for: 32×32 = 1,024 prompted copies of every image, 21× the published 7×7 (a
+# 100×100 grid is 10,000 tower passes per image: hours per thousand images, gigabytes per batch).
+MAX_GRID = 32
 
 
 def default_ring_geometry(size: int) -> tuple[float, float]:

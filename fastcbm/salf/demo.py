@@ -55,13 +55,10 @@ def _class_object_masks(batch) -> torch.Tensor:
     return masks
 
 
-MAX_GRID = 32
-
-
 def check_grid(grid: int, size: int) -> None:
     """``--grid`` must be 1..32 rings per axis and the rings (radius 32·S/224) must fit an ``size``-px image; checked
     before any work."""
-    from fastcbm.prompts import default_ring_geometry, ring_centers
+    from fastcbm.prompts import MAX_GRID, default_ring_geometry, ring_centers
 
     if isinstance(grid, bool) or not isinstance(grid, int) or not 1 <= grid <= MAX_GRID:
         raise InvalidArgument(f"--grid must be an integer from 1 to {MAX_GRID} (rings per axis), got {grid}")
